@@ -1,0 +1,161 @@
+"""YOLOv5 building blocks with YOLOv5's constructor argument order and attribute names."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from models.registry import add_module, register_module
+from models.reparam import fuse_conv_bn
+
+# An activation: True (SiLU), False (none), a module instance, or a zero-argument factory.
+Act = Union[bool, nn.Module, Callable[[], nn.Module]]
+
+
+def autopad(k: int | list[int], p: int | None = None, d: int = 1) -> int | list[int]:
+    """Padding that keeps the spatial size ('same') for stride 1."""
+    if d > 1:
+        k = d * (k - 1) + 1 if isinstance(k, int) else [d * (x - 1) + 1 for x in k]
+    if p is None:
+        p = k // 2 if isinstance(k, int) else [x // 2 for x in k]
+    return p
+
+
+def make_activation(act: Act) -> nn.Module:
+    """Resolve an `Act` value to a fresh activation module."""
+    if act is True:
+        return nn.SiLU(inplace=True)
+    if act is False or act is None:
+        return nn.Identity()
+    if isinstance(act, nn.Module):
+        return act
+    return act()
+
+
+@register_module("Conv", kind="conv", takes_act=True, stride_arg=3)
+class Conv(nn.Module):
+    """Conv2d (no bias) + BatchNorm2d + activation; `reparameterize()` folds the BN into the conv."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1, d: int = 1, act: Act = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
+        self.bn: nn.Module = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
+        self.act = make_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def reparameterize(self) -> None:
+        """Fold BN into the conv (eval-mode equivalent); idempotent."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
+
+
+@register_module("DWConv", kind="conv", takes_act=True, stride_arg=3)
+class DWConv(Conv):
+    """Depthwise-style Conv with groups = gcd(c1, c2)."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, d: int = 1, act: Act = True) -> None:
+        super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), d=d, act=act)
+
+
+@register_module("Bottleneck", kind="conv", takes_act=True)
+class Bottleneck(nn.Module):
+    """1x1 then 3x3 Conv with an optional residual."""
+
+    def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1, e: float = 0.5, act: Act = True) -> None:
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c_, c2, 3, 1, g=g, act=act)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+@register_module("C3", kind="csp", takes_act=True)
+class C3(nn.Module):
+    """CSP bottleneck with three convolutions and `n` Bottlenecks."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5, act: Act = True) -> None:
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c1, c_, 1, 1, act=act)
+        self.cv3 = Conv(2 * c_, c2, 1, act=act)
+        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0, act=act) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+@register_module("SPP", kind="conv", takes_act=True)
+class SPP(nn.Module):
+    """Spatial pyramid pooling with parallel max-pools of kernels `k`."""
+
+    def __init__(self, c1: int, c2: int, k: tuple[int, ...] = (5, 9, 13), act: Act = True) -> None:
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c_ * (len(k) + 1), c2, 1, 1, act=act)
+        self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=x, stride=1, padding=x // 2) for x in k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cv1(x)
+        return self.cv2(torch.cat([x] + [m(x) for m in self.m], 1))
+
+
+@register_module("SPPF", kind="conv", takes_act=True)
+class SPPF(nn.Module):
+    """Fast SPP: three chained max-pools equal SPP(k, 2k-1, 3k-2)."""
+
+    def __init__(self, c1: int, c2: int, k: int = 5, act: Act = True) -> None:
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c_ * 4, c2, 1, 1, act=act)
+        self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cv1(x)
+        y1 = self.m(x)
+        y2 = self.m(y1)
+        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
+
+
+@register_module("Focus", kind="conv", takes_act=True, stride_arg=3, stride_mult=2)
+class Focus(nn.Module):
+    """Space-to-depth (2x2 pixel blocks into channels) followed by a Conv."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1, act: Act = True) -> None:
+        super().__init__()
+        self.conv = Conv(c1 * 4, c2, k, s, p, g, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]), 1)
+        return self.conv(x)
+
+
+@register_module("Concat", kind="concat")
+class Concat(nn.Module):
+    """Concatenate a list of tensors along `dimension`."""
+
+    def __init__(self, dimension: int = 1) -> None:
+        super().__init__()
+        self.d = dimension
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(x, self.d)
+
+
+add_module("nn.Upsample", nn.Upsample, kind="upsample")
+add_module("nn.MaxPool2d", nn.MaxPool2d, kind="pool")
+add_module("nn.ZeroPad2d", nn.ZeroPad2d, kind="pad")
+add_module("nn.BatchNorm2d", nn.BatchNorm2d, kind="norm")
+add_module("nn.Identity", nn.Identity, kind="shape")

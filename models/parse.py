@@ -1,0 +1,241 @@
+"""parse_model: turn a YOLOv5 model yaml dict into layers, routes, channels and strides via the registry."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from models.backbone import Backbone, FeatureSelect
+from models.registry import ModuleSpec, get_module
+
+REQUIRED_KEYS = ("nc", "anchors", "backbone", "head")
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "SiLU": nn.SiLU,
+    "ReLU": nn.ReLU,
+    "ReLU6": nn.ReLU6,
+    "LeakyReLU": nn.LeakyReLU,
+    "Hardswish": nn.Hardswish,
+    "GELU": nn.GELU,
+    "Mish": nn.Mish,
+    "Identity": nn.Identity,
+}
+
+
+class ModelConfigError(ValueError):
+    """A model yaml that cannot be built; the message is one line naming the layer and the problem."""
+
+
+@dataclass
+class LayerRow:
+    """What info() prints for one layer."""
+
+    index: int
+    source: int | list[int]
+    repeats: int
+    module: str
+    args: list[Any]
+    params: int = 0
+
+
+@dataclass
+class ParsedModel:
+    """Result of parse_model: layers with their routing, channels and strides per layer index."""
+
+    layers: nn.Sequential
+    routes: list[int | list[int]]  # absolute source indices; -1 = the previous layer's output
+    save: list[int]
+    channels: list[int | None]  # None for a backbone's own index (its output is a list)
+    strides: list[float | None]
+    rows: list[LayerRow] = field(default_factory=list)
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    """Round `x` up to a multiple of `divisor` (YOLOv5 channel rounding)."""
+    return int(math.ceil(x / divisor) * divisor)
+
+
+def parse_activation(text: str) -> Callable[[], nn.Module]:
+    """Parse an `activation:` string such as 'nn.LeakyReLU(0.1)' into a factory, without eval."""
+    match = re.fullmatch(r"\s*(?:nn\.)?(\w+)\s*(?:\((.*)\))?\s*", str(text))
+    if not match or match.group(1) not in ACTIVATIONS:
+        raise ModelConfigError(f"activation {text!r}: unknown; known: {', '.join('nn.' + k + '()' for k in ACTIVATIONS)}")
+    args: list[Any] = []
+    if match.group(2) and match.group(2).strip():
+        try:
+            parsed = ast.literal_eval(f"({match.group(2)},)")
+        except (ValueError, SyntaxError) as e:
+            raise ModelConfigError(f"activation {text!r}: arguments must be literals ({e})") from None
+        args = list(parsed)
+    return functools.partial(ACTIVATIONS[match.group(1)], *args)
+
+
+class _Builder:
+    """Stateful walk over the yaml rows; one small method per module kind."""
+
+    def __init__(self, cfg: dict, ch: int) -> None:
+        missing = [k for k in REQUIRED_KEYS if k not in cfg]
+        if missing:
+            raise ModelConfigError(f"model config is missing key(s): {', '.join(missing)}")
+        self.nc = cfg["nc"]
+        self.anchors = cfg["anchors"]
+        self.gd = cfg.get("depth_multiple", 1.0)
+        self.gw = cfg.get("width_multiple", 1.0)
+        self.act = parse_activation(cfg["activation"]) if cfg.get("activation") else None
+        self.na = len(self.anchors[0]) // 2 if isinstance(self.anchors, (list, tuple)) else int(self.anchors)
+        self.no = self.na * (self.nc + 5)
+        self.input_ch = ch
+        self.out = ParsedModel(nn.Sequential(), [], [], [], [])
+
+    def run(self, rows: list) -> ParsedModel:
+        for row in rows:
+            self._add_row(row)
+        return self.out
+
+    def _add_row(self, row: Any) -> None:
+        i = len(self.out.layers)
+        if not isinstance(row, (list, tuple)) or len(row) != 4:
+            raise ModelConfigError(f"layer {i}: expected [from, number, module, args], got {row!r}")
+        f, n, name, args = row
+        try:
+            spec = get_module(name)
+        except ValueError as e:
+            raise ModelConfigError(f"layer {i}: {e}") from None
+        sources = self._resolve_sources(i, f)
+        args = [self._substitute(a) for a in (args or [])]
+        n = max(round(n * self.gd), 1) if isinstance(n, (int, float)) and n > 1 else int(n)
+        try:
+            module, c2, stride, args = self._build(i, spec, sources, n, args)
+        except ModelConfigError:
+            raise
+        except (TypeError, ValueError, IndexError) as e:
+            raise ModelConfigError(f"layer {i} ({name}): bad arguments {args!r}: {e}") from None
+        self._append(i, f, sources, n, spec.name, args, module, c2, stride)
+        if spec.kind == "backbone":
+            for k, (c, s) in enumerate(zip(module.out_channels, module.strides)):
+                self._append(i + 1 + k, i, [i], 1, "FeatureSelect", [k], FeatureSelect(k), c, s)
+
+    def _append(self, i: int, f: Any, sources: list[int], n: int, name: str, args: list, module: nn.Module, c2: Any, stride: Any) -> None:
+        out = self.out
+        out.layers.add_module(str(i), module)
+        items = f if isinstance(f, (list, tuple)) else [f]
+        route = [-1 if x == -1 else j for x, j in zip(items, sources)]
+        out.routes.append(route if isinstance(f, (list, tuple)) else route[0])
+        out.save.extend(j for x, j in zip(items, sources) if x != -1 and j not in out.save)
+        out.channels.append(c2)
+        out.strides.append(stride)
+        params = sum(p.numel() for p in module.parameters())
+        out.rows.append(LayerRow(i, f, n, name, args, params))
+
+    def _resolve_sources(self, i: int, f: Any) -> list[int]:
+        items = f if isinstance(f, (list, tuple)) else [f]
+        sources = []
+        for x in items:
+            if not isinstance(x, int) or isinstance(x, bool):
+                raise ModelConfigError(f"layer {i}: 'from' must be an int or list of ints, got {f!r}")
+            j = x if x >= 0 else i + x
+            if (j == -1 and i != 0) or j < -1 or j >= i:
+                raise ModelConfigError(f"layer {i}: 'from' index {x} is out of range (layers 0..{i - 1} exist)")
+            if j >= 0 and self.out.channels[j] is None:
+                raise ModelConfigError(f"layer {i}: 'from' index {x} is a backbone's feature list; use its feature indices {j + 1}..")
+            sources.append(j)
+        return sources
+
+    def _substitute(self, a: Any) -> Any:
+        if a == "nc":
+            return self.nc
+        if a == "anchors":
+            return self.anchors
+        if a == "None":
+            return None
+        return a
+
+    def _src(self, j: int) -> tuple[int, float]:
+        if j == -1:
+            return self.input_ch, 1.0
+        return self.out.channels[j], self.out.strides[j]  # type: ignore[return-value]
+
+    def _build(self, i: int, spec: ModuleSpec, sources: list[int], n: int, args: list) -> tuple[nn.Module, Any, Any, list]:
+        if spec.kind in ("concat", "detect"):
+            return getattr(self, f"_build_{spec.kind}")(i, spec, sources, args)
+        if len(sources) != 1:
+            raise ModelConfigError(f"layer {i} ({spec.name}): takes one input, got 'from' {sources}")
+        c1, stride = self._src(sources[0])
+        return getattr(self, f"_build_{spec.kind}")(i, spec, c1, stride, n, args)
+
+    def _repeat(self, spec: ModuleSpec, n: int, args: list) -> nn.Module:
+        kwargs = {"act": self.act} if (self.act is not None and spec.takes_act) else {}
+        if n > 1:
+            return nn.Sequential(*(spec.cls(*args, **kwargs) for _ in range(n)))
+        return spec.cls(*args, **kwargs)
+
+    def _build_conv(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
+        if not args:
+            raise ModelConfigError(f"layer {i} ({spec.name}): needs at least the output channels as argument")
+        c2 = args[0] if args[0] == self.no else make_divisible(args[0] * self.gw, 8)
+        args = [c1, c2, *args[1:]]
+        if spec.kind == "csp":
+            args.insert(2, n)
+            n = 1
+        s = args[spec.stride_arg] if spec.stride_arg is not None and len(args) > spec.stride_arg else 1
+        return self._repeat(spec, n, args), c2, stride * s**n * spec.stride_mult, args
+
+    _build_csp = _build_conv
+
+    def _build_upsample(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
+        scale = args[1] if len(args) > 1 else None
+        if not isinstance(scale, (int, float)) or (len(args) > 0 and args[0] is not None):
+            raise ModelConfigError(f"layer {i} (nn.Upsample): needs [None, scale_factor, mode], got {args!r}")
+        return self._repeat(spec, n, args), c1, stride / scale**n, args
+
+    def _build_pool(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
+        s = args[1] if len(args) > 1 and args[1] is not None else (args[0] if args else 1)
+        return self._repeat(spec, n, args), c1, stride * s**n, args
+
+    def _build_pad(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
+        return self._repeat(spec, n, args), c1, stride, args
+
+    _build_shape = _build_pad
+
+    def _build_norm(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
+        return self._repeat(spec, n, [c1]), c1, stride, [c1]
+
+    def _build_backbone(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
+        if n != 1:
+            raise ModelConfigError(f"layer {i} ({spec.name}): a backbone cannot be repeated (number={n})")
+        module = spec.cls(*args, in_channels=c1)
+        if not isinstance(module, Backbone) or len(module.out_channels) != len(module.strides):
+            raise ModelConfigError(f"layer {i} ({spec.name}): not a Backbone declaring out_channels and strides")
+        return module, None, None, args
+
+    def _build_concat(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
+        chans, strides = zip(*(self._src(j) for j in sources))
+        if len(set(strides)) > 1:
+            detail = ", ".join(f"layer {j} stride {s:g}" for j, s in zip(sources, strides))
+            raise ModelConfigError(f"layer {i} (Concat): inputs have different strides ({detail})")
+        return spec.cls(*args), sum(chans), strides[0], args
+
+    def _build_detect(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
+        chans, strides = zip(*(self._src(j) for j in sources))
+        nc = args[0] if args else self.nc
+        anchors = args[1] if len(args) > 1 else self.anchors
+        if isinstance(anchors, int):
+            raise ModelConfigError(f"layer {i} (Detect): anchors must be listed per level (got the number {anchors})")
+        if len(anchors) != len(sources):
+            raise ModelConfigError(f"layer {i} (Detect): {len(anchors)} anchor levels for {len(sources)} inputs")
+        module = spec.cls(nc, anchors, list(chans), list(strides))
+        return module, None, None, [nc, anchors, list(chans)]
+
+
+def parse_model(cfg: dict, ch: int = 3) -> ParsedModel:
+    """Build layers from a YOLOv5 model dict (backbone + head rows), splicing list-returning backbones."""
+    builder = _Builder(cfg, ch)
+    rows = cfg["backbone"] + cfg["head"]
+    if not isinstance(rows, list):
+        raise ModelConfigError("model config: 'backbone' and 'head' must be lists of rows")
+    return builder.run(rows)

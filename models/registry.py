@@ -1,0 +1,73 @@
+"""Explicit name -> module registry used by parse_model instead of eval()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+# How parse_model treats a module's yaml arguments, channels and stride.
+KINDS = ("conv", "csp", "concat", "upsample", "pool", "pad", "norm", "detect", "backbone", "shape")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A registered yaml module: its class and how parse_model handles it."""
+
+    name: str
+    cls: type[nn.Module]
+    kind: str
+    takes_act: bool = False
+    stride_arg: int | None = None  # index of the stride in the built argument list (c1, c2, ...)
+    stride_mult: int = 1  # fixed extra downsampling (Focus's space-to-depth)
+
+
+_REGISTRY: dict[str, ModuleSpec] = {}
+
+
+def register_module(name: str, kind: str, **options: object) -> Callable[[type], type]:
+    """Class decorator: make `cls` available to yaml configs under `name` (options as in ModuleSpec)."""
+
+    def wrap(cls: type) -> type:
+        add_module(name, cls, kind, **options)
+        return cls
+
+    return wrap
+
+
+def add_module(name: str, cls: type[nn.Module], kind: str, **options: object) -> None:
+    """Register `cls` under `name`; duplicate names and unknown kinds raise ValueError."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown module kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if name in _REGISTRY:
+        raise ValueError(f"module name {name!r} is already registered; known: {known_modules()}")
+    _REGISTRY[name] = ModuleSpec(name, cls, kind, **options)  # type: ignore[arg-type]
+
+
+def remove_module(name: str) -> None:
+    """Unregister `name` (used by tests that register temporary modules)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"module name {name!r} is not registered; known: {known_modules()}")
+    del _REGISTRY[name]
+
+
+def get_module(name: str) -> ModuleSpec:
+    """Look up a yaml module name; unknown names raise ValueError listing the known ones."""
+    _ensure_builtin_modules()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown module {name!r}; known: {known_modules()}")
+    return _REGISTRY[name]
+
+
+def known_modules() -> str:
+    """Comma-separated sorted list of registered names (for error messages)."""
+    return ", ".join(sorted(_REGISTRY))
+
+
+def _ensure_builtin_modules() -> None:
+    """Import the modules whose classes register themselves (done lazily, not at import)."""
+    import models.common  # noqa: F401
+    import models.mobilenetv4  # noqa: F401
+    import models.mobileone  # noqa: F401
+    import models.yolo  # noqa: F401

@@ -1,0 +1,194 @@
+"""YOLOv5 anchor-based Detect head and DetectionModel built from a yaml config through parse_model."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import yaml
+from torch import nn
+
+from models.parse import LayerRow, ModelConfigError, parse_model
+from models.registry import register_module
+from models.reparam import reparameterize_model
+from utils.flops import count_gflops
+
+LOGGER = logging.getLogger("mobile_yolo")
+MODELS_DIR = Path(__file__).resolve().parent
+
+
+@register_module("Detect", kind="detect")
+class Detect(nn.Module):
+    """Anchor-based head: one 1x1 conv per level; raw maps in training, decoded pixel boxes in eval."""
+
+    def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), strides: list | tuple = ()) -> None:
+        super().__init__()
+        if len(strides) != len(anchors) or len(ch) != len(anchors):
+            raise ValueError(f"Detect: {len(anchors)} anchor levels, {len(ch)} inputs and {len(strides)} strides must agree")
+        self.nc = nc
+        self.no = nc + 5
+        self.nl = len(anchors)
+        self.na = len(anchors[0]) // 2
+        stride = torch.tensor([float(s) for s in strides])
+        pixels = torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2)
+        self.register_buffer("stride", stride, persistent=False)
+        self.register_buffer("anchors", _order_anchors(pixels, stride) / stride.view(-1, 1, 1))
+        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
+        self._initialize_biases()
+
+    @torch.no_grad()
+    def _initialize_biases(self) -> None:
+        """YOLOv5 priors: ~8 objects per 640 image for objectness, 0.6/(nc-0.99) for classes."""
+        for conv, s in zip(self.m, self.stride.tolist()):
+            b = conv.bias.view(self.na, -1)
+            b[:, 4] += math.log(8 / (640 / s) ** 2)
+            b[:, 5 : 5 + self.nc] += math.log(0.6 / (self.nc - 0.99))
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        raw, decoded = [], []
+        for i in range(self.nl):
+            p = self.m[i](xs[i])
+            bs, _, ny, nx = p.shape
+            p = p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+            raw.append(p)
+            if not self.training:
+                decoded.append(self._decode(p, i))
+        return raw if self.training else (torch.cat(decoded, 1), raw)
+
+    def _decode(self, p: torch.Tensor, i: int) -> torch.Tensor:
+        """Map one level's raw output to (B, na*ny*nx, no) xywh pixels + sigmoid scores."""
+        bs, na, ny, nx, no = p.shape
+        ys = torch.arange(ny, device=p.device, dtype=p.dtype)
+        xs = torch.arange(nx, device=p.device, dtype=p.dtype)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack((gx, gy), 2).view(1, 1, ny, nx, 2) - 0.5
+        anchor_grid = (self.anchors[i] * self.stride[i]).view(1, na, 1, 1, 2).to(p.dtype)
+        xy, wh, conf = p.sigmoid().split((2, 2, self.nc + 1), 4)
+        xy = (xy * 2 + grid) * self.stride[i].to(p.dtype)
+        wh = (wh * 2) ** 2 * anchor_grid
+        return torch.cat((xy, wh, conf), 4).reshape(bs, -1, no)
+
+
+def _order_anchors(anchors: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
+    """Flip the anchor levels if their mean area order disagrees with the stride order."""
+    area = anchors.prod(-1).mean(-1)
+    if (area[-1] - area[0]).sign() != (stride[-1] - stride[0]).sign() and len(area) > 1:
+        LOGGER.info("Detect: reversing anchor order to match strides")
+        return anchors.flip(0)
+    return anchors
+
+
+def load_model_config(cfg: Union[str, Path, dict]) -> dict:
+    """Read a model yaml (path, bare name under models/, or dict) into a fresh dict."""
+    if isinstance(cfg, dict):
+        return copy.deepcopy(cfg)
+    path = Path(cfg)
+    if not path.exists() and (MODELS_DIR / path.name).exists():
+        path = MODELS_DIR / path.name
+    if not path.exists():
+        raise FileNotFoundError(f"{cfg}: model config not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ModelConfigError(f"{path}: invalid yaml ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path}: a model config must be a mapping")
+    data.setdefault("yaml_file", path.name)
+    return data
+
+
+class DetectionModel(nn.Module):
+    """A YOLOv5 detection model: layers from parse_model, routed by layer index, ending in Detect."""
+
+    def __init__(self, cfg: Union[str, Path, dict] = "yolov5s.yaml", ch: int = 3, nc: int | None = None, anchors: Any = None) -> None:
+        super().__init__()
+        self.yaml = load_model_config(cfg)
+        if nc is not None and nc != self.yaml.get("nc"):
+            self.yaml["nc"] = int(nc)
+        if anchors is not None:
+            self.yaml["anchors"] = anchors
+        self.yaml["ch"] = ch
+        built = parse_model(self.yaml, ch)
+        if not isinstance(built.layers[-1], Detect):
+            raise ModelConfigError("model config: the last layer must be Detect")
+        self.model = built.layers
+        self.routes = built.routes
+        self.save = sorted(built.save)
+        self.layer_rows: list[LayerRow] = built.rows
+        self.register_buffer("stride", built.layers[-1].stride.clone(), persistent=False)
+        self.names = [str(i) for i in range(self.yaml["nc"])]
+
+    @property
+    def detect(self) -> Detect:
+        """The Detect head (last layer)."""
+        return self.model[-1]  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, augment: bool = False) -> Any:
+        if augment:
+            from models.tta import forward_augment
+
+            return forward_augment(self, x)
+        return self.forward_once(x)
+
+    def forward_once(self, x: torch.Tensor) -> Any:
+        """Run every layer, feeding each the outputs its route names and keeping only saved ones."""
+        outputs: list[Any] = []
+        keep = set(self.save)
+        for i, (layer, route) in enumerate(zip(self.model, self.routes)):
+            if isinstance(route, list):
+                x = [x if j == -1 else outputs[j] for j in route]
+            elif route != -1:
+                x = outputs[route]
+            x = layer(x)
+            outputs.append(x if i in keep else None)
+        return x
+
+    def fuse(self) -> DetectionModel:
+        """Convert to inference form in place: fold Conv+BN and re-parameterise multi-branch blocks."""
+        reparameterize_model(self)
+        return self
+
+    def info(self, verbose: bool = False, imgsz: int | tuple[int, int] = 640) -> str:
+        """Log (and return) a per-layer table when verbose, and the one-line summary."""
+        lines = []
+        if verbose:
+            lines.append(f"{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<30}{'arguments':<30}")
+            for r in self.layer_rows:
+                lines.append(f"{r.index:>3}{str(r.source):>18}{r.repeats:>3}{r.params:10,}  {r.module:<30}{str(r.args)[:60]:<30}")
+        n_p = sum(p.numel() for p in self.parameters())
+        n_g = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        layers = len(list(self.modules()))
+        gflops = count_gflops(self, imgsz)
+        name = Path(self.yaml.get("yaml_file", "model")).stem
+        lines.append(f"{name} summary: {layers} layers, {n_p:,} parameters, {n_g:,} gradients, {gflops:.1f} GFLOPs")
+        text = "\n".join(lines)
+        LOGGER.info(text)
+        return text
+
+
+Model = DetectionModel
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print a model's layer table and summary: python -m models.yolo --cfg models/yolov5s.yaml."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--cfg", default="yolov5s.yaml", help="model yaml")
+    parser.add_argument("--imgsz", type=int, default=640, help="image size for the GFLOPs figure")
+    parser.add_argument("--verbose", action="store_true", help="print the per-layer table")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model = DetectionModel(args.cfg)
+    except (ModelConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    model.info(verbose=args.verbose, imgsz=args.imgsz)
+
+
+if __name__ == "__main__":
+    main()

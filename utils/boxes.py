@@ -1,0 +1,90 @@
+"""Box format conversions and coordinate mapping (numpy arrays and torch tensors alike)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+import torchvision
+
+Array = Union[np.ndarray, torch.Tensor]
+
+
+def _like(x: Array) -> Array:
+    return x.clone() if isinstance(x, torch.Tensor) else np.copy(x)
+
+
+def xywh2xyxy(x: Array) -> Array:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2)."""
+    y = _like(x)
+    y[..., 0] = x[..., 0] - x[..., 2] / 2
+    y[..., 1] = x[..., 1] - x[..., 3] / 2
+    y[..., 2] = x[..., 0] + x[..., 2] / 2
+    y[..., 3] = x[..., 1] + x[..., 3] / 2
+    return y
+
+
+def xyxy2xywh(x: Array) -> Array:
+    """(x1, y1, x2, y2) -> (cx, cy, w, h)."""
+    y = _like(x)
+    y[..., 0] = (x[..., 0] + x[..., 2]) / 2
+    y[..., 1] = (x[..., 1] + x[..., 3]) / 2
+    y[..., 2] = x[..., 2] - x[..., 0]
+    y[..., 3] = x[..., 3] - x[..., 1]
+    return y
+
+
+def xywhn2xyxy(x: Array, w: float = 640, h: float = 640, padw: float = 0, padh: float = 0) -> Array:
+    """Normalised (cx, cy, w, h) -> pixel (x1, y1, x2, y2), plus an optional padding offset."""
+    y = _like(x)
+    y[..., 0] = w * (x[..., 0] - x[..., 2] / 2) + padw
+    y[..., 1] = h * (x[..., 1] - x[..., 3] / 2) + padh
+    y[..., 2] = w * (x[..., 0] + x[..., 2] / 2) + padw
+    y[..., 3] = h * (x[..., 1] + x[..., 3] / 2) + padh
+    return y
+
+
+def xyxy2xywhn(x: Array, w: float = 640, h: float = 640, clip: bool = False) -> Array:
+    """Pixel (x1, y1, x2, y2) -> normalised (cx, cy, w, h), optionally clipped to the image first."""
+    if clip:
+        x = clip_boxes(_like(x), (h, w))
+    y = _like(x)
+    y[..., 0] = ((x[..., 0] + x[..., 2]) / 2) / w
+    y[..., 1] = ((x[..., 1] + x[..., 3]) / 2) / h
+    y[..., 2] = (x[..., 2] - x[..., 0]) / w
+    y[..., 3] = (x[..., 3] - x[..., 1]) / h
+    return y
+
+
+def clip_boxes(boxes: Array, shape: tuple[int, int]) -> Array:
+    """Clip xyxy boxes in place to an image of shape (h, w); returns them."""
+    h, w = shape[:2]
+    if isinstance(boxes, torch.Tensor):
+        boxes[..., 0].clamp_(0, w)
+        boxes[..., 1].clamp_(0, h)
+        boxes[..., 2].clamp_(0, w)
+        boxes[..., 3].clamp_(0, h)
+    else:
+        boxes[..., [0, 2]] = boxes[..., [0, 2]].clip(0, w)
+        boxes[..., [1, 3]] = boxes[..., [1, 3]].clip(0, h)
+    return boxes
+
+
+def scale_boxes(img1_shape: tuple[int, int], boxes: Array, img0_shape: tuple[int, int], ratio_pad: tuple | None = None) -> Array:
+    """Map xyxy boxes from a letterboxed image of shape img1_shape back to the original img0_shape (in place)."""
+    if ratio_pad is None:
+        gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
+        pad = ((img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2)
+    else:
+        gain = ratio_pad[0][0]
+        pad = ratio_pad[1]
+    boxes[..., [0, 2]] -= pad[0]
+    boxes[..., [1, 3]] -= pad[1]
+    boxes[..., :4] /= gain
+    return clip_boxes(boxes, img0_shape)
+
+
+def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of xyxy boxes, shape (N, M)."""
+    return torchvision.ops.box_iou(box1, box2)
