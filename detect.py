@@ -1,0 +1,239 @@
+"""Run a detector on images, folders, globs, videos, list files, webcams or streams: python detect.py --weights best.pt."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from utils.boxes import scale_boxes, xyxy2xywh
+from utils.checkpoint import CheckpointError
+from utils.dataset_config import DatasetError, load_dataset_config
+from utils.images import VID_FORMATS
+from utils.logs import set_logging
+from utils.nms import non_max_suppression
+from utils.paths import ROOT, increment_path
+from utils.plots import draw_detections
+from utils.torch_utils import select_device
+
+LOGGER = logging.getLogger("mobile_yolo")
+
+
+def default_source() -> str:
+    """The embedded dataset's validation images (generated on first use)."""
+    data = load_dataset_config(None)
+    val = data["val"]
+    return str(val[0] if isinstance(val, list) else val)
+
+
+def open_source(source: str, imgsz: tuple[int, int], stride: int, auto: bool, vid_stride: int) -> Any:
+    """Images/videos/lists via LoadImages; a webcam index or stream URL via LoadStreams."""
+    from utils.sources import LoadImages
+
+    is_stream = source.isnumeric() or source.lower().startswith(("rtsp://", "rtmp://", "http://", "https://"))
+    if is_stream and not Path(source).exists():
+        from utils.streams import LoadStreams
+
+        return LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
+    return LoadImages(source, img_size=imgsz, stride=stride, auto=auto)
+
+
+def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_conf: bool) -> None:
+    """Append `class cx cy w h [conf]` rows (normalised to the original image) to `file`."""
+    gn = torch.tensor(shape)[[1, 0, 1, 0]]
+    with file.open("a") as f:
+        for *xyxy, conf, cls in det.tolist():
+            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
+            row = (int(cls), *xywh, conf) if save_conf else (int(cls), *xywh)
+            f.write(("%g " * len(row)).rstrip() % row + "\n")
+
+
+def save_crops(det: torch.Tensor, im0: np.ndarray, names: list[str], crop_dir: Path, stem: str) -> None:
+    """Save each detection's box region as crops/<class>/<stem>_<i>.jpg."""
+    h, w = im0.shape[:2]
+    for i, (*xyxy, _, cls) in enumerate(det.tolist()):
+        x1, y1, x2, y2 = (int(max(0, min(v, lim))) for v, lim in zip(xyxy, (w, h, w, h)))
+        if x2 > x1 and y2 > y1:
+            out = crop_dir / names[int(cls)] / f"{stem}_{i}.jpg"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out), im0[y1:y2, x1:x2])
+
+
+def describe(det: torch.Tensor, names: list[str]) -> str:
+    """'2 circles, 1 square' style counts per class."""
+    if not len(det):
+        return "(no detections)"
+    counts = det[:, 5].int().bincount()
+    return ", ".join(f"{n} {names[c]}{'s' * (n > 1)}" for c, n in enumerate(counts.tolist()) if n)
+
+
+class VideoSink:
+    """Writes annotated frames to one mp4 per input video or stream."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.writer: Any = None
+
+    def write(self, path: Path, frame: np.ndarray, fps: float) -> None:
+        if path != self.path:
+            self.close()
+            self.path = path
+            h, w = frame.shape[:2]
+            self.writer = cv2.VideoWriter(str(path.with_suffix(".mp4")), cv2.VideoWriter_fourcc(*"mp4v"), fps or 30, (w, h))
+        self.writer.write(frame)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        self.writer, self.path = None, None
+
+
+def _emit(det: torch.Tensor, im0: np.ndarray, p: Path, dataset: Any, save_dir: Path, names: list[str], opts: dict, sink: VideoSink) -> None:
+    """Save labels, crops and the annotated image or video frame for one image's detections."""
+    is_image = p.suffix[1:].lower() not in VID_FORMATS and getattr(dataset, "mode", "image") == "image"
+    stem = p.stem if is_image else f"{p.stem}_{getattr(dataset, 'frame', 0)}"
+    if opts["save_txt"]:
+        write_labels(det, im0.shape[:2], save_dir / "labels" / f"{stem}.txt", opts["save_conf"])
+    if opts["save_crop"]:
+        save_crops(det, im0, names, save_dir / "crops", stem)
+    style = {k: opts[k] for k in ("line_width", "hide_labels", "hide_conf")}
+    annotated = draw_detections(im0, det, names, **style)
+    if opts["view_img"]:
+        cv2.imshow(str(p), annotated)
+        cv2.waitKey(1)
+    if not opts["nosave"]:
+        if is_image:
+            cv2.imwrite(str(save_dir / p.name), annotated)
+        else:
+            sink.write(save_dir / p.stem, annotated, getattr(dataset, "fps", 30.0))
+
+
+def _prepare(im: np.ndarray, device: torch.device, half: bool) -> torch.Tensor:
+    """uint8 CHW (or BCHW) numpy -> float 0-1 BCHW tensor on the device."""
+    t = torch.from_numpy(np.ascontiguousarray(im)).to(device)
+    t = (t.half() if half else t.float()) / 255
+    return t[None] if t.ndim == 3 else t
+
+
+@torch.no_grad()
+def run(
+    weights: Any = ROOT / "runs/train/exp/weights/best.pt",
+    source: Any = None,
+    data: Any = None,
+    imgsz: Any = (640, 640),
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    max_det: int = 1000,
+    device: str = "",
+    view_img: bool = False,
+    save_txt: bool = False,
+    save_conf: bool = False,
+    save_crop: bool = False,
+    nosave: bool = False,
+    classes: list[int] | None = None,
+    agnostic_nms: bool = False,
+    augment: bool = False,
+    project: Any = ROOT / "runs/detect",
+    name: str = "exp",
+    exist_ok: bool = False,
+    line_thickness: int = 3,
+    hide_labels: bool = False,
+    hide_conf: bool = False,
+    half: bool = False,
+    vid_stride: int = 1,
+) -> Path:
+    """Detect objects in `source`, save annotated media and labels under runs/detect/exp*; returns the run folder."""
+    from utils.backend import DetectBackend
+
+    dev = select_device(device)
+    if half and dev.type != "cuda":
+        LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
+        half = False
+    model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
+    stride, names = int(model.stride), list(model.names)
+    size = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz) * (2 if len(imgsz) == 1 else 1)
+    size = tuple(int(np.ceil(s / stride) * stride) for s in size)
+    source = str(source) if source is not None else default_source()
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    dataset = open_source(source, size, stride, bool(getattr(model, "pt", False)), vid_stride)
+    sink, seen, times = VideoSink(), 0, np.zeros(3)
+    opts = dict(save_txt=save_txt, save_conf=save_conf, save_crop=save_crop, view_img=view_img, nosave=nosave,
+                line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
+    for path, im, im0s, desc in dataset:
+        if isinstance(path, str) and Path(path).suffix[1:].lower() in VID_FORMATS and (dataset.frame - 1) % max(vid_stride, 1):
+            continue
+        t0 = time.perf_counter()
+        x = _prepare(im, dev, half)
+        t1 = time.perf_counter()
+        pred = model(x, augment=augment) if augment else model(x)
+        t2 = time.perf_counter()
+        dets = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det)
+        times += (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        frames = im0s if isinstance(im0s, list) else [im0s]
+        for i, det in enumerate(dets):
+            seen += 1
+            p = Path(path[i] if isinstance(path, list) else path)
+            det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], frames[i].shape[:2]).round()
+            _emit(det.float().cpu(), frames[i].copy(), p, dataset, save_dir, names, opts, sink)
+            LOGGER.info(f"{desc}{x.shape[2]}x{x.shape[3]} {describe(det, names)}, {(t2 - t1) * 1e3:.1f}ms")
+    sink.close()
+    per_image = tuple(times / max(seen, 1) * 1e3)
+    pre, inf, nms = per_image
+    LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {inf:.1f}ms inference, {nms:.1f}ms NMS per image at shape (1, 3, {size[0]}, {size[1]})")
+    if save_txt or not nosave:
+        n_labels = len(list((save_dir / "labels").glob("*.txt"))) if save_txt else 0
+        LOGGER.info(f"Results saved to {save_dir}" + (f", {n_labels} labels in {save_dir / 'labels'}" if save_txt else ""))
+    return save_dir
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """YOLOv5's detect.py flags."""
+    p = argparse.ArgumentParser(description="Detect objects with a trained or exported model")
+    p.add_argument("--weights", nargs="+", default=[str(ROOT / "runs/train/exp/weights/best.pt")], help="model path(s)")
+    p.add_argument("--source", default=None, help="file/dir/glob/video/list.txt/webcam index/URL (default: embedded dataset)")
+    p.add_argument("--data", default=None, help="dataset yaml (class names fallback)")
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference size h,w")
+    p.add_argument("--conf-thres", type=float, default=0.25)
+    p.add_argument("--iou-thres", type=float, default=0.45)
+    p.add_argument("--max-det", type=int, default=1000)
+    p.add_argument("--device", default="")
+    p.add_argument("--view-img", action="store_true")
+    p.add_argument("--save-txt", action="store_true")
+    p.add_argument("--save-conf", action="store_true")
+    p.add_argument("--save-crop", action="store_true")
+    p.add_argument("--nosave", action="store_true", help="do not save images/videos")
+    p.add_argument("--classes", nargs="+", type=int, help="filter by class: --classes 0, or --classes 0 2 3")
+    p.add_argument("--agnostic-nms", action="store_true")
+    p.add_argument("--augment", action="store_true")
+    p.add_argument("--project", default=str(ROOT / "runs/detect"))
+    p.add_argument("--name", default="exp")
+    p.add_argument("--exist-ok", action="store_true")
+    p.add_argument("--line-thickness", default=3, type=int)
+    p.add_argument("--hide-labels", action="store_true")
+    p.add_argument("--hide-conf", action="store_true")
+    p.add_argument("--half", action="store_true")
+    p.add_argument("--vid-stride", type=int, default=1)
+    opt = p.parse_args(argv)
+    opt.imgsz = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz[:2]
+    return opt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    opt = parse_opt(argv)
+    set_logging()
+    try:
+        run(**vars(opt))
+    except (CheckpointError, DatasetError, FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"detect: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

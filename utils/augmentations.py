@@ -1,0 +1,112 @@
+"""Training-time image augmentations with box bookkeeping (HSV jitter, affine/perspective warp, mixup, flips).
+
+Randomness comes from `rng` (a numpy Generator or the np.random module, the default); data-loader workers
+re-seed np.random per worker so augmentations are reproducible for a fixed seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+Rng = Any  # np.random.Generator or the np.random module: both offer uniform(), random() and beta()
+
+
+def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: float = 0.5, rng: Rng | None = None) -> None:
+    """Randomly scale hue, saturation and value of a BGR uint8 image in place (colour robustness)."""
+    if not (hgain or sgain or vgain):
+        return
+    rng = np.random if rng is None else rng
+    gains = rng.uniform(-1, 1, 3) * np.array([hgain, sgain, vgain]) + 1
+    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
+    x = np.arange(256, dtype=np.float32)
+    lut_h = ((x * gains[0]) % 180).astype(np.uint8)  # OpenCV hue range is 0-179
+    lut_s = np.clip(x * gains[1], 0, 255).astype(np.uint8)
+    lut_v = np.clip(x * gains[2], 0, 255).astype(np.uint8)
+    hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
+    cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)
+
+
+def box_candidates(box1: np.ndarray, box2: np.ndarray, wh_thr: float = 2, ar_thr: float = 100, area_thr: float = 0.1,
+                   eps: float = 1e-16) -> np.ndarray:
+    """Keep warped boxes (box2, 4xn xyxy) that stay > wh_thr px, keep > area_thr of their area and aspect < ar_thr."""
+    w1, h1 = box1[2] - box1[0], box1[3] - box1[1]
+    w2, h2 = box2[2] - box2[0], box2[3] - box2[1]
+    aspect = np.maximum(w2 / (h2 + eps), h2 / (w2 + eps))
+    return (w2 > wh_thr) & (h2 > wh_thr) & (w2 * h2 / (w1 * h1 + eps) > area_thr) & (aspect < ar_thr)
+
+
+def _warp_matrix(h: int, w: int, out_h: int, out_w: int, degrees: float, translate: float, scale: float, shear: float,
+                 perspective: float, rng: Rng) -> tuple[np.ndarray, float]:
+    """Compose centre -> perspective -> rotate/scale -> shear -> translate into one 3x3 matrix; returns (M, scale)."""
+    centre = np.eye(3)
+    centre[0, 2], centre[1, 2] = -w / 2, -h / 2
+    persp = np.eye(3)
+    persp[2, 0], persp[2, 1] = rng.uniform(-perspective, perspective), rng.uniform(-perspective, perspective)
+    s = rng.uniform(1 - scale, 1 + scale)
+    rot = np.eye(3)
+    rot[:2] = cv2.getRotationMatrix2D(angle=rng.uniform(-degrees, degrees), center=(0, 0), scale=s)
+    sh = np.eye(3)
+    sh[0, 1] = math.tan(math.radians(rng.uniform(-shear, shear)))
+    sh[1, 0] = math.tan(math.radians(rng.uniform(-shear, shear)))
+    tr = np.eye(3)
+    tr[0, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * out_w
+    tr[1, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * out_h
+    return tr @ sh @ rot @ persp @ centre, s
+
+
+def _warp_boxes(boxes: np.ndarray, M: np.ndarray, perspective: bool, out_h: int, out_w: int) -> np.ndarray:
+    """Transform xyxy boxes by their four corners and take the enclosing, clipped box."""
+    n = len(boxes)
+    corners = np.ones((n * 4, 3))
+    corners[:, :2] = boxes[:, [0, 1, 2, 3, 0, 3, 2, 1]].reshape(n * 4, 2)  # x1y1, x2y2, x1y2, x2y1
+    corners = corners @ M.T
+    xy = corners[:, :2] / corners[:, 2:3] if perspective else corners[:, :2]
+    xy = xy.reshape(n, 8)
+    x, y = xy[:, [0, 2, 4, 6]], xy[:, [1, 3, 5, 7]]
+    new = np.stack((x.min(1), y.min(1), x.max(1), y.max(1)), axis=1)
+    new[:, [0, 2]] = new[:, [0, 2]].clip(0, out_w)
+    new[:, [1, 3]] = new[:, [1, 3]].clip(0, out_h)
+    return new
+
+
+def random_perspective(img: np.ndarray, targets: np.ndarray = (), degrees: float = 10, translate: float = 0.1,
+                       scale: float = 0.1, shear: float = 10, perspective: float = 0.0, border: tuple[int, int] = (0, 0),
+                       rng: Rng | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Random affine/perspective warp; targets are (n, 5) [cls x1 y1 x2 y2] pixels; border < 0 crops (mosaic)."""
+    rng = np.random if rng is None else rng
+    targets = np.asarray(targets, dtype=np.float32).reshape(-1, 5)
+    out_h, out_w = img.shape[0] + 2 * border[0], img.shape[1] + 2 * border[1]
+    M, s = _warp_matrix(img.shape[0], img.shape[1], out_h, out_w, degrees, translate, scale, shear, perspective, rng)
+    if border[0] or border[1] or not np.allclose(M, np.eye(3)):
+        fill = (114, 114, 114)
+        if perspective:
+            img = cv2.warpPerspective(img, M, dsize=(out_w, out_h), borderValue=fill)
+        else:
+            img = cv2.warpAffine(img, M[:2], dsize=(out_w, out_h), borderValue=fill)
+    if len(targets):
+        new = _warp_boxes(targets[:, 1:5], M, bool(perspective), out_h, out_w)
+        keep = box_candidates(targets[:, 1:5].T * s, new.T, area_thr=0.10)
+        targets = targets[keep]
+        targets[:, 1:5] = new[keep]
+    return img, targets
+
+
+def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray, labels2: np.ndarray,
+          rng: Rng | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Blend two same-size images with a Beta(32, 32) ratio and keep both label sets (mixup augmentation)."""
+    rng = np.random if rng is None else rng
+    r = rng.beta(32.0, 32.0)
+    blended = (im.astype(np.float32) * r + im2.astype(np.float32) * (1 - r)).round().astype(np.uint8)
+    return blended, np.concatenate((labels, labels2), 0)
+
+
+def flip_labels(labels: np.ndarray, lr: bool) -> np.ndarray:
+    """Mirror normalised [cls cx cy w h] labels left-right (lr) or up-down, in place; returns them."""
+    col = 1 if lr else 2
+    if len(labels):
+        labels[:, col] = 1 - labels[:, col]
+    return labels

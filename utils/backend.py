@@ -1,0 +1,179 @@
+"""One inference interface over .pt checkpoints and exported TorchScript, ONNX and OpenVINO models."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+LOGGER = logging.getLogger("mobile_yolo")
+SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml"
+
+
+def parse_device(device: Union[str, int, torch.device, None]) -> torch.device:
+    """'cpu', '0', 0, 'cuda:1' or a torch.device -> torch.device; a CUDA request without CUDA is a one-line error."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        text = str(device if device is not None else "cpu").strip().lower().replace("cuda:", "")
+        text = text.split(",")[0] if text not in ("", "cpu") else "cpu"
+        dev = torch.device("cpu") if text == "cpu" else torch.device("cuda", int(text)) if text.isdigit() else None
+        if dev is None:
+            raise ValueError(f"invalid device '{device}': use cpu, a CUDA index like 0, or cuda:0")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _names_from(value: Any) -> list[str] | None:
+    """Class names from a list, an {index: name} dict, or their JSON / Python-literal text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)  # YOLOv5 writes dict reprs; literal_eval evaluates literals only
+            except (ValueError, SyntaxError):
+                return None
+    if isinstance(value, dict):
+        return [str(value[k]) for k in sorted(value, key=int)]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else None
+
+
+def _names_from_data(data: Any) -> list[str] | None:
+    """Names from a dataset dict or YAML file (read only; nothing is downloaded)."""
+    if isinstance(data, (str, Path)) and Path(data).is_file():
+        data = yaml.safe_load(Path(data).read_text(encoding="utf-8"))
+    return _names_from(data.get("names")) if isinstance(data, dict) else None
+
+
+class DetectBackend(nn.Module):
+    """Load any supported weights by suffix; calling it maps a (B,3,H,W) 0-1 image batch to (B,N,5+nc) predictions."""
+
+    def __init__(self, weights: Union[str, Path], device: Union[str, torch.device] = "cpu", fp16: bool = False, data: Any = None) -> None:
+        super().__init__()
+        self.weights = Path(weights[0] if isinstance(weights, (list, tuple)) else weights)
+        self.device = parse_device(device)
+        self.fp16 = bool(fp16) and self.device.type == "cuda"
+        self.format = self._detect_format(self.weights)
+        self.pt, self.jit, self.onnx, self.xml = (self.format == f for f in ("pt", "torchscript", "onnx", "openvino"))
+        self.input_shape: tuple[int, ...] | None = None  # fixed (B,3,H,W) of static exports
+        self.dynamic = True
+        self._in_dtype = np.float16 if self.fp16 else np.float32
+        self._warned_augment = False
+        meta = getattr(self, f"_load_{self.format}")()
+        self.stride = int(meta.get("stride") or 32)
+        self.names = _names_from(meta.get("names")) or _names_from_data(data) or []
+        self.metadata = meta
+
+    @staticmethod
+    def _detect_format(w: Path) -> str:
+        """Backend name from the path; unknown suffixes are a one-line ValueError."""
+        if w.suffix == ".pt":
+            return "pt"
+        if w.suffix == ".torchscript":
+            return "torchscript"
+        if w.suffix == ".onnx":
+            return "onnx"
+        if w.suffix == ".xml" or w.name.endswith("_openvino_model"):
+            return "openvino"
+        raise ValueError(f"{w}: unsupported weights format '{w.suffix or w.name}'; supported: {SUPPORTED}")
+
+    def _require_file(self) -> None:
+        if not self.weights.exists():
+            raise FileNotFoundError(f"{self.weights}: weights not found")
+
+    def _load_pt(self) -> dict:
+        from utils.checkpoint import load_model
+
+        model = load_model(self.weights, device=self.device).fuse()
+        self.model = model.half() if self.fp16 else model.float()
+        return {"stride": int(max(int(model.stride.max()), 32)), "names": list(model.names)}
+
+    def _load_torchscript(self) -> dict:
+        self._require_file()
+        extra = {"config.txt": ""}
+        try:
+            model = torch.jit.load(str(self.weights), _extra_files=extra, map_location=self.device)
+        except RuntimeError as e:
+            raise ValueError(f"{self.weights}: not a readable TorchScript file ({str(e).splitlines()[0][:160]})") from None
+        meta = json.loads(extra["config.txt"]) if extra["config.txt"] else {}
+        self.model = (model.half() if self.fp16 else model.float()).eval()
+        if meta.get("half"):
+            self.model, self.fp16 = self.model.half(), True
+        return meta
+
+    def _load_onnx(self) -> dict:
+        import onnxruntime as ort
+
+        self._require_file()
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+        try:
+            self.session = ort.InferenceSession(str(self.weights), providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ValueError(f"{self.weights}: ONNX Runtime cannot load the model ({str(e).splitlines()[0][:160]})") from None
+        inp = self.session.get_inputs()[0]
+        self._input_name, self._in_dtype = inp.name, np.float16 if "float16" in inp.type else np.float32
+        self._set_shape(inp.shape)
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def _load_openvino(self) -> dict:
+        from utils.export_formats import OPENVINO_METADATA, import_openvino
+
+        ov = import_openvino()
+        xmls = [self.weights] if self.weights.suffix == ".xml" else sorted(self.weights.glob("*.xml"))
+        xml = xmls[0] if xmls else self.weights / "model.xml"
+        if not xml.is_file():
+            raise FileNotFoundError(f"{self.weights}: no OpenVINO .xml model found")
+        core = ov.Core()
+        model = core.read_model(str(xml))
+        self._set_shape([d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()])
+        self.compiled = core.compile_model(model, "CPU")
+        meta_file = xml.parent / OPENVINO_METADATA
+        return yaml.safe_load(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+
+    def _set_shape(self, shape: Any) -> None:
+        """Record a fully static (B,3,H,W) input shape; symbolic dims make the model dynamic."""
+        static = len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)
+        self.dynamic = not static
+        self.input_shape = tuple(int(d) for d in shape) if static else None
+
+    def forward(self, im: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """(B,3,H,W) float 0-1 -> (B,N,5+nc) xywh pixel boxes + scores, as a tensor on self.device."""
+        if self.pt:
+            return self.model(im.half() if self.fp16 else im.float(), augment=augment)[0]
+        if augment and not self._warned_augment:
+            LOGGER.warning(f"WARNING: test-time augmentation needs a .pt model; running {self.format} without it")
+            self._warned_augment = True
+        if self.jit:
+            return self.model(im.half() if self.fp16 else im.float())
+        if self.input_shape is not None and im.shape[0] != self.input_shape[0]:
+            if self.input_shape[0] != 1:
+                raise ValueError(f"{self.weights}: exported for batch {self.input_shape[0]}, got batch {im.shape[0]}")
+            return torch.cat([self.forward(im[i : i + 1]) for i in range(im.shape[0])], 0)
+        if self.input_shape is not None and tuple(im.shape[2:]) != self.input_shape[2:]:
+            h, w = self.input_shape[2:]
+            got = f"{im.shape[2]}x{im.shape[3]}"
+            raise ValueError(f"{self.weights}: exported for {h}x{w} images, got {got}; re-export or use --imgsz {h} {w}")
+        x = im.detach().cpu().numpy().astype(self._in_dtype, copy=False)
+        y = self.session.run(None, {self._input_name: x})[0] if self.onnx else next(iter(self.compiled(x).values()))
+        return torch.from_numpy(np.asarray(y)).to(self.device)
+
+    def warmup(self, imgsz: tuple[int, int, int, int] = (1, 3, 640, 640)) -> None:
+        """One dummy forward pass (the exported input shape wins over imgsz for static models)."""
+        shape = self.input_shape or tuple(imgsz)
+        dtype = torch.float16 if self.fp16 and (self.pt or self.jit) else torch.float32
+        with torch.no_grad():
+            self.forward(torch.zeros(*shape, dtype=dtype, device=self.device))
+
+
+DetectMultiBackend = DetectBackend

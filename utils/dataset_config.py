@@ -1,0 +1,216 @@
+"""Dataset YAML files: parsing, path resolution, and making the data exist (generate, download, convert).
+
+Path rule: a relative `path` is resolved against the repository root, so `datasets/shapes` lives inside the repo
+(git-ignored) and YOLOv5-style `../datasets/coco128` lands beside it. Without `path`, the YAML file's folder is used.
+`train`/`val`/`test` are folders, *.txt image lists or lists of those, relative to `path`.
+`download` is a URL, a {url, to} mapping (`to` relative to `path`) or a list of those; bare URLs are unzipped into
+the parent of `path`, the YOLOv5 layout of the official zips.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+from xml.etree import ElementTree
+
+import yaml
+
+LOGGER = logging.getLogger("mobile_yolo")
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "data" / "shapes.yaml"
+DOWNLOAD_TIMEOUT = 15.0  # seconds; offline machines fail fast
+
+
+class DatasetError(ValueError):
+    """A dataset YAML or dataset folder problem; one-line message naming the file."""
+
+
+def _read_yaml(data: Union[str, Path, dict, None]) -> tuple[dict, str, Path | None]:
+    """Return (config dict copy, display name, yaml path or None)."""
+    if isinstance(data, dict):
+        return dict(data), "<dataset dict>", None
+    file = Path(data) if data is not None else DEFAULT_DATA
+    if not file.is_file() and not file.is_absolute() and (ROOT / "data" / file).is_file():
+        file = ROOT / "data" / file
+    if not file.is_file():
+        raise DatasetError(f"{file}: dataset YAML not found")
+    try:
+        cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{file}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise DatasetError(f"{file}: expected a mapping of keys (path, train, val, names), got {type(cfg).__name__}")
+    return cfg, str(file), file.resolve()
+
+
+def _names_list(names: Any, nc: Any, where: str) -> list[str]:
+    """Normalise `names` (list or {index: name}) and check it against `nc`."""
+    if isinstance(names, dict):
+        keys = sorted(names)
+        if not all(isinstance(k, int) for k in keys) or keys != list(range(len(keys))):
+            raise DatasetError(f"{where}: 'names' dict keys must be the integers 0..{len(keys) - 1}")
+        names = [names[k] for k in keys]
+    if not isinstance(names, (list, tuple)) or not names:
+        raise DatasetError(f"{where}: 'names' must be a non-empty list or {{index: name}} mapping")
+    names = [str(n) for n in names]
+    if nc is not None and (not isinstance(nc, int) or nc != len(names)):
+        raise DatasetError(f"{where}: nc={nc} does not match the {len(names)} entries in 'names'")
+    return names
+
+
+def _resolve_split(value: Any, root: Path, key: str, where: str) -> Union[str, list[str], None]:
+    """Resolve one split entry (str or list) against the dataset root."""
+    if value is None or value == "":
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, str) and v for v in items):
+        raise DatasetError(f"{where}: '{key}' must be a path string or a list of path strings")
+    out = [str(p if (p := Path(v).expanduser()).is_absolute() else (root / p).resolve()) for v in items]
+    return out if isinstance(value, (list, tuple)) else out[0]
+
+
+def _split_paths(cfg: dict) -> list[Path]:
+    """All train/val paths of a resolved config."""
+    out = []
+    for key in ("train", "val"):
+        v = cfg[key]
+        out += [Path(p) for p in (v if isinstance(v, list) else [v])]
+    return out
+
+
+def load_dataset_config(data: Union[str, Path, dict, None] = None, autodownload: bool = True) -> dict:
+    """Load and validate a dataset YAML, generating or downloading the data if it is missing; returns a resolved dict."""
+    cfg, where, file = _read_yaml(data)
+    for key in ("train", "val", "names"):
+        if key not in cfg:
+            raise DatasetError(f"{where}: missing required key '{key}'")
+    names = _names_list(cfg["names"], cfg.get("nc"), where)
+    base = file.parent if file is not None else Path.cwd()
+    root = Path(str(cfg["path"])).expanduser() if cfg.get("path") else base
+    root = (root if root.is_absolute() else ROOT / root).resolve()
+    out = {**cfg, "path": str(root), "names": names, "nc": len(names), "yaml_file": str(file) if file else None}
+    for key in ("train", "val", "test"):
+        out[key] = _resolve_split(cfg.get(key), root, key, where)
+    if out["train"] is None or out["val"] is None:
+        raise DatasetError(f"{where}: 'train' and 'val' must not be empty")
+    missing = [p for p in _split_paths(out) if not p.exists()]
+    if missing:
+        _make_available(out, where, autodownload)
+        missing = [p for p in _split_paths(out) if not p.exists()]
+        if missing:
+            raise DatasetError(f"{where}: dataset path {missing[0]} still missing after preparing the dataset")
+    return out
+
+
+def _make_available(cfg: dict, where: str, autodownload: bool) -> None:
+    """Generate, or download (and convert) a dataset whose split folders are missing."""
+    root = Path(cfg["path"])
+    if cfg.get("generator"):
+        if cfg["generator"] != "shapes":
+            raise DatasetError(f"{where}: unknown generator '{cfg['generator']}' (supported: shapes)")
+        from utils.shapes_dataset import generate_shapes
+
+        LOGGER.info(f"Dataset not found at {root}, generating it from {where} ...")
+        try:
+            generate_shapes(root, names=cfg["names"], **{k: cfg[k] for k in ("n_train", "n_val", "seed") if k in cfg})
+        except FileExistsError as e:
+            raise DatasetError(f"{where}: {e}") from None
+        return
+    url = cfg.get("download")
+    if not url:
+        raise DatasetError(f"{where}: dataset not found at {root} and the YAML has no 'download' source")
+    if not autodownload:
+        raise DatasetError(f"{where}: dataset not found at {root}; re-run with autodownload enabled or download it manually")
+    items = url if isinstance(url, list) else [url]
+    for item in items:
+        src, dest = (item.get("url"), root / item.get("to", "")) if isinstance(item, dict) else (item, root.parent)
+        if not isinstance(src, str):
+            raise DatasetError(f"{where}: 'download' entries must be URL strings or {{url, to}} mappings")
+        download_and_unzip(src, dest, where, root)
+    if cfg.get("convert") == "voc":
+        n = convert_voc(root, cfg["names"])
+        LOGGER.info(f"Converted {n} VOC annotations to YOLO labels in {root}")
+    elif cfg.get("convert"):
+        raise DatasetError(f"{where}: unknown converter '{cfg['convert']}' (supported: voc)")
+
+
+def download_and_unzip(url: str, dest: Path, where: str = "", root: Path | None = None) -> None:
+    """Fetch url into dest with a timeout; unzip .zip files safely; one-line DatasetError on any failure."""
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / Path(url.split("?")[0]).name
+    part = target.with_name(target.name + ".part")
+    LOGGER.info(f"Downloading {url} to {target} ...")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(part, "wb") as f:
+            shutil.copyfileobj(r, f, length=1 << 20)
+        part.replace(target)
+        if target.suffix == ".zip":
+            _safe_unzip(target, dest)
+            target.unlink()
+    except (urllib.error.URLError, socket.timeout, TimeoutError, OSError, zipfile.BadZipFile, ValueError) as e:
+        part.unlink(missing_ok=True)
+        reason = str(getattr(e, "reason", e)).splitlines()[0] if str(getattr(e, "reason", e)) else type(e).__name__
+        raise DatasetError(f"{where or url}: dataset not found at {root or dest} and download from {url} failed ({reason}); "
+                           f"download it manually") from None
+
+
+def _safe_unzip(file: Path, dest: Path) -> None:
+    """Extract a zip refusing members that would escape dest."""
+    dest = dest.resolve()
+    with zipfile.ZipFile(file) as z:
+        for m in z.namelist():
+            if not (dest / m).resolve().is_relative_to(dest):
+                raise ValueError(f"unsafe path {m!r} in {file.name}")
+        z.extractall(dest)
+
+
+def _voc_xml_to_lines(xml_file: Path, names: list[str]) -> list[str]:
+    """YOLO label lines for one VOC annotation (difficult objects skipped, as YOLOv5 does)."""
+    tree = ElementTree.parse(xml_file).getroot()
+    size = tree.find("size")
+    w, h = float(size.findtext("width")), float(size.findtext("height"))
+    lines = []
+    for obj in tree.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in names or int(float(obj.findtext("difficult") or 0)) == 1:
+            continue
+        bb = obj.find("bndbox")
+        x1, x2, y1, y2 = (float(bb.findtext(k)) for k in ("xmin", "xmax", "ymin", "ymax"))
+        cx, cy = ((x1 + x2) / 2 - 1) / w, ((y1 + y2) / 2 - 1) / h  # VOC pixel indices start at 1
+        lines.append(f"{names.index(name)} {cx:.6f} {cy:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+    return lines
+
+
+def convert_voc(root: Union[str, Path], names: list[str]) -> int:
+    """Convert VOCdevkit XML annotations under root into YOLO images/<set><year> + labels/<set><year>; returns count."""
+    root = Path(root)
+    devkits = [d for d in (root / "images" / "VOCdevkit", root / "VOCdevkit") if d.is_dir()]
+    if not devkits:
+        raise DatasetError(f"{root}: no VOCdevkit folder found to convert")
+    count = 0
+    for year_dir in sorted(devkits[0].glob("VOC*")):
+        year = year_dir.name[3:]
+        for list_file in sorted((year_dir / "ImageSets" / "Main").glob("*.txt")):
+            if list_file.stem not in ("train", "val", "test"):
+                continue
+            img_out, lb_out = root / "images" / f"{list_file.stem}{year}", root / "labels" / f"{list_file.stem}{year}"
+            img_out.mkdir(parents=True, exist_ok=True)
+            lb_out.mkdir(parents=True, exist_ok=True)
+            for stem in list_file.read_text().split():
+                try:
+                    lines = _voc_xml_to_lines(year_dir / "Annotations" / f"{stem}.xml", names)
+                except (ElementTree.ParseError, OSError, AttributeError, TypeError, ValueError) as e:
+                    LOGGER.warning(f"{year_dir / 'Annotations' / stem}.xml: skipped unreadable VOC annotation ({e})")
+                    continue
+                (lb_out / f"{stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+                src = year_dir / "JPEGImages" / f"{stem}.jpg"
+                if src.is_file():
+                    shutil.copy2(src, img_out / src.name)
+                count += 1
+    return count

@@ -1,0 +1,351 @@
+"""YOLO-format training/validation dataset: scanning with a label cache, letterbox/mosaic loading, augmentation, loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from utils.augmentations import augment_hsv, flip_labels, mixup, random_perspective
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.dataset_config import DatasetError
+from utils.images import IMG_FORMATS, ImageError, img_to_tensor_layout, letterbox, load_image, resize_long_side
+from utils.labels import img2label_paths, read_label_file
+
+LOGGER = logging.getLogger("mobile_yolo")
+CACHE_VERSION = 1
+MIN_IMAGE_SIDE = 10
+# Augmentation defaults when augment=True but no hyp is given (the scratch-low values).
+DEFAULT_AUG_HYP = {"hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
+                   "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0}
+PathLike = Union[str, Path]
+
+
+def collect_image_files(path: Union[PathLike, list[PathLike]], prefix: str = "") -> list[str]:
+    """Image files from folders (recursive), *.txt lists (entries relative to the list's folder) or lists of those."""
+    files: list[str] = []
+    for p in path if isinstance(path, (list, tuple)) else [path]:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            files += [str(f) for f in p.rglob("*") if f.is_file()]
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    q = Path(line.strip())
+                    files.append(str(q if q.is_absolute() else (p.parent / q).resolve()))
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise DatasetError(f"{prefix}{p}: image folder or list file does not exist")
+    files = sorted({f for f in files if f.rsplit(".", 1)[-1].lower() in IMG_FORMATS})
+    if not files:
+        raise DatasetError(f"{prefix}{path}: no images found (supported formats: {', '.join(IMG_FORMATS)})")
+    return files
+
+
+def verify_image(im_file: str) -> tuple[tuple[int, int] | None, str | None]:
+    """Check an image without fully decoding it -> ((h, w) upright, None) or (None, one-line reason)."""
+    try:
+        with Image.open(im_file) as im:
+            im.verify()
+        with Image.open(im_file) as im:
+            w, h = im.size
+            fmt = (im.format or "").lower()
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation with a 90-degree turn
+                w, h = h, w
+        if fmt in ("jpeg", "mpo"):
+            with open(im_file, "rb") as f:
+                f.seek(-2, 2)
+                if f.read() != b"\xff\xd9":  # no end-of-image marker: make sure it still decodes fully
+                    with Image.open(im_file) as im:
+                        im.load()
+    except Exception as e:
+        return None, f"{im_file}: corrupt image ignored ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if min(h, w) < MIN_IMAGE_SIDE:
+        return None, f"{im_file}: image ignored, size {w}x{h} is under {MIN_IMAGE_SIDE} px"
+    return (h, w), None
+
+
+def _verify_pair(args: tuple[str, str, int | None]) -> dict[str, Any]:
+    """Verify one image and its label file; the record stored in the label cache."""
+    im_file, lb_file, nc = args
+    shape, msg = verify_image(im_file)
+    if shape is None:
+        return {"im_file": im_file, "status": "corrupt", "msg": msg}
+    labels, msg, status = read_label_file(lb_file, nc)
+    missing = status == "background" and not os.path.isfile(lb_file)
+    return {"im_file": im_file, "shape": list(shape), "labels": labels.tolist(), "status": status, "msg": msg, "missing": missing}
+
+
+def _files_hash(files: list[str], nc: int | None) -> str:
+    """Hash of paths, sizes and modification times, so any changed file invalidates the cache."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} nc={nc}".encode())
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}|missing\n".encode())
+    return h.hexdigest()
+
+
+def _load_cache(cache_path: Path, key: str) -> list[dict] | None:
+    """Records from a JSON label cache if it matches key; None for a missing, stale or unreadable cache."""
+    try:
+        data = json.loads(cache_path.read_text(encoding="utf-8"))
+        if data.get("version") == CACHE_VERSION and data.get("hash") == key:
+            return data["records"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _save_cache(cache_path: Path, key: str, records: list[dict], prefix: str) -> None:
+    """Write the label cache atomically; warn (do not fail) on read-only folders."""
+    tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "hash": key, "records": records}), encoding="utf-8")
+        tmp.replace(cache_path)
+        LOGGER.info(f"{prefix}New cache created: {cache_path}")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        LOGGER.warning(f"{prefix}WARNING: cache dir {cache_path.parent} is not writeable, cache not saved ({e})")
+
+
+def scan_dataset(im_files: list[str], cache_path: Path, nc: int | None, workers: int, prefix: str, desc: str) -> tuple[list[dict], dict]:
+    """Verify all image/label pairs (or reuse a valid cache); returns (records, counts) and logs a summary."""
+    lb_files = img2label_paths(im_files)
+    key = _files_hash(im_files + lb_files, nc)
+    records = _load_cache(cache_path, key)
+    cached = records is not None
+    if records is None:
+        with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
+            jobs = pool.map(_verify_pair, [(i, lb, nc) for i, lb in zip(im_files, lb_files)])
+            records = list(tqdm(jobs, total=len(im_files), desc=f"{prefix}Scanning {desc}", disable=len(im_files) < 1000))
+        _save_cache(cache_path, key, records, prefix)
+    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "background", "repaired", "corrupt")}
+    counts["missing"] = sum(bool(r.get("missing")) for r in records)
+    counts["images"] = len(records) - counts["corrupt"]
+    for r in records:
+        if r["msg"]:
+            LOGGER.warning(f"{prefix}WARNING: {r['msg']}")
+    LOGGER.info(f"{prefix}Scanning {desc}{' (cached)' if cached else ''}: {counts['images']} images, {counts['background']} backgrounds "
+                f"({counts['missing']} without label file), {counts['corrupt']} corrupt, {counts['repaired']} repaired")
+    return records, counts
+
+
+def rect_batch_shapes(shapes_hw: np.ndarray, batch_size: int, img_size: int, stride: int, pad: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sort order by aspect ratio and per-batch (h, w) shapes (stride multiples) for rectangular batches."""
+    ar = shapes_hw[:, 0] / shapes_hw[:, 1]
+    order = ar.argsort()
+    ar = ar[order]
+    nb = math.ceil(len(ar) / batch_size)
+    shapes = np.ones((nb, 2))
+    for b in range(nb):
+        chunk = ar[b * batch_size:(b + 1) * batch_size]
+        lo, hi = chunk.min(), chunk.max()
+        if hi < 1:
+            shapes[b] = [hi, 1]
+        elif lo > 1:
+            shapes[b] = [1, 1 / lo]
+    return order, (np.ceil(shapes * img_size / stride + pad) * stride).astype(int)
+
+
+class LoadImagesAndLabels(Dataset):
+    """YOLO dataset: item -> (uint8 RGB CHW image, (n, 6) [0, cls, cx, cy, w, h] labels, path, shapes for val rescaling)."""
+
+    def __init__(self, path: Union[PathLike, list[PathLike]], img_size: int = 640, batch_size: int = 16, augment: bool = False,
+                 hyp: dict | None = None, rect: bool = False, cache: str | None = None, single_cls: bool = False,
+                 stride: int = 32, pad: float = 0.0, nc: int | None = None, workers: int = 8, prefix: str = "") -> None:
+        if cache and cache not in ("ram", "disk", True):
+            raise DatasetError(f"{prefix}cache must be None, 'ram' or 'disk', got {cache!r}")
+        self.img_size, self.augment, self.rect, self.stride = img_size, augment, rect, stride
+        self.hyp = {**DEFAULT_AUG_HYP, **(hyp or {})}
+        self.mosaic = augment and not rect  # train.py may switch this off for the final epochs
+        self.mosaic_border = (-img_size // 2, -img_size // 2)
+        files = collect_image_files(path, prefix)
+        p0 = Path(path[0] if isinstance(path, (list, tuple)) else path)
+        cache_path = (p0 if p0.is_file() else Path(img2label_paths(files)[0]).parent).with_suffix(".cache")
+        records, self.stats = scan_dataset(files, cache_path, nc, workers, prefix, str(path))
+        records = [r for r in records if r["status"] != "corrupt"]
+        if not records:
+            raise DatasetError(f"{prefix}{path}: no usable images (all {len(files)} corrupt)")
+        self.im_files = [r["im_file"] for r in records]
+        self.label_files = img2label_paths(self.im_files)
+        self.labels = [np.array(r["labels"], dtype=np.float32).reshape(-1, 5) for r in records]
+        if single_cls:
+            for lb in self.labels:
+                lb[:, 0] = 0
+        self.img_shapes = np.array([r["shape"] for r in records], dtype=np.float64)  # (h, w) upright originals
+        n = len(records)
+        self.batch = np.arange(n) // batch_size
+        self.batch_shapes = None
+        if rect:
+            order, self.batch_shapes = rect_batch_shapes(self.img_shapes, batch_size, img_size, stride, pad)
+            self._reorder(order)
+        self.ims: list[np.ndarray | None] = [None] * n
+        self.cache = "ram" if cache is True else (cache or None)
+        if self.cache:
+            self._cache_images(workers, prefix)
+
+    def _reorder(self, order: np.ndarray) -> None:
+        """Apply a new item order (aspect-ratio sort for rect batches)."""
+        self.im_files = [self.im_files[i] for i in order]
+        self.label_files = [self.label_files[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+        self.img_shapes = self.img_shapes[order]
+
+    def _npy_path(self, i: int) -> Path:
+        return Path(self.im_files[i]).with_suffix(".npy")
+
+    def _cache_images(self, workers: int, prefix: str) -> None:
+        """Cache resized images in RAM or original decoded images as .npy files beside them."""
+        def work(i: int) -> int:
+            if self.cache == "disk":
+                f = self._npy_path(i)
+                if not f.exists():
+                    np.save(f, load_image(self.im_files[i]), allow_pickle=False)
+                return f.stat().st_size
+            self.ims[i] = self.load_image(i)[0]
+            return self.ims[i].nbytes
+
+        with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
+            total = sum(tqdm(pool.map(work, range(len(self))), total=len(self), desc=f"{prefix}Caching images",
+                             disable=len(self) < 1000))
+        LOGGER.info(f"{prefix}Cached {len(self)} images ({total / 1e9:.2f} GB {self.cache})")
+
+    def __len__(self) -> int:
+        return len(self.im_files)
+
+    def close_mosaic(self) -> None:
+        """Stop using mosaic (YOLOv5's close-mosaic for the last epochs)."""
+        self.mosaic = False
+
+    def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """BGR image with its long side resized to img_size -> (img, (h0, w0) original, (h, w) resized)."""
+        if self.ims[i] is not None:
+            im = self.ims[i]
+            return im, tuple(int(v) for v in self.img_shapes[i]), im.shape[:2]
+        f = self._npy_path(i)
+        if self.cache == "disk" and f.exists():
+            im = np.load(f, allow_pickle=False)
+        else:
+            try:
+                im = load_image(self.im_files[i])
+            except ImageError as e:
+                raise DatasetError(str(e)) from None
+        h0, w0 = im.shape[:2]
+        im = resize_long_side(im, self.img_size, self.augment)
+        return im, (h0, w0), im.shape[:2]
+
+    def _rand_index(self) -> int:
+        return int(np.random.randint(0, len(self)))
+
+    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Four images tiled around a random centre on a 2s canvas, then warped/cropped to s -> (img, [cls x1 y1 x2 y2])."""
+        s = self.img_size
+        yc, xc = (int(np.random.uniform(-b, 2 * s + b)) for b in self.mosaic_border)
+        canvas = np.full((2 * s, 2 * s, 3), 114, dtype=np.uint8)
+        all_labels = []
+        for k, idx in enumerate([index] + [self._rand_index() for _ in range(3)]):
+            img, _, (h, w) = self.load_image(idx)
+            x1 = xc - w if k in (0, 2) else xc  # placement of the whole image (may hang off the canvas)
+            y1 = yc - h if k in (0, 1) else yc
+            cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x1 + w, 2 * s), min(y1 + h, 2 * s)
+            canvas[cy1:cy2, cx1:cx2] = img[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
+            lb = self.labels[idx].copy()
+            if len(lb):
+                lb[:, 1:] = xywhn2xyxy(lb[:, 1:], w, h, x1, y1)
+            all_labels.append(lb)
+        labels = np.concatenate(all_labels, 0)
+        labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
+        hyp = self.hyp
+        return random_perspective(canvas, labels, degrees=hyp["degrees"], translate=hyp["translate"], scale=hyp["scale"],
+                                  shear=hyp["shear"], perspective=hyp["perspective"], border=self.mosaic_border)
+
+    def _load_letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Letterboxed image, pixel xyxy labels and the shapes tuple used to map predictions back."""
+        img, (h0, w0), (h, w) = self.load_image(index)
+        shape = tuple(self.batch_shapes[self.batch[index]]) if self.rect else self.img_size
+        img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
+        shapes = ((h0, w0), ((h * ratio[1] / h0, w * ratio[0] / w0), pad))
+        labels = self.labels[index].copy()
+        if len(labels):
+            labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, pad[0], pad[1])
+        if self.augment:
+            hyp = self.hyp
+            img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"], scale=hyp["scale"],
+                                             shear=hyp["shear"], perspective=hyp["perspective"])
+        return img, labels, shapes
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        hyp = self.hyp
+        if self.augment and self.mosaic and np.random.random() < hyp["mosaic"]:
+            img, labels = self.load_mosaic(index)
+            shapes = None
+            if np.random.random() < hyp["mixup"]:
+                img, labels = mixup(img, labels, *self.load_mosaic(self._rand_index()))
+        else:
+            img, labels, shapes = self._load_letterboxed(index)
+        labels = labels.reshape(-1, 5).astype(np.float32)
+        if len(labels):
+            labels[:, 1:] = xyxy2xywhn(labels[:, 1:], w=img.shape[1], h=img.shape[0], clip=True)
+        if self.augment:
+            augment_hsv(img, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"])
+            if np.random.random() < hyp["flipud"]:
+                img = np.flipud(img)
+                flip_labels(labels, lr=False)
+            if np.random.random() < hyp["fliplr"]:
+                img = np.fliplr(img)
+                flip_labels(labels, lr=True)
+        out = torch.zeros((len(labels), 6))
+        out[:, 1:] = torch.from_numpy(labels)
+        return torch.from_numpy(img_to_tensor_layout(img)), out, self.im_files[index], shapes
+
+    @staticmethod
+    def collate_fn(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple]:
+        """Stack images and concatenate labels, writing each label's image index into column 0."""
+        imgs, labels, paths, shapes = zip(*batch)
+        for i, lb in enumerate(labels):
+            lb[:, 0] = i
+        return torch.stack(imgs, 0), torch.cat(labels, 0), paths, shapes
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each loader worker from torch's per-worker seed (distinct, reproducible augmentation)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_size: int, stride: int, single_cls: bool = False,
+                      hyp: dict | None = None, augment: bool = False, cache: str | None = None, pad: float = 0.0, rect: bool = False,
+                      workers: int = 8, shuffle: bool = False, prefix: str = "", nc: int | None = None, seed: int = 0,
+                      rank: int = -1) -> tuple[DataLoader, LoadImagesAndLabels]:
+    """Build the dataset and a seeded DataLoader over it (DistributedSampler when rank != -1)."""
+    if rect and shuffle:
+        LOGGER.warning(f"{prefix}WARNING: rect=True is incompatible with shuffle, setting shuffle=False")
+        shuffle = False
+    dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, cache=cache, single_cls=single_cls,
+                                  stride=int(stride), pad=pad, nc=nc, workers=workers, prefix=prefix)
+    batch_size = min(batch_size, len(dataset))
+    nw = max(0, min(os.cpu_count() or 1, batch_size if batch_size > 1 else 0, workers))
+    sampler = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw, sampler=sampler,
+                        pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
+                        worker_init_fn=seed_worker, generator=generator, persistent_workers=False)
+    return loader, dataset

@@ -1,0 +1,140 @@
+"""Image reading (orientation-aware, any bit depth/channels -> BGR uint8), letterboxing and tensor layout."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
+VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be decoded; the message is one line naming the file."""
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale 16-bit / float pixel data down to 0-255 uint8."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    src = arr.dtype
+    hi = float(arr.max()) if arr.size else 0.0
+    arr = arr.astype(np.float32)
+    if hi > 65535.0:  # 32-bit data: stretch to the full range
+        arr = arr * (255.0 / hi)
+    elif hi > 255.0 or src == np.uint16:
+        arr = arr / 257.0  # 16-bit -> 8-bit
+    elif 0.0 < hi <= 1.0 and np.issubdtype(src, np.floating):
+        arr = arr * 255.0  # float images in [0, 1]
+    return arr.clip(0, 255).round().astype(np.uint8)
+
+
+def _to_bgr3(arr: np.ndarray, rgb: bool) -> np.ndarray:
+    """Any channel layout (gray, gray+alpha, RGB, RGBA) -> contiguous 3-channel BGR."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    c = arr.shape[2]
+    if c in (2, 4):  # drop alpha
+        arr = arr[:, :, : c - 1]
+        c -= 1
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=2))
+    arr = arr[:, :, :3]
+    return np.ascontiguousarray(arr[:, :, ::-1] if rgb else arr)
+
+
+def _pil_array(im: Image.Image) -> np.ndarray:
+    """PIL image -> numpy array, widening 16-bit modes PIL stores as 'I;16' / 'I'."""
+    if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+        im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+    return np.asarray(im)
+
+
+def _read_pil(path: Path) -> np.ndarray | None:
+    """Decode with PIL, applying EXIF orientation; None if PIL cannot handle it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                arr = _pil_array(im)
+    except Exception:
+        return None
+    return _to_bgr3(_to_uint8(arr), rgb=True)
+
+
+def _read_cv2(path: Path) -> np.ndarray | None:
+    """Decode with OpenCV (keeps bit depth and alpha); None on failure."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if arr is None:
+        return None
+    return _to_bgr3(_to_uint8(arr), rgb=False)
+
+
+def load_image(path: Union[str, Path]) -> np.ndarray:
+    """Read an image as an upright HxWx3 BGR uint8 array (cv2 convention), or raise ImageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    if path.suffix.lower() == ".png":  # cv2 keeps 16-bit PNG depth exactly; PNG has no EXIF rotation in practice
+        img = _read_cv2(path)
+        img = _read_pil(path) if img is None else img
+    else:
+        img = _read_pil(path)
+        img = _read_cv2(path) if img is None else img
+    if img is None or img.size == 0:
+        raise ImageError(f"{path}: cannot decode image (corrupt, truncated or unsupported format)")
+    return img
+
+
+def letterbox(
+    img: np.ndarray,
+    new_shape: Union[int, tuple[int, int]] = 640,
+    color: tuple[int, int, int] = (114, 114, 114),
+    auto: bool = True,
+    scaleup: bool = True,
+    stride: int = 32,
+) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """Resize keeping aspect ratio and pad to new_shape (or, with auto, to the next stride multiple)."""
+    h0, w0 = img.shape[:2]
+    if isinstance(new_shape, int):
+        new_shape = (new_shape, new_shape)
+    r = min(new_shape[0] / h0, new_shape[1] / w0)
+    if not scaleup:
+        r = min(r, 1.0)
+    new_w, new_h = int(round(w0 * r)), int(round(h0 * r))
+    dw, dh = new_shape[1] - new_w, new_shape[0] - new_h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
+    if (w0, h0) != (new_w, new_h):
+        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
+    return img, (new_w / w0, new_h / h0), (dw, dh)
+
+
+def resize_long_side(img: np.ndarray, img_size: int, augment: bool = False) -> np.ndarray:
+    """Scale so the longer side equals img_size (area interpolation when shrinking for eval)."""
+    h0, w0 = img.shape[:2]
+    r = img_size / max(h0, w0)
+    if r == 1:
+        return img
+    interp = cv2.INTER_LINEAR if (augment or r > 1) else cv2.INTER_AREA
+    size = (max(1, int(round(w0 * r))), max(1, int(round(h0 * r))))
+    return cv2.resize(img, size, interpolation=interp)
+
+
+def img_to_tensor_layout(img: np.ndarray) -> np.ndarray:
+    """BGR HWC uint8 -> RGB CHW contiguous uint8 (the model's input layout)."""
+    return np.ascontiguousarray(img.transpose(2, 0, 1)[::-1])

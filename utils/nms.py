@@ -1,0 +1,90 @@
+"""Non-maximum suppression turning raw detector output into per-image (n, 6) detections."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence, Union
+
+import torch
+import torchvision
+
+from utils.boxes import xywh2xyxy
+
+LOGGER = logging.getLogger("mobile_yolo")
+
+Prediction = Union[torch.Tensor, Sequence]
+
+
+def _check_args(conf_thres: float, iou_thres: float, max_det: int) -> None:
+    """Reject thresholds outside [0, 1] and non-positive limits early, with a clear message."""
+    if not 0.0 <= conf_thres <= 1.0:
+        raise ValueError(f"non_max_suppression: conf_thres={conf_thres} must be in [0, 1]")
+    if not 0.0 <= iou_thres <= 1.0:
+        raise ValueError(f"non_max_suppression: iou_thres={iou_thres} must be in [0, 1]")
+    if max_det < 1:
+        raise ValueError(f"non_max_suppression: max_det={max_det} must be >= 1")
+
+
+def _unwrap(prediction: Prediction) -> torch.Tensor:
+    """Accept the eval-mode (pred, raw) tuple as well as the bare (B, N, 5+nc) tensor."""
+    if isinstance(prediction, (list, tuple)):
+        if not prediction:
+            raise ValueError("non_max_suppression: empty prediction sequence")
+        prediction = prediction[0]
+    if not isinstance(prediction, torch.Tensor) or prediction.ndim != 3 or prediction.shape[-1] < 6:
+        shape = tuple(prediction.shape) if isinstance(prediction, torch.Tensor) else type(prediction).__name__
+        raise ValueError(f"non_max_suppression: expected a (B, N, 5+nc) tensor from an eval-mode model, got {shape}")
+    return prediction
+
+
+def _candidates(x: torch.Tensor, conf_thres: float, multi_label: bool) -> torch.Tensor:
+    """One image's rows (N, 5+nc) above the objectness threshold -> (k, 6) xyxy, conf, cls rows."""
+    x = x[x[:, 4] > conf_thres]
+    if not x.shape[0]:
+        return x.new_zeros((0, 6))
+    scores = x[:, 5:] * x[:, 4:5]  # conf = obj * cls
+    box = xywh2xyxy(x[:, :4])
+    if multi_label:
+        i, j = (scores > conf_thres).nonzero(as_tuple=True)
+        return torch.cat((box[i], scores[i, j, None], j[:, None].to(x.dtype)), 1)
+    conf, j = scores.max(1, keepdim=True)
+    keep = conf[:, 0] > conf_thres
+    return torch.cat((box, conf, j.to(x.dtype)), 1)[keep]
+
+
+def non_max_suppression(
+    prediction: Prediction,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    classes: Sequence[int] | None = None,
+    agnostic: bool = False,
+    multi_label: bool = False,
+    max_det: int = 300,
+    max_nms: int = 30000,
+    max_wh: int = 7680,
+) -> list[torch.Tensor]:
+    """Filter by confidence and suppress overlaps per class; returns one (n, 6) [x1, y1, x2, y2, conf, cls] tensor per image."""
+    _check_args(conf_thres, iou_thres, max_det)
+    prediction = _unwrap(prediction)
+    bs, nc = prediction.shape[0], prediction.shape[2] - 5
+    multi_label = multi_label and nc > 1
+    # Work in float32: fp16 cannot represent the class offsets (cls * max_wh) exactly.
+    pred = prediction.detach().float()
+    cls_filter = None if classes is None else torch.tensor(list(classes), device=pred.device, dtype=pred.dtype)
+    time_limit, t0 = 0.5 + 0.05 * bs, time.time()
+    output = []
+    for xi in range(bs):
+        x = _candidates(pred[xi], conf_thres, multi_label)
+        if cls_filter is not None and x.shape[0]:
+            x = x[(x[:, 5:6] == cls_filter).any(1)]
+        if not x.shape[0]:
+            output.append(prediction.new_zeros((0, 6)))
+            continue
+        x = x[x[:, 4].argsort(descending=True)[:max_nms]]
+        offsets = x[:, 5:6] * (0 if agnostic else max_wh)
+        keep = torchvision.ops.nms(x[:, :4] + offsets, x[:, 4], iou_thres)[:max_det]
+        output.append(x[keep].to(prediction.dtype))
+    if time.time() - t0 > time_limit:  # warn only: dropping images would silently corrupt validation
+        LOGGER.warning(f"WARNING: NMS took {time.time() - t0:.3f}s for {bs} images (soft limit {time_limit:.3f}s)")
+    return output

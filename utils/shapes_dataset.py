@@ -1,0 +1,140 @@
+"""Deterministic synthetic detection dataset (coloured shapes on cluttered backgrounds) used as the offline default."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+
+LOGGER = logging.getLogger("mobile_yolo")
+SHAPE_NAMES = ("circle", "rectangle", "triangle")
+BACKGROUND_FRACTION = 0.06  # share of images with no objects (empty label files)
+
+
+def _hsv_colour(rng: np.random.Generator, s: tuple[int, int], v: tuple[int, int]) -> tuple[int, int, int]:
+    """A BGR colour with random hue and saturation/value in the given ranges."""
+    hsv = np.uint8([[[rng.integers(0, 180), rng.integers(*s), rng.integers(*v)]]])
+    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Dull, noisy background with lines and soft blobs that are not objects."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = _hsv_colour(rng, (0, 60), (40, 120))
+    for _ in range(int(rng.integers(2, 7))):  # thin clutter lines
+        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.line(img, p1, p2, _hsv_colour(rng, (0, 70), (20, 150)), int(rng.integers(1, 3)), cv2.LINE_AA)
+    for _ in range(int(rng.integers(1, 4))):  # low-contrast blurred blobs
+        c = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        axes = (int(rng.integers(8, w // 3)), int(rng.integers(8, h // 3)))
+        cv2.ellipse(img, c, axes, float(rng.uniform(0, 180)), 0, 360, _hsv_colour(rng, (0, 60), (30, 130)), -1)
+    img = cv2.GaussianBlur(img, (5, 5), 0)
+    noise = rng.normal(0.0, 8.0, img.shape)
+    return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def _shape_points(rng: np.random.Generator, cls: int, x1: int, y1: int, size_w: int, size_h: int) -> np.ndarray:
+    """Polygon vertices of a rectangle (cls 1) or triangle (cls 2) inside the given box."""
+    if cls == 1:
+        return np.array([[x1, y1], [x1 + size_w, y1], [x1 + size_w, y1 + size_h], [x1, y1 + size_h]], np.int32)
+    apex = x1 + int(rng.integers(0, size_w + 1))
+    pts = [[apex, y1], [x1 + size_w, y1 + size_h], [x1, y1 + size_h]]
+    if rng.random() < 0.5:  # upside-down variant
+        pts = [[apex, y1 + size_h], [x1 + size_w, y1], [x1, y1]]
+    return np.array(pts, np.int32)
+
+
+def _draw_object(img: np.ndarray, rng: np.random.Generator, cls: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Draw one filled shape in a saturated colour; returns its exact pixel box [x1, y1, x2, y2]."""
+    x1, y1, bw, bh = box
+    colour = _hsv_colour(rng, (170, 256), (170, 256))
+    if cls == 0:
+        r = min(bw, bh) // 2
+        centre = (x1 + r, y1 + r)
+        cv2.circle(img, centre, r, colour, -1, cv2.LINE_AA)
+        return np.array([x1, y1, x1 + 2 * r + 1, y1 + 2 * r + 1], np.float64)
+    pts = _shape_points(rng, cls, x1, y1, bw, bh)
+    cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
+    return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float64)
+
+
+def _overlaps(box: np.ndarray, boxes: list[np.ndarray], thr: float = 0.2) -> bool:
+    """True if box covers more than thr of its own area with any placed box."""
+    for b in boxes:
+        iw = min(box[2], b[2]) - max(box[0], b[0])
+        ih = min(box[3], b[3]) - max(box[1], b[1])
+        if iw > 0 and ih > 0 and iw * ih > thr * min((box[2] - box[0]) * (box[3] - box[1]), (b[2] - b[0]) * (b[3] - b[1])):
+            return True
+    return False
+
+
+def _make_image(rng: np.random.Generator, nc: int) -> tuple[np.ndarray, list[str]]:
+    """One image and its YOLO label lines."""
+    h, w = int(rng.integers(96, 193)), int(rng.integers(96, 193))
+    img = _background(rng, h, w)
+    n_obj = 0 if rng.random() < BACKGROUND_FRACTION else int(rng.integers(1, 7))
+    boxes: list[np.ndarray] = []
+    lines = []
+    for _ in range(n_obj * 4):  # placement attempts
+        if len(boxes) == n_obj:
+            break
+        size = int(rng.integers(14, max(15, int(0.45 * min(h, w)))))
+        bw, bh = (size, size) if rng.random() < 0.5 else (size, int(size * rng.uniform(0.6, 1.6)))
+        bw, bh = min(bw, w - 2), min(bh, h - 2)
+        x1, y1 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+        if _overlaps(np.array([x1, y1, x1 + bw, y1 + bh], np.float64), boxes):
+            continue
+        cls = int(rng.integers(0, nc))
+        b = _draw_object(img, rng, cls, (x1, y1, bw, bh))
+        boxes.append(b)
+        b = b.clip(0, [w, h, w, h])
+        cx, cy, bw_n, bh_n = (b[0] + b[2]) / 2 / w, (b[1] + b[3]) / 2 / h, (b[2] - b[0]) / w, (b[3] - b[1]) / h
+        lines.append(f"{cls} {cx:.6f} {cy:.6f} {bw_n:.6f} {bh_n:.6f}")
+    return img, lines
+
+
+def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: int) -> None:
+    """Write n images and label files for one split."""
+    (root / "images" / split).mkdir(parents=True)
+    (root / "labels" / split).mkdir(parents=True)
+    for i in range(n):
+        img, lines = _make_image(rng, nc)
+        name = f"{split}_{i:05d}"
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise RuntimeError(f"JPEG encoding failed for {name}")
+        (root / "images" / split / f"{name}.jpg").write_bytes(buf.tobytes())
+        (root / "labels" / split / f"{name}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+
+
+def generate_shapes(root: Union[str, Path], n_train: int = 256, n_val: int = 64, seed: int = 0,
+                    names: Sequence[str] = SHAPE_NAMES) -> Path:
+    """Create the shapes dataset at root (images/{train,val}, labels/{train,val}); built in a temp dir then renamed."""
+    root = Path(root).resolve()
+    if (root / "images" / "train").is_dir() and (root / "images" / "val").is_dir():
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root}: exists but is not a complete shapes dataset; delete it to regenerate")
+    t0 = time.time()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        rng = np.random.default_rng(seed)
+        _write_split(tmp, "train", n_train, rng, len(names))
+        _write_split(tmp, "val", n_val, rng, len(names))
+        if root.exists():
+            root.rmdir()  # empty directory left by someone else
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    LOGGER.info(f"Generated shapes dataset ({n_train} train, {n_val} val images, {len(names)} classes) at {root} "
+                f"in {time.time() - t0:.1f}s")
+    return root
