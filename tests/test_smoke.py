@@ -1,0 +1,96 @@
+"""End-to-end smoke path on a tiny generated dataset: train 1 epoch at 64 px, val, detect, export, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from utils.shapes_dataset import generate_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24+8 image shapes dataset and its yaml."""
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root / "shapes", n_train=24, n_val=8, seed=1)
+    cfg = yaml.safe_load((ROOT / "data/shapes.yaml").read_text())
+    cfg.update(path=str(root / "shapes"))
+    cfg.pop("generator", None)
+    path = root / "shapes.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a 1-epoch, 64 px training run of the default config."""
+    import train
+
+    project = tmp_path_factory.mktemp("runs")
+    best = train.run(cfg="models/yolov5n_mobilenetv4_conv_small.yaml", data=str(tiny_data), epochs=1, imgsz=64, batch_size=8,
+                     workers=0, project=str(project), name="smoke", noautoanchor=False, device="cpu")
+    return best
+
+
+def test_train_outputs(trained: Path) -> None:
+    run_dir = trained.parent.parent
+    outputs = ("weights/last.pt", "weights/best.pt", "opt.yaml", "hyp.yaml", "results.csv", "results.png", "labels.jpg", "train_batch0.jpg")
+    for name in outputs:
+        assert (run_dir / name).exists(), name
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    assert {"model", "ema", "cfg", "names", "epoch", "best_fitness", "optimizer", "opt", "date"} <= set(ckpt)
+    header = (run_dir / "results.csv").read_text().splitlines()[0]
+    assert "metrics/mAP_0.5:0.95" in header and "x/lr2" in header
+
+
+def test_val_detect_export_on_trained(trained: Path, tiny_data: Path, tmp_path: Path) -> None:
+    import detect
+    import export
+    import val
+
+    results, maps, speed = val.run(data=str(tiny_data), weights=str(trained), imgsz=64, batch_size=4, workers=0,
+                                   project=str(tmp_path), name="val", save_json=True, save_txt=True, device="cpu")
+    assert len(results) == 7 and all(0.0 <= r <= 1.0 for r in results[:4]) and len(speed) == 3
+    val_images = yaml.safe_load(tiny_data.read_text())
+    source = Path(val_images["path"]) / val_images["val"]
+    out = detect.run(weights=str(trained), source=str(source), imgsz=(64, 64), conf_thres=0.001, project=str(tmp_path),
+                     name="det", save_txt=True, device="cpu")
+    assert len(list(out.glob("*.jpg"))) == 8
+    files = export.run(weights=str(trained), include=["onnx"], imgsz=[64, 64])
+    onnx_file = Path(files[0])
+    assert onnx_file.suffix == ".onnx" and onnx_file.exists()
+    onnx_results, _, _ = val.run(data=str(tiny_data), weights=str(onnx_file), imgsz=64, batch_size=1, workers=0,
+                                 project=str(tmp_path), name="val_onnx", device="cpu", plots=False)
+    assert abs(onnx_results[3] - results[3]) < 1e-3
+
+
+def test_resume_continues(tiny_data: Path, tmp_path: Path) -> None:
+    import train
+
+    last = train.run(cfg="models/yolov5n.yaml", data=str(tiny_data), epochs=1, imgsz=64, batch_size=8, workers=0,
+                     project=str(tmp_path), name="r", noval=True, noplots=True, device="cpu").parent / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["opt"]["epochs"] = 2  # pretend the run was planned for 2 epochs and was killed after the first
+    torch.save(ckpt, last)
+    train.run(resume=str(last))
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 1
+    rows = (last.parent.parent / "results.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [0, 1]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    for args in (["train.py", "--cfg", "missing.yaml", "--epochs", "1"], ["val.py", "--weights", str(tmp_path / "none.pt")],
+                 ["detect.py", "--weights", str(tmp_path / "none.pt")], ["train.py", "--data", str(tmp_path / "no.yaml")]):
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        err = proc.stderr.strip().splitlines()
+        assert err and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "error" in err[-1]

@@ -1,0 +1,192 @@
+"""Writers for the deployable formats (ONNX, TorchScript, OpenVINO) of a fused DetectionModel, each written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import yaml
+from torch import nn
+
+LOGGER = logging.getLogger("mobile_yolo")
+INPUT_NAME, OUTPUT_NAME = "images", "output0"
+TORCHSCRIPT_CONFIG = "config.txt"
+OPENVINO_METADATA = "metadata.yaml"
+
+
+class ExportError(ValueError):
+    """An export that cannot be done (bad option, missing optional package, failed check); one-line message."""
+
+
+class ExportModel(nn.Module):
+    """Inference view of a DetectionModel that returns only the decoded (B, N, 5+nc) predictions."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()  # exporters restore the wrapper's mode afterwards; it must be eval, not the nn.Module default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+def check_export_imgsz(imgsz: Union[int, list[int], tuple[int, ...]], stride: int) -> tuple[int, int]:
+    """(h, w) from one or two ints, each rounded up to a multiple of the model stride (with a warning)."""
+    size = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+    if len(size) not in (1, 2) or any(int(s) < 1 for s in size):
+        raise ExportError(f"--imgsz expects one or two positive ints (h w), got {size}")
+    size = size * 2 if len(size) == 1 else size
+    rounded = tuple(int(math.ceil(int(s) / stride) * stride) for s in size)
+    if list(rounded) != [int(s) for s in size]:
+        LOGGER.warning(f"WARNING: --imgsz {size} must be a multiple of max stride {stride}, updating to {list(rounded)}")
+    return rounded  # type: ignore[return-value]
+
+
+def export_metadata(model: nn.Module, imgsz: tuple[int, int], batch_size: int, dynamic: bool, half: bool) -> dict[str, Any]:
+    """The facts an inference backend needs about an exported model: stride, class names, input shape."""
+    stride = int(max(int(model.stride.max()), 32)) if hasattr(model, "stride") else 32
+    names = [str(n) for n in getattr(model, "names", [])]
+    cfg = getattr(model, "yaml", {}) or {}
+    return {
+        "description": "mobile_yolo detector",
+        "model": Path(str(cfg.get("yaml_file", "model"))).stem,
+        "stride": stride,
+        "names": names,
+        "imgsz": [int(imgsz[0]), int(imgsz[1])],
+        "batch": int(batch_size),
+        "dynamic": bool(dynamic),
+        "half": bool(half),
+    }
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside `final` (file or folder); rename it into place on success, delete it on error."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = tmp_dir / final.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise ExportError(f"{final}: exporter wrote no output")
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _dummy_input(model: nn.Module, imgsz: tuple[int, int], batch_size: int) -> torch.Tensor:
+    """A zero image batch on the model's device and dtype."""
+    p = next(model.parameters())
+    return torch.zeros(batch_size, 3, *imgsz, device=p.device, dtype=p.dtype)
+
+
+def export_onnx_model(
+    model: nn.Module,
+    out: Union[str, Path],
+    imgsz: tuple[int, int],
+    batch_size: int = 1,
+    dynamic: bool = False,
+    opset: int = 17,
+    simplify: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Trace an eval (fused) DetectionModel to ONNX (input 'images', output 'output0'), add metadata, check it."""
+    import onnx
+
+    wrapper = ExportModel(model)
+    im = _dummy_input(model, imgsz, batch_size)
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "anchors"}} if dynamic else None
+    meta = metadata or export_metadata(model, imgsz, batch_size, dynamic, im.dtype == torch.float16)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer warnings
+            torch.onnx.export(
+                wrapper, (im,), str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+            )  # fmt: skip
+        proto = onnx.load(str(tmp))
+        if simplify:
+            proto = simplify_onnx(proto)
+        set_onnx_metadata(proto, meta)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+    return out
+
+
+def set_onnx_metadata(proto: Any, meta: dict[str, Any]) -> None:
+    """Store metadata as ONNX metadata_props (strings; lists/dicts as JSON)."""
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v if isinstance(v, str) else json.dumps(v)
+
+
+def simplify_onnx(proto: Any) -> Any:
+    """Simplify with onnxslim (preferred) or onnxsim; if neither is installed, warn with an install hint."""
+    try:
+        import onnxslim
+
+        return onnxslim.slim(proto)
+    except ImportError:
+        pass
+    try:
+        import onnxsim
+    except ImportError:
+        LOGGER.warning("WARNING: --simplify needs onnxslim or onnxsim (pip install onnxslim); exporting without simplification")
+        return proto
+    simplified, ok = onnxsim.simplify(proto)
+    if not ok:
+        LOGGER.warning("WARNING: onnxsim could not validate the simplified model; keeping the original")
+        return proto
+    return simplified
+
+
+def export_torchscript_model(
+    model: nn.Module, out: Union[str, Path], imgsz: tuple[int, int], batch_size: int = 1, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Trace to TorchScript with the metadata JSON in the archive's extra file config.txt."""
+    wrapper = ExportModel(model)
+    im = _dummy_input(model, imgsz, batch_size)
+    meta = metadata or export_metadata(model, imgsz, batch_size, False, im.dtype == torch.float16)
+    out = Path(out)
+    with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings
+        ts = torch.jit.trace(wrapper, im, strict=False, check_trace=False)
+        ts.save(str(tmp), _extra_files={TORCHSCRIPT_CONFIG: json.dumps(meta)})
+    return out
+
+
+def import_openvino() -> Any:
+    """The openvino package, or a one-line ExportError with the install hint."""
+    try:
+        import openvino
+    except ImportError:
+        raise ExportError("OpenVINO export/inference needs the openvino package: pip install openvino") from None
+    return openvino
+
+
+def export_openvino_model(onnx_path: Union[str, Path], out_dir: Union[str, Path], metadata: dict[str, Any], half: bool = False) -> Path:
+    """Convert an ONNX file to an OpenVINO IR folder (<name>.xml/.bin) with a metadata.yaml sidecar."""
+    ov = import_openvino()
+    out_dir = Path(out_dir)
+    stem = out_dir.name.removesuffix("_openvino_model") or "model"
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        ov_model = ov.convert_model(str(onnx_path))
+        ov.save_model(ov_model, str(tmp / f"{stem}.xml"), compress_to_fp16=half)
+        (tmp / OPENVINO_METADATA).write_text(yaml.safe_dump(metadata, sort_keys=False), encoding="utf-8")
+    return out_dir
