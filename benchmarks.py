@@ -1,0 +1,236 @@
+"""Benchmark models side by side: params, GFLOPs, CPU/ONNX Runtime/GPU latency, throughput, memory, optional mAP.
+
+python benchmarks.py --cfg models/yolov5s.yaml models/yolov5_mobilenetv4.yaml --imgsz 640
+python benchmarks.py --train-throughput --cfg models/yolov5_mobilenetv4.yaml --imgsz 320
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.mobileone import MobileOneUnit
+from models.yolo import DetectionModel
+from utils.checkpoint import CheckpointError, load_model
+from utils.flops import count_gflops
+from utils.logs import set_logging
+from utils.paths import ROOT
+from utils.timing import ort_latency, peak_rss_mb, torch_latency
+
+LOGGER = logging.getLogger("mobile_yolo")
+
+
+def build(spec: str) -> tuple[str, DetectionModel]:
+    """A model from a yaml (random weights) or a .pt checkpoint, in eval mode on the CPU."""
+    if spec.endswith(".pt"):
+        return Path(spec).stem, load_model(spec)
+    return Path(spec).stem, DetectionModel(spec).eval()
+
+
+def export_onnx(model: DetectionModel, out: Path, imgsz: tuple[int, int], batch: int) -> Path:
+    """Static-shape ONNX of the fused model (through export.py's exporter)."""
+    from utils.export_formats import export_onnx_model
+
+    return export_onnx_model(model, out, imgsz, batch_size=batch)
+
+
+def measure(name: str, model: DetectionModel, opt: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Every figure for one model; GPU columns only when CUDA is present."""
+    h, w = opt.imgsz
+    row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+    if opt.unfused and any(isinstance(m, MobileOneUnit) for m in model.modules()):
+        row.update(measure_training_form(name, model, opt, tmp))
+    model.fuse()
+    row["params_fused"] = sum(p.numel() for p in model.parameters())
+    row["gflops"] = round(count_gflops(model, (h, w)), 2)
+    torch.set_num_threads(opt.threads or os.cpu_count() or 1)
+    shape = (opt.batch_size, 3, h, w)
+    if "pytorch" in opt.backends and not opt.no_cpu:
+        row["torch_cpu_ms"] = round(torch_latency(model, shape, torch.device("cpu"), False, opt.runs, opt.warmup), 2)
+    onnx_path = export_onnx(model, tmp / f"{name}.onnx", (h, w), opt.batch_size) if "onnx" in opt.backends else None
+    if onnx_path is not None and not opt.no_cpu:
+        row["ort_cpu_ms"] = round(ort_latency(onnx_path, shape, opt.threads, opt.runs, opt.warmup), 2)
+    row["peak_rss_mb"] = round(peak_rss_mb())
+    if torch.cuda.is_available():
+        row.update(measure_gpu(model, onnx_path, opt))
+    if opt.data and opt.weights_given:
+        row.update(measure_map(name, opt))
+    return row
+
+
+def measure_training_form(name: str, model: DetectionModel, opt: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Latency of the multi-branch (not re-parameterised) form, to show what fuse() buys on MobileOne."""
+    h, w = opt.imgsz
+    shape, out = (opt.batch_size, 3, h, w), {}
+    torch.set_num_threads(opt.threads or os.cpu_count() or 1)
+    if not opt.no_cpu:
+        out["torch_cpu_ms_trainform"] = round(torch_latency(model, shape, torch.device("cpu"), False, opt.runs, opt.warmup), 2)
+        onnx_path = export_onnx(model, tmp / f"{name}_trainform.onnx", (h, w), opt.batch_size)
+        out["ort_cpu_ms_trainform"] = round(ort_latency(onnx_path, shape, opt.threads, opt.runs, opt.warmup), 2)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", 0)
+        out["gpu_fp16_ms_trainform"] = round(torch_latency(model.to(dev).half(), (1, 3, h, w), dev, True, opt.runs, opt.warmup), 3)
+        model.float().cpu()
+    return out
+
+
+def measure_gpu(model: DetectionModel, onnx_path: Path | None, opt: argparse.Namespace) -> dict[str, Any]:
+    """fp16 PyTorch latency (batch 1), fp16 throughput (batch 32), ORT CUDA latency and peak GPU memory."""
+    h, w = opt.imgsz
+    dev = torch.device("cuda", 0)
+    gpu = model.to(dev).half()
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = {"gpu_fp16_ms": round(torch_latency(gpu, (1, 3, h, w), dev, True, opt.runs, opt.warmup), 3)}
+    ms32 = torch_latency(gpu, (32, 3, h, w), dev, True, max(opt.runs // 3, 5), opt.warmup)
+    out["gpu_fp16_b32_img_s"] = round(32 / ms32 * 1e3)
+    out["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
+    model.float().cpu()
+    if onnx_path is not None:
+        try:
+            out["ort_cuda_ms"] = round(ort_latency(onnx_path, (opt.batch_size, 3, h, w), 0, opt.runs, opt.warmup, cuda=True), 3)
+        except RuntimeError as e:
+            LOGGER.warning(f"ONNX Runtime CUDA skipped: {e}")
+    return out
+
+
+def measure_map(name: str, opt: argparse.Namespace) -> dict[str, Any]:
+    """mAP50-95 / mAP50 of the trained checkpoint on --data."""
+    import val
+
+    spec = next(s for s in opt.models if Path(s).stem == name)
+    results, _, _ = val.run(data=opt.data, weights=spec, imgsz=opt.imgsz[0], batch_size=16, plots=False, quiet=True,
+                            project=tempfile.mkdtemp(), device="")
+    return {"mAP50": round(results[2], 4), "mAP50-95": round(results[3], 4)}
+
+
+def train_throughput(spec: str, opt: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of the training loop (data loading included) and of the data loader alone."""
+    import time
+
+    import train
+    from utils.dataset_config import load_dataset_config
+    from utils.datasets import create_dataloader
+    from utils.loss import ComputeLoss, scale_loss_gains
+    from utils.torch_utils import select_device
+
+    dev = select_device(opt.device)
+    data, hyp = load_dataset_config(opt.data), train.load_hyp(train.DEFAULT_HYP)
+    model = DetectionModel(spec, nc=int(data["nc"])).to(dev).train()
+    loss_fn = ComputeLoss(model, scale_loss_gains(hyp, model.detect.nl, int(data["nc"]), opt.imgsz[0]))
+    loader, _ = create_dataloader(
+        data["train"], opt.imgsz[0], opt.train_batch, 32, hyp=hyp, augment=True, workers=opt.workers, shuffle=True
+    )
+    optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
+
+    def timed(with_model: bool) -> float:
+        seen, t0 = 0, time.perf_counter()
+        for i, (imgs, targets, _, _) in enumerate(loader):
+            if with_model:
+                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+                    loss, _ = loss_fn(model(imgs.to(dev).float() / 255), targets.to(dev))
+                scaler.scale(loss).backward()
+                scaler.step(optim)
+                scaler.update()
+                optim.zero_grad()
+            seen += imgs.shape[0]
+            if i + 1 >= opt.train_batches:
+                break
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return seen / (time.perf_counter() - t0)
+
+    timed(True)  # warm-up epoch slice (worker start-up, cudnn autotune)
+    return {"model": Path(spec).stem, "device": str(dev), "imgsz": opt.imgsz[0], "batch": opt.train_batch,
+            "workers": opt.workers, "train_img_s": round(timed(True), 1), "loader_only_img_s": round(timed(False), 1)}
+
+
+def environment(opt: argparse.Namespace) -> str:
+    """The line every table carries: device, threads, image size, batch."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), ORT/torch threads: "
+            f"{opt.threads or os.cpu_count()}, GPU: {gpu}, image {opt.imgsz[0]}x{opt.imgsz[1]}, batch {opt.batch_size}, "
+            f"median of {opt.runs} runs after {opt.warmup} warm-up, torch {torch.__version__}")
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Latency ratios against the first model, taken within this one run."""
+    base = rows[0]
+    for row in rows:
+        for key in ("torch_cpu_ms", "ort_cpu_ms", "gpu_fp16_ms"):
+            if key in row and base.get(key):
+                row[f"{key}_x"] = round(row[key] / base[key], 3)
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path, header: str) -> None:
+    """Print a Markdown table and write it (+ CSV) to `out`.md/.csv."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    md = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    out.with_suffix(".csv").write_text("\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]) + "\n")
+    print("\n".join(md))
+    print(f"\nSaved {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cfg", nargs="*", default=[], help="model yamls (random weights)")
+    p.add_argument("--weights", nargs="*", default=[], help="trained .pt checkpoints (enables --data mAP)")
+    p.add_argument("--imgsz", nargs="+", type=int, default=[640])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0 = all cores)")
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--backends", nargs="+", default=["pytorch", "onnx"], choices=("pytorch", "onnx"))
+    p.add_argument("--unfused", action="store_true", help="also time MobileOne models before re-parameterisation")
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU latency columns (GPU-only report)")
+    p.add_argument("--data", default=None, help="dataset yaml for mAP of --weights")
+    p.add_argument("--device", default="")
+    p.add_argument("--train-throughput", action="store_true", help="measure train.py's loop speed instead")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--train-batches", type=int, default=20)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "runs/benchmarks/benchmarks"))
+    opt = p.parse_args(argv)
+    opt.imgsz = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz[:2]
+    opt.models = opt.weights + opt.cfg
+    opt.weights_given = bool(opt.weights)
+    if not opt.models:
+        p.error("give --cfg and/or --weights")
+    return opt
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Measure every model and write the tables."""
+    opt = parse_opt(argv)
+    set_logging(verbose=False)
+    if opt.train_throughput:
+        rows = [train_throughput(m, opt) for m in opt.models]
+        write_tables(rows, Path(opt.out + "_train"), f"Training throughput: {environment(opt)}")
+        return rows
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in opt.models:
+            try:
+                name, model = build(spec)
+            except (CheckpointError, FileNotFoundError, ValueError) as e:
+                raise SystemExit(f"benchmarks: error: {e}") from None
+            rows.append(measure(name, model, opt, Path(tmp)))
+            LOGGER.warning(f"{name}: {rows[-1]}")
+    add_ratios(rows)
+    write_tables(rows, Path(opt.out), environment(opt))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
