@@ -12,15 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from utils.torch_utils import (
-    ModelEMA,
-    NonFiniteLossError,
-    build_scheduler,
-    freeze_layers,
-    init_seeds,
-    select_device,
-    smart_optimizer,
-)
 
 import val as validate
 from models.parse import ModelConfigError
@@ -33,6 +24,16 @@ from utils.logs import set_logging
 from utils.metrics import fitness
 from utils.paths import ROOT, increment_path
 from utils.results import append_results, truncate_results
+from utils.tb_logger import TensorBoardLogger
+from utils.torch_utils import (
+    ModelEMA,
+    NonFiniteLossError,
+    build_scheduler,
+    freeze_layers,
+    init_seeds,
+    select_device,
+    smart_optimizer,
+)
 from utils.train_loop import NOMINAL_BATCH, TrainContext, train_one_epoch
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -219,6 +220,7 @@ def train(opt: argparse.Namespace, device: torch.device) -> Path:
     LOGGER.info(f"Image sizes {opt.imgsz} train, {opt.imgsz} val\nLogging results to {save_dir}")
     LOGGER.info(f"Starting training for {opt.epochs} epochs...")
     run["best_fitness"] = best_fitness
+    run["tb"] = TensorBoardLogger(save_dir)
     epoch = start_epoch
     for epoch in range(start_epoch, opt.epochs):
         if opt.close_mosaic and epoch == opt.epochs - opt.close_mosaic:
@@ -241,6 +243,7 @@ def _end_epoch(run: dict, epoch: int, mloss: torch.Tensor, lrs: list[float], sto
     stop = stopper(epoch, fit)
     run["best_fitness"] = max(run["best_fitness"], fit)
     append_results(run["save_dir"] / "results.csv", epoch, mloss.tolist(), results, lrs)
+    run["tb"].log_epoch(epoch, [*mloss.tolist(), *results, *lrs])
     if not opt.nosave or epoch + 1 == opt.epochs or stop:
         save_run_checkpoint(wdir / "last.pt", run, epoch, run["best_fitness"])
         if run["best_fitness"] == fit:
