@@ -70,8 +70,9 @@ def measure_training_form(name: str, model: DetectionModel, opt: argparse.Namesp
     h, w = opt.imgsz
     shape, out = (opt.batch_size, 3, h, w), {}
     torch.set_num_threads(opt.threads or os.cpu_count() or 1)
-    if not opt.no_cpu:
+    if not opt.no_cpu and "pytorch" in opt.backends:
         out["torch_cpu_ms_trainform"] = round(torch_latency(model, shape, torch.device("cpu"), False, opt.runs, opt.warmup), 2)
+    if not opt.no_cpu and "onnx" in opt.backends:
         onnx_path = export_onnx(model, tmp / f"{name}_trainform.onnx", (h, w), opt.batch_size)
         out["ort_cpu_ms_trainform"] = round(ort_latency(onnx_path, shape, opt.threads, opt.runs, opt.warmup), 2)
     if torch.cuda.is_available():

@@ -185,3 +185,9 @@ def test_detection_metrics_empty_and_no_detections():
     assert res["map"] == 0.0 and res["nt"].tolist() == [0, 0, 1]
     dm.reset()
     assert dm.stats == []
+
+
+def test_smooth_keeps_length_for_short_curves():
+    """results.png smooths 15-epoch curves; an even window once returned n+1 points."""
+    for n in (1, 2, 10, 15, 16, 101, 1000):
+        assert len(smooth(np.linspace(0, 1, n))) == n

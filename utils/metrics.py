@@ -65,8 +65,8 @@ def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torc
 
 def smooth(y: np.ndarray, f: float = 0.05) -> np.ndarray:
     """Box-filter a curve over a window of about 2*f of its length, padding with its end values."""
-    nf = round(len(y) * f * 2) // 2 + 1  # odd window
-    half = nf // 2
+    half = round(len(y) * f)
+    nf = 2 * half + 1  # odd window keeps the output length equal to the input's
     padded = np.concatenate((np.full(half, y[0]), y, np.full(half, y[-1])))
     return np.convolve(padded, np.ones(nf) / nf, mode="valid")
 
