@@ -270,7 +270,8 @@ def run(
         imgsz = _check_imgsz(imgsz, int(net.stride))
         if not net.pt:
             batch_size = 1 if not getattr(net, "dynamic", True) else batch_size
-        dataloader = _make_loader(data, task, imgsz, batch_size, int(net.stride), bool(net.pt), single_cls, workers)
+        rect = bool(net.pt or net.dynamic)  # rectangular batches need an input shape that can change
+        dataloader = _make_loader(data, task, imgsz, batch_size, int(net.stride), rect, single_cls, workers)
         names = names if single_cls else (list(net.names) if len(net.names) == len(names) else names)
     net.eval()
     opts = dict(half=half, augment=augment, conf_thres=conf_thres, iou_thres=iou_thres, single_cls=single_cls, max_det=max_det,

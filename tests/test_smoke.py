@@ -63,10 +63,10 @@ def test_val_detect_export_on_trained(trained: Path, tiny_data: Path, tmp_path: 
     out = detect.run(weights=str(trained), source=str(source), imgsz=(64, 64), conf_thres=0.001, project=str(tmp_path),
                      name="det", save_txt=True, device="cpu")
     assert len(list(out.glob("*.jpg"))) == 8
-    files = export.run(weights=str(trained), include=["onnx"], imgsz=[64, 64])
+    files = export.run(weights=str(trained), include=["onnx"], imgsz=[64, 64], dynamic=True)  # dynamic: same rect batches as .pt
     onnx_file = Path(files[0])
     assert onnx_file.suffix == ".onnx" and onnx_file.exists()
-    onnx_results, _, _ = val.run(data=str(tiny_data), weights=str(onnx_file), imgsz=64, batch_size=1, workers=0,
+    onnx_results, _, _ = val.run(data=str(tiny_data), weights=str(onnx_file), imgsz=64, batch_size=4, workers=0,
                                  project=str(tmp_path), name="val_onnx", device="cpu", plots=False)
     assert abs(onnx_results[3] - results[3]) < 1e-3
 
