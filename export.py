@@ -18,7 +18,6 @@ from typing import Any, Union
 
 import torch
 
-from utils.backend import parse_device
 from utils.checkpoint import load_model
 from utils.export_formats import (
     ExportError,
@@ -29,6 +28,7 @@ from utils.export_formats import (
     export_openvino_model,
     export_torchscript_model,
 )
+from utils.torch_utils import select_device
 
 __all__ = ["export_onnx_model", "main", "parse_opt", "run"]
 
@@ -136,7 +136,7 @@ def run(
     output: Any = None,
 ) -> list[Path]:
     """Export the model to every format in `include`; returns the written paths in that order."""
-    dev = parse_device(device)
+    dev = select_device(device)
     fmts = _check_options(list(include), half, dev, int8, data)
     model, base = _build_model(weights, cfg, dev)
     model = model.eval().fuse()

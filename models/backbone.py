@@ -32,3 +32,15 @@ class FeatureSelect(nn.Module):
 
     def extra_repr(self) -> str:
         return f"index={self.index}"
+
+
+def unwrap_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Strip {"state_dict": ...} / {"model": ...} wrappers and DataParallel's "module." prefix."""
+    while True:
+        inner = next((state_dict[k] for k in ("state_dict", "model") if k in state_dict), None)
+        if isinstance(inner, nn.Module):
+            inner = inner.state_dict()
+        if not isinstance(inner, dict):
+            break
+        state_dict = inner
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}

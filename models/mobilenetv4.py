@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import Backbone
+from models.backbone import Backbone, unwrap_state_dict
+from models.layers import ConvBN
 from models.registry import register_module
-from models.reparam import fuse_conv_bn
 
 LAYER_SCALE_INIT = 1e-5
 STAGE_STRIDES = (4, 8, 16, 32)
@@ -128,38 +128,6 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
-
-
-def _make_act(name: str) -> nn.Module:
-    """Activation module by name ('relu' or 'gelu')."""
-    return nn.ReLU(inplace=True) if name == "relu" else nn.GELU()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ConvBN(nn.Module):
-    """k x k conv (no bias) -> BN -> optional activation; `reparameterize()` folds the BN into the conv."""
-
-    timm_names = (("conv", "conv"), ("bn1", "bn"))
-
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, groups: int = 1, act: str | None = None) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, groups=groups, bias=False)
-        self.bn: nn.Module = nn.BatchNorm2d(c2)
-        self.act = _make_act(act) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply conv, BN and activation."""
-        return self.act(self.bn(self.conv(x)))
-
-    def reparameterize(self) -> None:
-        """Fold BN (running statistics) into the conv; calling it again does nothing."""
-        if isinstance(self.bn, nn.BatchNorm2d):
-            self.conv = fuse_conv_bn(self.conv, self.bn)
-            self.bn = nn.Identity()
 
 
 class LayerScale(nn.Module):
@@ -316,18 +284,6 @@ def build_block(c1: int, spec: BlockSpec, variant: VariantSpec, drop_path: float
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _unwrap_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
-    """Strip {"state_dict": ...} / {"model": ...} wrappers and a DataParallel "module." prefix."""
-    while True:
-        inner = next((state_dict[k] for k in ("state_dict", "model") if k in state_dict), None)
-        if inner is None:
-            break
-        state_dict = inner.state_dict() if isinstance(inner, nn.Module) else inner
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def _rename(rest: str, names: tuple[tuple[str, str], ...]) -> str | None:
     """Rename the leading part of `rest` using the longest matching (source, target) prefix pair."""
     for src, dst in sorted(names, key=lambda pair: -len(pair[0])):
@@ -404,7 +360,7 @@ class MobileNetV4(Backbone):
         own = self.state_dict()
         mapped: dict[str, torch.Tensor] = {}
         unused: list[str] = []
-        for key, value in _unwrap_state_dict(state_dict).items():
+        for key, value in unwrap_state_dict(state_dict).items():
             target = key if key in own else self._map_key(key)
             if target is None or target not in own or own[target].shape != value.shape:
                 unused.append(key)

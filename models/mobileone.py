@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import Backbone
+from models.backbone import Backbone, unwrap_state_dict
+from models.layers import ConvBN
 from models.registry import register_module
 from models.reparam import fold_bn
 
@@ -44,18 +45,6 @@ VARIANTS: dict[str, MobileOneVariant] = {
     "s3": MobileOneVariant((2.0, 2.5, 3.0, 4.0), 1),
     "s4": MobileOneVariant((3.0, 3.5, 3.5, 4.0), 1, se_blocks=(0, 0, 5, 1)),
 }
-
-
-class ConvBN(nn.Module):
-    """Bias-free conv followed by BatchNorm (one train-time branch)."""
-
-    def __init__(self, c1: int, c2: int, k: int, stride: int, groups: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, stride, k // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(c2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
 
 
 class SqueezeExcite(nn.Module):
@@ -231,18 +220,6 @@ def _translate(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _unwrap(state_dict: dict) -> dict[str, torch.Tensor]:
-    """Strip {"state_dict": ...} / {"model": ...} wrappers and DataParallel's "module." prefix."""
-    while True:
-        inner = next((state_dict[k] for k in ("state_dict", "model") if k in state_dict), None)
-        if isinstance(inner, nn.Module):
-            inner = inner.state_dict()
-        if not isinstance(inner, dict):
-            break
-        state_dict = inner
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
-
-
 def _fuse_source(unit: MobileOneUnit, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """Fold training-form tensors for a fused `unit` into fused tensors; None when they do not fit."""
     twin = unit.training_twin()
@@ -307,7 +284,7 @@ class MobileOne(Backbone):
         units = self.units()
         grouped: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
         unused: list[str] = []
-        for key, value in _unwrap(state_dict).items():
+        for key, value in unwrap_state_dict(state_dict).items():
             where = _translate(key)
             if where is None or where[0] not in units or not isinstance(value, torch.Tensor):
                 unused.append(key)

@@ -12,8 +12,9 @@ import torch
 from test_export import NAMES, assert_close_predictions, make_checkpoint
 
 import export
-from utils.backend import DetectBackend, parse_device
+from utils.backend import DetectBackend
 from utils.checkpoint import CheckpointError
+from utils.torch_utils import select_device
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +121,13 @@ def test_openvino_missing_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         DetectBackend(tmp_path / "best_openvino_model")
 
 
-def test_parse_device() -> None:
-    assert parse_device("cpu") == torch.device("cpu") and parse_device(None).type == "cpu"
-    with pytest.raises(ValueError, match="invalid device 'gpu"):
-        parse_device("gpu")
+def test_backend_device_argument() -> None:
+    """The backend and export take the same device strings as train/val/detect (one parser: select_device)."""
+    assert select_device("cpu") == torch.device("cpu") and select_device(torch.device("cpu")).type == "cpu"
+    with pytest.raises(ValueError, match="expected 'cpu'"):
+        select_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            parse_device("0")
+            select_device("0")
     else:
-        assert parse_device("0") == torch.device("cuda", 0)
+        assert select_device("0") == torch.device("cuda", 0)

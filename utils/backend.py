@@ -13,23 +13,10 @@ import torch
 import yaml
 from torch import nn
 
+from utils.torch_utils import select_device
+
 LOGGER = logging.getLogger("mobile_yolo")
 SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml"
-
-
-def parse_device(device: Union[str, int, torch.device, None]) -> torch.device:
-    """'cpu', '0', 0, 'cuda:1' or a torch.device -> torch.device; a CUDA request without CUDA is a one-line error."""
-    if isinstance(device, torch.device):
-        dev = device
-    else:
-        text = str(device if device is not None else "cpu").strip().lower().replace("cuda:", "")
-        text = text.split(",")[0] if text not in ("", "cpu") else "cpu"
-        dev = torch.device("cpu") if text == "cpu" else torch.device("cuda", int(text)) if text.isdigit() else None
-        if dev is None:
-            raise ValueError(f"invalid device '{device}': use cpu, a CUDA index like 0, or cuda:0")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 def _names_from(value: Any) -> list[str] | None:
@@ -60,7 +47,7 @@ class DetectBackend(nn.Module):
     def __init__(self, weights: Union[str, Path], device: Union[str, torch.device] = "cpu", fp16: bool = False, data: Any = None) -> None:
         super().__init__()
         self.weights = Path(weights[0] if isinstance(weights, (list, tuple)) else weights)
-        self.device = parse_device(device)
+        self.device = select_device(device)
         self.fp16 = bool(fp16) and self.device.type == "cuda"
         self.format = self._detect_format(self.weights)
         self.pt, self.jit, self.onnx, self.xml = (self.format == f for f in ("pt", "torchscript", "onnx", "openvino"))

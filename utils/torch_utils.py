@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -29,9 +29,11 @@ def de_parallel(model: nn.Module) -> nn.Module:
     return unwrap_model(model)
 
 
-def select_device(device: str = "") -> torch.device:
-    """torch.device for '', 'cpu', 'mps', '0', '0,1' or 'cuda:0'; raises ValueError when the request cannot be met."""
-    spec = str(device).strip().lower().replace("cuda:", "").replace(" ", "")
+def select_device(device: Union[str, int, torch.device, None] = "") -> torch.device:
+    """torch.device for '', 'cpu', 'mps', '0', '0,1', 'cuda:0', an index or a torch.device; ValueError when it cannot be met."""
+    if isinstance(device, torch.device):
+        device = "cpu" if device.type == "cpu" else device.type if device.index is None else str(device.index)
+    spec = str(device if device is not None else "").strip().lower().replace("cuda:", "").replace(" ", "")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "mps":
