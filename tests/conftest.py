@@ -65,3 +65,12 @@ def tiny_backbone():
     add_module("TinyBackbone", TinyBackbone, kind="backbone")
     yield TinyBackbone
     remove_module("TinyBackbone")
+
+
+def assert_declared_shapes(model: nn.Module, sizes: list[tuple[int, int]]) -> None:
+    """Each feature map's channels and stride equal the backbone's statically declared out_channels/strides."""
+    with torch.no_grad():
+        for h, w in sizes:
+            feats = model(torch.randn(1, 3, h, w))
+            got = [(f.shape[1], h // f.shape[2], w // f.shape[3]) for f in feats]
+            assert got == [(c, s, s) for c, s in zip(model.out_channels, model.strides)], (h, w)

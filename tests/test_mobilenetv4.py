@@ -8,6 +8,7 @@ from torch import nn
 
 from models.mobilenetv4 import UIB, LayerScale, MobileMQA, MobileNetV4, MultiQueryAttention
 from models.registry import get_module
+from tests.conftest import assert_declared_shapes
 
 VARIANTS = ("conv_small", "conv_medium", "conv_large", "hybrid_medium", "hybrid_large")
 PARAMS = {  # stem + four stages, no 960 conv, from the reference table
@@ -66,11 +67,7 @@ def test_declared_channels_strides_match_features(variant: str) -> None:
     sizes = [(256, 256), (256, 384)]
     if variant.startswith("hybrid"):  # attention at any size: 480x640 and 250x330 padded up to multiples of 32
         sizes += [(480, 640), (256, 352)]
-    with torch.no_grad():
-        for h, w in sizes:
-            feats = model(torch.randn(1, 3, h, w))
-            got = [(f.shape[1], h // f.shape[2], w // f.shape[3]) for f in feats]
-            assert got == [(c, s, s) for c, s in zip(model.out_channels, model.strides)]
+    assert_declared_shapes(model, sizes)
 
 
 def test_structure_per_variant() -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from models.mobileone import MobileOne, MobileOneUnit
 from models.registry import get_module
 from models.reparam import reparameterize_model
+from tests.conftest import assert_declared_shapes
 
 VARIANTS = ("s0", "s1", "s2", "s3", "s4")
 PARAMS = {  # (training form, re-parameterised), from the reference table
@@ -119,11 +120,7 @@ def test_declared_channels_and_strides_match_features(variant: str) -> None:
     assert model.out_channels == CHANNELS[variant]
     assert model.strides == (4, 8, 16, 32)
     sizes = [(256, 256), (256, 384)]
-    with torch.no_grad():
-        for h, w in sizes:
-            feats = model(torch.randn(1, 3, h, w))
-            got = [(f.shape[1], h // f.shape[2], w // f.shape[3]) for f in feats]
-            assert got == [(c, s, s) for c, s in zip(model.out_channels, model.strides)]
+    assert_declared_shapes(model, sizes)
 
 
 def test_out_indices_subset_and_in_channels() -> None:
