@@ -94,3 +94,12 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         err = proc.stderr.strip().splitlines()
         assert err and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "error" in err[-1]
+
+
+def test_model_info_cli() -> None:
+    """The README's `python -m models.info` prints the summary line (running a models module as __main__ must work)."""
+    proc = subprocess.run([sys.executable, "-m", "models.info", "--cfg", "models/yolov5n.yaml"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "yolov5n summary: " in proc.stdout + proc.stderr and "1,872,157 parameters" in proc.stdout + proc.stderr
+
