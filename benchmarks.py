@@ -187,7 +187,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cfg", nargs="*", default=[], help="model yamls (random weights)")
     p.add_argument("--weights", nargs="*", default=[], help="trained .pt checkpoints (enables --data mAP)")
-    p.add_argument("--imgsz", nargs="+", type=int, default=[640])
+    p.add_argument("--imgsz", "--img", nargs="+", type=int, default=[640])
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0 = all cores)")
     p.add_argument("--runs", type=int, default=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,6 @@ def _synchronize(device: torch.device) -> None:
 
 def _timed(fn, state: ValState, slot: int, device: torch.device):  # type: ignore[no-untyped-def]
     """Run fn() and add its wall time (seconds) to state.times[slot]."""
-    import time
-
     _synchronize(device)
     t0 = time.perf_counter()
     out = fn()
