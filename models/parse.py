@@ -75,6 +75,14 @@ def parse_activation(text: str) -> Callable[[], nn.Module]:
     return functools.partial(ACTIVATIONS[match.group(1)], *args)
 
 
+def _positive_multiple(cfg: dict, key: str) -> float:
+    """Read `depth_multiple` / `width_multiple` (default 1.0); anything but a finite number > 0 is a ModelConfigError."""
+    value = cfg.get(key, 1.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ModelConfigError(f"model config: {key} must be a positive number, got {value!r}")
+    return value
+
+
 class _Builder:
     """Stateful walk over the yaml rows; one small method per module kind."""
 
@@ -84,8 +92,8 @@ class _Builder:
             raise ModelConfigError(f"model config is missing key(s): {', '.join(missing)}")
         self.nc = cfg["nc"]
         self.anchors = cfg["anchors"]
-        self.gd = cfg.get("depth_multiple", 1.0)
-        self.gw = cfg.get("width_multiple", 1.0)
+        self.gd = _positive_multiple(cfg, "depth_multiple")
+        self.gw = _positive_multiple(cfg, "width_multiple")
         self.act = parse_activation(cfg["activation"]) if cfg.get("activation") else None
         self.na = len(self.anchors[0]) // 2 if isinstance(self.anchors, (list, tuple)) else int(self.anchors)
         self.no = self.na * (self.nc + 5)
@@ -106,19 +114,26 @@ class _Builder:
             spec = get_module(name)
         except ValueError as e:
             raise ModelConfigError(f"layer {i}: {e}") from None
+        n = self._repeats(i, name, n)
         sources = self._resolve_sources(i, f)
         args = [self._substitute(a) for a in (args or [])]
-        n = max(round(n * self.gd), 1) if isinstance(n, (int, float)) and n > 1 else int(n)
         try:
             module, c2, stride, args = self._build(i, spec, sources, n, args)
         except ModelConfigError:
             raise
-        except (TypeError, ValueError, IndexError) as e:
+        except (TypeError, ValueError, IndexError, ArithmeticError) as e:
             raise ModelConfigError(f"layer {i} ({name}): bad arguments {args!r}: {e}") from None
         self._append(i, f, sources, n, spec.name, args, module, c2, stride)
         if spec.kind == "backbone":
             for k, (c, s) in enumerate(zip(module.out_channels, module.strides)):
                 self._append(i + 1 + k, i, [i], 1, "FeatureSelect", [k], FeatureSelect(k), c, s)
+
+    def _repeats(self, i: int, name: str, n: Any) -> int:
+        """Validate a row's `number` (an int, or a float, >= 1; no bools) and apply depth_multiple when > 1."""
+        valid = isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n >= 1
+        if not valid:
+            raise ModelConfigError(f"layer {i} ({name}): number must be a positive integer, got {n!r}")
+        return max(round(n * self.gd), 1) if n > 1 else int(n)
 
     def _append(self, i: int, f: Any, sources: list[int], n: int, name: str, args: list, module: nn.Module, c2: Any, stride: Any) -> None:
         out = self.out
@@ -189,7 +204,7 @@ class _Builder:
 
     def _build_upsample(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
         scale = args[1] if len(args) > 1 else None
-        if not isinstance(scale, (int, float)) or (len(args) > 0 and args[0] is not None):
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0 or (len(args) > 0 and args[0] is not None):
             raise ModelConfigError(f"layer {i} (nn.Upsample): needs [None, scale_factor, mode], got {args!r}")
         return self._repeat(spec, n, args), c1, stride / scale**n, args
 
@@ -228,6 +243,9 @@ class _Builder:
             raise ModelConfigError(f"layer {i} (Detect): anchors must be listed per level (got the number {anchors})")
         if len(anchors) != len(sources):
             raise ModelConfigError(f"layer {i} (Detect): {len(anchors)} anchor levels for {len(sources)} inputs")
+        for j, s in zip(sources, strides):
+            if not s > 0:
+                raise ModelConfigError(f"layer {i} (Detect): input layer {j} has a non-positive stride {s:g}")
         module = spec.cls(nc, anchors, list(chans), list(strides))
         return module, None, None, [nc, anchors, list(chans)]
 

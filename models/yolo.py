@@ -82,6 +82,13 @@ def _order_anchors(anchors: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
     return anchors
 
 
+def _route_input(x: Any, route: int | list[int], outputs: list[Any]) -> Any:
+    """A layer's input: the previous output (-1), a saved layer's output, or a list of them."""
+    if isinstance(route, list):
+        return [x if j == -1 else outputs[j] for j in route]
+    return x if route == -1 else outputs[route]
+
+
 def load_model_config(cfg: Union[str, Path, dict]) -> dict:
     """Read a model yaml (path, bare name under models/, or dict) into a fresh dict."""
     if isinstance(cfg, dict):
@@ -121,6 +128,7 @@ class DetectionModel(nn.Module):
         self.layer_rows: list[LayerRow] = built.rows
         self.register_buffer("stride", built.layers[-1].stride.clone(), persistent=False)
         self.names = [str(i) for i in range(self.yaml["nc"])]
+        self.check_strides()
 
     @property
     def detect(self) -> Detect:
@@ -139,13 +147,53 @@ class DetectionModel(nn.Module):
         outputs: list[Any] = []
         keep = set(self.save)
         for i, (layer, route) in enumerate(zip(self.model, self.routes)):
-            if isinstance(route, list):
-                x = [x if j == -1 else outputs[j] for j in route]
-            elif route != -1:
-                x = outputs[route]
-            x = layer(x)
+            x = layer(_route_input(x, route, outputs))
             outputs.append(x if i in keep else None)
         return x
+
+    def check_strides(self) -> None:
+        """Dry-run a small zero image (no grad, eval mode, modes restored) and check each Detect input's real stride."""
+        declared = self.detect.stride.tolist()
+        small = max(64, 2 * math.ceil(max(declared)))
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                try:
+                    size, maps = small, self._detect_inputs(small)
+                except ModelConfigError:  # a layer may need larger maps than 2x the largest stride gives: retry once
+                    size = max(640, 4 * small)
+                    maps = self._detect_inputs(size)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        route = self.routes[-1] if isinstance(self.routes[-1], list) else [self.routes[-1]]
+        for j, (src, s, fmap) in enumerate(zip(route, declared, maps)):
+            h, w = fmap.shape[-2:]
+            if abs(h - size / s) >= 1 or abs(w - size / s) >= 1:
+                k = len(self.model) - 2 if src == -1 else src
+                real = f"{size / h:g}" + (" or more" if h == 1 else "")
+                raise ModelConfigError(
+                    f"layer {k} ({self.layer_rows[k].module}): Detect input {j} is declared at stride {s:g} "
+                    f"but the built layers give stride {real} (a {size}x{size} dry run gave a {h}x{w} map)"
+                )
+
+    def _detect_inputs(self, size: int) -> list[torch.Tensor]:
+        """Run every layer before Detect on a 1 x ch x size x size zero image and return Detect's inputs."""
+        p = next(self.parameters(), torch.zeros(()))
+        x: Any = torch.zeros(1, self.yaml["ch"], size, size, device=p.device, dtype=p.dtype)
+        outputs: list[Any] = []
+        keep = set(self.save)
+        for i, (layer, route) in enumerate(zip(self.model[:-1], self.routes)):
+            try:
+                x = layer(_route_input(x, route, outputs))
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                name = self.layer_rows[i].module
+                raise ModelConfigError(f"layer {i} ({name}): dry run on a {size}x{size} input failed: {first}") from None
+            outputs.append(x if i in keep else None)
+        inputs = _route_input(x, self.routes[-1], outputs)
+        return inputs if isinstance(inputs, list) else [inputs]
 
     def fuse(self) -> DetectionModel:
         """Convert to inference form in place: fold Conv+BN and re-parameterise multi-branch blocks."""
