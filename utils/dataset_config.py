@@ -3,28 +3,40 @@
 Path rule: a relative `path` is resolved against the repository root, so `datasets/shapes` lives inside the repo
 (git-ignored) and YOLOv5-style `../datasets/coco128` lands beside it. Without `path`, the YAML file's folder is used.
 `train`/`val`/`test` are folders, *.txt image lists or lists of those, relative to `path`.
-`download` is a URL, a {url, to} mapping (`to` relative to `path`) or a list of those; bare URLs are unzipped into
-the parent of `path`, the YOLOv5 layout of the official zips.
+`download` is an http(s) URL, a {url, to} mapping (`to` relative to `path`) or a list of those; bare URLs are unzipped
+into the parent of `path`, the YOLOv5 layout of the official zips. Every write (download target, `to` folder, each
+zip member) must resolve inside that allowed root, existing files are never replaced, and a refused or failed
+download removes everything it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import posixpath
+import re
 import shutil
 import socket
+import stat
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Union
 from xml.etree import ElementTree
 
 import yaml
 
+from utils.files import UnsafePathError, ensure_inside
+
 LOGGER = logging.getLogger("mobile_yolo")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "shapes.yaml"
 DOWNLOAD_TIMEOUT = 15.0  # seconds; offline machines fail fast
+ALLOWED_URL_SCHEMES = ("http", "https")  # file://, ftp:// and the like are refused (also as redirect targets)
 
 
 class DatasetError(ValueError):
@@ -129,10 +141,16 @@ def _make_available(cfg: dict, where: str, autodownload: bool) -> None:
         raise DatasetError(f"{where}: dataset not found at {root}; re-run with autodownload enabled or download it manually")
     items = url if isinstance(url, list) else [url]
     for item in items:
-        src, dest = (item.get("url"), root / item.get("to", "")) if isinstance(item, dict) else (item, root.parent)
+        if isinstance(item, dict):  # {url, to}: `to` is relative to the dataset root and must stay inside it
+            src, to = item.get("url"), item.get("to", "")
+            if not isinstance(to, str):
+                raise DatasetError(f"{where}: 'download' entry 'to' must be a folder path string, got {to!r}")
+            dest, allowed = root / to, root
+        else:  # bare URL: the YOLOv5 zips hold the dataset folder itself, so they unzip beside it
+            src, dest, allowed = item, root.parent, root.parent
         if not isinstance(src, str):
             raise DatasetError(f"{where}: 'download' entries must be URL strings or {{url, to}} mappings")
-        download_and_unzip(src, dest, where, root)
+        download_and_unzip(src, dest, where, root, allowed_root=allowed)
     if cfg.get("convert") == "voc":
         n = convert_voc(root, cfg["names"])
         LOGGER.info(f"Converted {n} VOC annotations to YOLO labels in {root}")
@@ -140,34 +158,139 @@ def _make_available(cfg: dict, where: str, autodownload: bool) -> None:
         raise DatasetError(f"{where}: unknown converter '{cfg['convert']}' (supported: voc)")
 
 
-def download_and_unzip(url: str, dest: Path, where: str = "", root: Path | None = None) -> None:
-    """Fetch url into dest with a timeout; unzip .zip files safely; one-line DatasetError on any failure."""
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / Path(url.split("?")[0]).name
-    part = target.with_name(target.name + ".part")
-    LOGGER.info(f"Downloading {url} to {target} ...")
+class _Refused(ValueError):
+    """A download refused for safety: URL scheme, destination outside the allowed root, unsafe archive member, overwrite."""
+
+
+def _url_file_name(url: str) -> str:
+    """The plain file name an http(s) URL downloads to; _Refused for other schemes or names that are not a plain name."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ALLOWED_URL_SCHEMES or not parts.netloc:
+        raise _Refused("only http:// and https:// URLs are allowed")
+    name = posixpath.basename(parts.path)
+    if name in ("", ".", "..") or "\\" in name or "\0" in name:
+        raise _Refused(f"the URL does not end in a usable file name ({name!r})")
+    return name
+
+
+def _make_dirs(folder: Path, created: list[Path]) -> None:
+    """mkdir -p that records the folders it created (so a failed download can remove them again)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        d.mkdir()
+        created.append(d)
+
+
+def _undo(created: list[Path]) -> None:
+    """Remove what a failed download created (files, then their now-empty folders), newest first."""
+    for p in reversed(created):
+        with contextlib.suppress(OSError):  # a folder that meanwhile holds other files stays
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            else:
+                p.unlink()
+
+
+def _fresh_temp(folder: Path, name: str) -> Path:
+    """A new, empty, uniquely named hidden temp file in folder, created exclusively (never an existing file)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _move_new(tmp: Path, target: Path, created: list[Path]) -> None:
+    """Move tmp to target only if nothing exists there (a file the download did not create is never replaced)."""
+    if os.path.lexists(target):
+        raise _Refused(f"{target} already exists, not overwriting it")
+    os.replace(tmp, target)
+    created.append(target)
+
+
+def _fetch(url: str, dest: Path, allowed_root: Path, created: list[Path]) -> None:
+    """Download url into dest (inside allowed_root) through a fresh temp file; unzip .zip files, else move into place."""
+    name = _url_file_name(url)
+    dest = ensure_inside(dest, allowed_root, "destination folder")
+    target = ensure_inside(dest / name, dest, "download target")
+    is_zip = name.lower().endswith(".zip")
+    if not is_zip and os.path.lexists(target):
+        raise _Refused(f"{target} already exists, not overwriting it")
+    _make_dirs(dest, created)
+    tmp = _fresh_temp(dest, name)
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(part, "wb") as f:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(tmp, "wb") as f:
+            final = getattr(r, "url", None) or url
+            if urllib.parse.urlsplit(final).scheme.lower() not in ALLOWED_URL_SCHEMES:
+                raise _Refused(f"redirected to {final}; only http:// and https:// URLs are allowed")
             shutil.copyfileobj(r, f, length=1 << 20)
-        part.replace(target)
-        if target.suffix == ".zip":
-            _safe_unzip(target, dest)
-            target.unlink()
-    except (urllib.error.URLError, socket.timeout, TimeoutError, OSError, zipfile.BadZipFile, ValueError) as e:
-        part.unlink(missing_ok=True)
+        if is_zip:
+            _safe_unzip(tmp, dest, name, created)
+        else:
+            _move_new(tmp, target, created)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download_and_unzip(url: str, dest: Path, where: str = "", root: Path | None = None, allowed_root: Path | None = None) -> None:
+    """Fetch an http(s) url into dest (inside allowed_root, default dest), unzip .zip files; one-line DatasetError on failure."""
+    # The download goes to a fresh temp file inside dest; archives are extracted from it member by member, other files
+    # are moved to their URL name only when nothing exists there. On any failure everything this call created is removed.
+    created: list[Path] = []
+    try:
+        _fetch(url, Path(dest), Path(allowed_root if allowed_root is not None else dest), created)
+    except (_Refused, UnsafePathError) as e:
+        _undo(created)
+        raise DatasetError(f"{where or url}: download {url} refused: {e}") from None
+    except (urllib.error.URLError, socket.timeout, TimeoutError, OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+        _undo(created)
         reason = str(getattr(e, "reason", e)).splitlines()[0] if str(getattr(e, "reason", e)) else type(e).__name__
         raise DatasetError(f"{where or url}: dataset not found at {root or dest} and download from {url} failed ({reason}); "
                            f"download it manually") from None
+    except BaseException:
+        _undo(created)
+        raise
 
 
-def _safe_unzip(file: Path, dest: Path) -> None:
-    """Extract a zip refusing members that would escape dest."""
+def _zip_plan(z: zipfile.ZipFile, dest: Path, name: str) -> list[tuple[zipfile.ZipInfo, Path]]:
+    """Check every member before anything is written -> (member, target) pairs still to extract; _Refused if unsafe."""
+    plan = []
+    for info in z.infolist():
+        m = info.filename
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise _Refused(f"unsafe path {m!r} in {name}: symbolic link member")
+        if m.startswith(("/", "\\")) or PureWindowsPath(m).drive or ".." in re.split(r"[\\/]", m):
+            raise _Refused(f"unsafe path {m!r} in {name}: absolute or parent-relative member")
+        try:
+            target = ensure_inside(dest / m, dest, "member")
+        except UnsafePathError:
+            raise _Refused(f"unsafe path {m!r} in {name}: it would be written outside {dest}") from None
+        if not info.is_dir() and os.path.lexists(target):
+            if target.is_file() and not target.is_symlink() and target.stat().st_size == info.file_size:
+                continue  # already extracted by an earlier, interrupted run: keep it
+            raise _Refused(f"member {m!r} of {name} would overwrite the existing {target}")
+        plan.append((info, target))
+    return plan
+
+
+def _safe_unzip(file: Path, dest: Path, name: str = "", created: list[Path] | None = None) -> None:
+    """Extract a zip into dest, refusing escaping/absolute/symlink members and never replacing existing files."""
+    created = [] if created is None else created
     dest = dest.resolve()
     with zipfile.ZipFile(file) as z:
-        for m in z.namelist():
-            if not (dest / m).resolve().is_relative_to(dest):
-                raise ValueError(f"unsafe path {m!r} in {file.name}")
-        z.extractall(dest)
+        for info, target in _zip_plan(z, dest, name or file.name):
+            if info.is_dir():
+                _make_dirs(target, created)
+                continue
+            _make_dirs(target.parent, created)
+            tmp = _fresh_temp(target.parent, target.name)
+            try:
+                with z.open(info) as src, open(tmp, "wb") as f:
+                    shutil.copyfileobj(src, f, length=1 << 20)
+                _move_new(tmp, target, created)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def _voc_xml_to_lines(xml_file: Path, names: list[str]) -> list[str]:

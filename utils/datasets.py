@@ -18,10 +18,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from utils import disk_cache
 from utils.augmentations import augment_hsv, flip_labels, mixup, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.dataset_config import DatasetError
-from utils.images import IMG_FORMATS, ImageError, img_to_tensor_layout, letterbox, load_image, resize_long_side
+from utils.images import IMG_FORMATS, ImageError, check_image_size, img_to_tensor_layout, letterbox, load_image, resize_long_side
 from utils.labels import img2label_paths, read_label_file
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -57,6 +58,10 @@ def collect_image_files(path: Union[PathLike, list[PathLike]], prefix: str = "")
 
 def verify_image(im_file: str) -> tuple[tuple[int, int] | None, str | None]:
     """Check an image without fully decoding it -> ((h, w) upright, None) or (None, one-line reason)."""
+    try:
+        check_image_size(im_file)  # the same size limit (utils.images.MAX_IMAGE_PIXELS) and message as load_image
+    except ImageError as e:
+        return None, str(e)
     try:
         with Image.open(im_file) as im:
             im.verify()
@@ -207,17 +212,18 @@ class LoadImagesAndLabels(Dataset):
         self.labels = [self.labels[i] for i in order]
         self.img_shapes = self.img_shapes[order]
 
-    def _npy_path(self, i: int) -> Path:
-        return Path(self.im_files[i]).with_suffix(".npy")
+    def _decode(self, im_file: str) -> np.ndarray:
+        """Decode one image from its source file (one-line DatasetError if it cannot be read)."""
+        try:
+            return load_image(im_file)
+        except ImageError as e:
+            raise DatasetError(str(e)) from None
 
     def _cache_images(self, workers: int, prefix: str) -> None:
-        """Cache resized images in RAM or original decoded images as .npy files beside them."""
+        """Cache resized images in RAM, or original decoded images as keyed .npy files beside them (utils.disk_cache)."""
         def work(i: int) -> int:
             if self.cache == "disk":
-                f = self._npy_path(i)
-                if not f.exists():
-                    np.save(f, load_image(self.im_files[i]), allow_pickle=False)
-                return f.stat().st_size
+                return disk_cache.ensure_entry(self.im_files[i], self._decode)
             self.ims[i] = self.load_image(i)[0]
             return self.ims[i].nbytes
 
@@ -238,14 +244,7 @@ class LoadImagesAndLabels(Dataset):
         if self.ims[i] is not None:
             im = self.ims[i]
             return im, tuple(int(v) for v in self.img_shapes[i]), im.shape[:2]
-        f = self._npy_path(i)
-        if self.cache == "disk" and f.exists():
-            im = np.load(f, allow_pickle=False)
-        else:
-            try:
-                im = load_image(self.im_files[i])
-            except ImageError as e:
-                raise DatasetError(str(e)) from None
+        im = disk_cache.load_entry(self.im_files[i], self._decode) if self.cache == "disk" else self._decode(self.im_files[i])
         h0, w0 = im.shape[:2]
         im = resize_long_side(im, self.img_size, self.augment)
         return im, (h0, w0), im.shape[:2]

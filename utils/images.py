@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Union
@@ -12,6 +13,11 @@ from PIL import Image, ImageOps
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
+# The one image-size limit of every reader (detect/val sources via load_image, dataset scanning via verify_image):
+# images whose header declares more pixels than this are refused before any pixel is decoded. The value is PIL's
+# default decompression-bomb threshold (1 GiB / 4 bytes / 3 = 89,478,485 px, e.g. 9459x9459; a 20000x20000 PNG of a
+# few hundred KB would otherwise decode into GBs). Raise it here, once, for legitimately huge images.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 class ImageError(ValueError):
@@ -80,11 +86,36 @@ def _read_cv2(path: Path) -> np.ndarray | None:
     return _to_bgr3(_to_uint8(arr), rgb=False)
 
 
+def _check_pixels(path: Union[str, Path], w: int, h: int) -> None:
+    """Raise ImageError (one line) if w x h is over MAX_IMAGE_PIXELS."""
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{path}: image is {w}x{h} = {w * h:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
+                         f"(utils.images.MAX_IMAGE_PIXELS)")
+
+
+def check_image_size(path: Union[str, Path]) -> tuple[int, int] | None:
+    """Declared (w, h) from the header only (nothing decoded); ImageError if over MAX_IMAGE_PIXELS, None if unparsable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: our own limit below decides
+            with Image.open(path) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as e:  # PIL refuses headers over twice its own limit before giving the size
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        n = f"{int(found.group(1)):,} pixels" if found else "more pixels than PIL allows"
+        raise ImageError(f"{path}: image declares {n}, over the limit of {MAX_IMAGE_PIXELS:,} (utils.images.MAX_IMAGE_PIXELS)") from None
+    except Exception:
+        return None  # not a format PIL knows (or a broken header): the decoders decide
+    _check_pixels(path, w, h)
+    return w, h
+
+
 def load_image(path: Union[str, Path]) -> np.ndarray:
-    """Read an image as an upright HxWx3 BGR uint8 array (cv2 convention), or raise ImageError."""
+    """Read an image as an upright HxWx3 BGR uint8 array (cv2 convention), or raise ImageError (MAX_IMAGE_PIXELS enforced)."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
+    check_image_size(path)  # header only, before any decoding
     if path.suffix.lower() == ".png":  # cv2 keeps 16-bit PNG depth exactly; PNG has no EXIF rotation in practice
         img = _read_cv2(path)
         img = _read_pil(path) if img is None else img
@@ -93,6 +124,7 @@ def load_image(path: Union[str, Path]) -> np.ndarray:
         img = _read_cv2(path) if img is None else img
     if img is None or img.size == 0:
         raise ImageError(f"{path}: cannot decode image (corrupt, truncated or unsupported format)")
+    _check_pixels(path, img.shape[1], img.shape[0])  # formats only OpenCV parses could not be checked before decoding
     return img
 
 

@@ -87,6 +87,9 @@ def read_label_file(path: Union[str, Path], nc: int | None = None) -> tuple[np.n
     path = Path(path)
     empty = np.zeros((0, 5), dtype=np.float32)
     if not path.is_file():
+        if path.exists():  # a folder (or fifo, device) where the label file should be: not a background image
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            return empty, f"{path}: corrupt label file ignored (the label path is {kind})", "corrupt"
         return empty, None, "background"
     try:
         lb = _parse_rows(path.read_text(encoding="utf-8", errors="strict"))

@@ -1,0 +1,91 @@
+"""Where and how the project writes files: atomic replacement, temp clean-up, containment and safe path components."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Union
+
+PathLike = Union[str, Path]
+# mkstemp/mkdtemp names used by atomic_write: .<target name>.<random>.tmp
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{6,}\.tmp$")
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+class UnsafePathError(ValueError):
+    """A path built from input that would land outside the folder it belongs in; one-line message."""
+
+
+def safe_component(name: object, fallback: str = "_") -> str:
+    """Turn any text (a class name, an image stem) into one harmless path component: no separators, no '..', no controls."""
+    text = unicodedata.normalize("NFKC", str(name))
+    text = "".join("_" if (c in '/\\:*?"<>|' or unicodedata.category(c)[0] == "C") else c for c in text)
+    text = text.strip(" .")  # '..', '.', ' ' and hidden-file dots
+    if not text:
+        return fallback
+    if text.split(".")[0].lower() in _WINDOWS_RESERVED:
+        text = f"_{text}"
+    return text[:200]
+
+
+def ensure_inside(path: PathLike, root: PathLike, what: str = "path") -> Path:
+    """Resolve `path` (symlinks included) and raise UnsafePathError unless it lies inside `root`."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and not resolved.is_relative_to(base):
+        raise UnsafePathError(f"{what} {path} resolves to {resolved}, outside {base}; refusing to write there")
+    return resolved
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside `path`; on success fsync and rename it over `path`, on any error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Replace a text file in one step, so readers see the old or the new content, never half of it."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def remove_stale_temps(folder: PathLike, target_glob: str = "*") -> list[Path]:
+    """Delete what interrupted atomic writes left in `folder` (.<target>.<random>.tmp files or folders); returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.glob(f".{target_glob}.*.tmp"):
+        if not _TEMP_RE.match(p.name) or p.is_symlink():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def describe_os_error(e: OSError) -> str:
+    """'<path>: <reason>' for an OSError, so the user learns which file failed and why."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        return f"{e.filename}: {reason}" + (f" (-> {e.filename2})" if e.filename2 is not None else "")
+    return str(e) or reason
