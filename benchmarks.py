@@ -19,6 +19,7 @@ import torch
 from models.mobileone import MobileOneUnit
 from models.yolo import DetectionModel
 from utils.checkpoint import CheckpointError, load_model
+from utils.cli import check_img_size, error_boundary
 from utils.flops import count_gflops
 from utils.logs import set_logging
 from utils.paths import ROOT
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Measure every model and write the tables."""
     opt = parse_opt(argv)
     set_logging(verbose=False)
+    check_img_size(opt.imgsz)
     if opt.train_throughput:
         rows = [train_throughput(m, opt) for m in opt.models]
         write_tables(rows, Path(opt.out + "_train"), f"Training throughput: {environment(opt)}")
@@ -234,4 +236,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    with error_boundary("benchmarks"):
+        main()

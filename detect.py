@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from utils.boxes import scale_boxes, xyxy2xywh
-from utils.checkpoint import CheckpointError
-from utils.dataset_config import DatasetError, load_dataset_config
+from utils.cli import check_fraction, check_img_size, check_int, error_boundary
+from utils.dataset_config import load_dataset_config
+from utils.files import safe_component
 from utils.images import VID_FORMATS
 from utils.logs import set_logging
 from utils.nms import non_max_suppression
@@ -55,12 +56,12 @@ def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_con
 
 
 def save_crops(det: torch.Tensor, im0: np.ndarray, names: list[str], crop_dir: Path, stem: str) -> None:
-    """Save each detection's box region as crops/<class>/<stem>_<i>.jpg."""
+    """Save each detection's box region as crops/<class>/<stem>_<i>.jpg (class names made safe folder names)."""
     h, w = im0.shape[:2]
     for i, (*xyxy, _, cls) in enumerate(det.tolist()):
         x1, y1, x2, y2 = (int(max(0, min(v, lim))) for v, lim in zip(xyxy, (w, h, w, h)))
         if x2 > x1 and y2 > y1:
-            out = crop_dir / names[int(cls)] / f"{stem}_{i}.jpg"
+            out = crop_dir / safe_component(names[int(cls)]) / f"{safe_component(stem)}_{i}.jpg"
             out.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(out), im0[y1:y2, x1:x2])
 
@@ -97,7 +98,7 @@ class VideoSink:
 def _emit(det: torch.Tensor, im0: np.ndarray, p: Path, dataset: Any, save_dir: Path, names: list[str], opts: dict, sink: VideoSink) -> None:
     """Save labels, crops and the annotated image or video frame for one image's detections."""
     is_image = p.suffix[1:].lower() not in VID_FORMATS and getattr(dataset, "mode", "image") == "image"
-    stem = p.stem if is_image else f"{p.stem}_{getattr(dataset, 'frame', 0)}"
+    stem = safe_component(p.stem if is_image else f"{p.stem}_{getattr(dataset, 'frame', 0)}")
     if opts["save_txt"]:
         write_labels(det, im0.shape[:2], save_dir / "labels" / f"{stem}.txt", opts["save_conf"])
     if opts["save_crop"]:
@@ -151,6 +152,7 @@ def run(
     """Detect objects in `source`, save annotated media and labels under runs/detect/exp*; returns the run folder."""
     from utils.backend import DetectBackend
 
+    check_options(imgsz, conf_thres, iou_thres, max_det, vid_stride, line_thickness)
     dev = select_device(device)
     if half and dev.type != "cuda":
         LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
@@ -158,7 +160,7 @@ def run(
     model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
     stride, names = int(model.stride), list(model.names)
     size = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz) * (2 if len(imgsz) == 1 else 1)
-    size = tuple(int(np.ceil(s / stride) * stride) for s in size)
+    size = tuple(check_img_size(list(size), stride))
     source = str(source) if source is not None else default_source()
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
@@ -191,6 +193,16 @@ def run(
         n_labels = len(list((save_dir / "labels").glob("*.txt"))) if save_txt else 0
         LOGGER.info(f"Results saved to {save_dir}" + (f", {n_labels} labels in {save_dir / 'labels'}" if save_txt else ""))
     return save_dir
+
+
+def check_options(imgsz: Any, conf_thres: float, iou_thres: float, max_det: int, vid_stride: int, line_thickness: int) -> None:
+    """Reject values that cannot detect (one line naming the flag) before any folder is created."""
+    check_img_size(imgsz)
+    check_fraction("--conf-thres", conf_thres)
+    check_fraction("--iou-thres", iou_thres)
+    check_int("--max-det", max_det)
+    check_int("--vid-stride", vid_stride)
+    check_int("--line-thickness", line_thickness, minimum=0)
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -229,10 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     opt = parse_opt(argv)
     set_logging()
-    try:
+    with error_boundary("detect"):
         run(**vars(opt))
-    except (CheckpointError, DatasetError, FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"detect: error: {e}") from None
 
 
 if __name__ == "__main__":

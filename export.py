@@ -19,6 +19,7 @@ from typing import Any, Union
 import torch
 
 from utils.checkpoint import load_model
+from utils.cli import check_int, error_boundary
 from utils.export_formats import (
     ExportError,
     atomic_path,
@@ -136,6 +137,8 @@ def run(
     output: Any = None,
 ) -> list[Path]:
     """Export the model to every format in `include`; returns the written paths in that order."""
+    check_int("--batch-size", batch_size)
+    check_int("--n-calib", n_calib)
     dev = select_device(device)
     fmts = _check_options(list(include), half, dev, int8, data)
     model, base = _build_model(weights, cfg, dev)
@@ -212,10 +215,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     set_logging()
     opt = parse_opt(argv)
-    try:
-        return run(**vars(opt))
-    except (ValueError, FileNotFoundError) as e:  # ExportError, CheckpointError, QuantizeError, DatasetError, ModelConfigError
-        raise SystemExit(f"export: error: {e}") from None
+    files: list[Path] = []
+    with error_boundary("export"):  # ExportError, CheckpointError, QuantizeError, DatasetError, OSError, ...
+        files = run(**vars(opt))
+    return files
 
 
 if __name__ == "__main__":

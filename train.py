@@ -14,12 +14,13 @@ import torch
 import yaml
 
 import val as validate
-from models.parse import ModelConfigError
-from models.pretrained import BackboneWeightsError, load_backbone_weights
+from models.pretrained import load_backbone_weights
 from models.yolo import DetectionModel
-from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, unwrap_model
-from utils.dataset_config import DatasetError, load_dataset_config
+from utils.checkpoint import load_state, model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap_model
+from utils.cli import check_img_size, check_int, error_boundary
+from utils.dataset_config import load_dataset_config
 from utils.early_stopping import EarlyStopping
+from utils.files import remove_stale_temps
 from utils.logs import set_logging
 from utils.metrics import fitness
 from utils.paths import ROOT, increment_path
@@ -61,9 +62,8 @@ def load_hyp(hyp: Any) -> dict:
     return data
 
 
-def transfer_weights(model: DetectionModel, weights: str) -> DetectionModel:
+def transfer_weights(model: DetectionModel, ckpt: dict, weights: str) -> DetectionModel:
     """Copy every tensor of a checkpoint whose name and shape match (YOLOv5's --weights fine-tuning)."""
-    ckpt = read_checkpoint(weights)
     state = ckpt.get("ema") or ckpt["model"]
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -75,12 +75,16 @@ def transfer_weights(model: DetectionModel, weights: str) -> DetectionModel:
 def build_model(opt: argparse.Namespace, nc: int, names: list[str], device: torch.device) -> DetectionModel:
     """Model from --cfg (or the --weights checkpoint's config), with fine-tuning or backbone weights applied."""
     weights = str(opt.weights or "")
-    if not opt.cfg and not weights.endswith(".pt"):
-        raise TrainError("give --cfg (a model yaml) or --weights (a .pt checkpoint)")
-    cfg = opt.cfg or read_checkpoint(weights)["cfg"]
-    model = DetectionModel(cfg, ch=3, nc=nc)
-    if weights.endswith(".pt"):
-        transfer_weights(model, weights)
+    source = str(opt.resume) if opt.resume else weights  # any file name: a missing or foreign file is one error line
+    if not opt.cfg and not source:
+        raise TrainError("give --cfg (a model yaml) or --weights (a checkpoint file)")
+    ckpt = read_checkpoint(source) if source else None
+    if ckpt is not None and (opt.resume or not opt.cfg):
+        model = model_from_checkpoint(ckpt, source, nc=nc)
+    else:
+        model = DetectionModel(opt.cfg, ch=3, nc=nc)
+    if ckpt is not None and weights:
+        transfer_weights(model, ckpt, weights)
     elif not opt.resume and (opt.backbone_weights or model.yaml.get("backbone_weights")):
         load_backbone_weights(model, opt.backbone_weights or model.yaml["backbone_weights"])
     model.names = list(names)
@@ -121,12 +125,13 @@ def save_run_checkpoint(path: Path, run: dict, epoch: int, best_fitness: float) 
 
 def restore(run: dict, ckpt: dict) -> tuple[int, float]:
     """Load model, EMA, optimizer and counters from a resume checkpoint; returns (start_epoch, best_fitness)."""
-    unwrap_model(run["model"]).load_state_dict(ckpt["model"])
-    if ckpt.get("ema"):
-        run["ema"].ema.load_state_dict(ckpt["ema"])
+    path = run["opt"].resume
+    load_state(unwrap_model(run["model"]), ckpt["model"], path)
+    if ckpt.get("ema") and run["ema"] is not None:
+        load_state(run["ema"].ema, ckpt["ema"], path, "EMA weights")
         run["ema"].updates = int(ckpt.get("updates", 0))
     if ckpt.get("optimizer"):
-        run["optimizer"].load_state_dict(ckpt["optimizer"])
+        load_state(run["optimizer"], ckpt["optimizer"], path, "optimizer state")
     start = int(ckpt.get("epoch", -1)) + 1
     if start >= run["opt"].epochs:
         raise TrainError(f"{run['opt'].resume}: training already finished ({start} epochs); nothing to resume")
@@ -141,12 +146,15 @@ def setup(opt: argparse.Namespace, device: torch.device) -> dict:
 
     save_dir, hyp = Path(opt.save_dir), load_hyp(opt.hyp)
     (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(save_dir / "weights", "*.pt"):
+        LOGGER.info(f"Removed {stale.name}, left in {stale.parent} by an interrupted checkpoint save")
     data = load_dataset_config(opt.data)
     nc, names = (1, ["item"]) if opt.single_cls else (int(data["nc"]), list(data["names"]))
     init_seeds(opt.seed + 1 + max(RANK, 0), deterministic=True)
     model = build_model(opt, nc, names, device)
     frozen = freeze_layers(model, list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze)
     gs = max(int(model.stride.max()), 32)
+    opt.imgsz = check_img_size(opt.imgsz, gs)
     batch = opt.batch_size // WORLD_SIZE
     hyp["weight_decay"] *= opt.batch_size * max(round(NOMINAL_BATCH / opt.batch_size), 1) / NOMINAL_BATCH
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
@@ -334,10 +342,22 @@ def resume_options(opt: argparse.Namespace) -> argparse.Namespace:
     if not isinstance(ckpt.get("opt"), dict):
         raise TrainError(f"{path}: checkpoint has no training options; it cannot be resumed")
     resumed = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})
-    resumed.resume, resumed.cfg, resumed.weights = str(path), ckpt["cfg"], ""
-    resumed.save_dir = str(path.parent.parent)
+    resumed.resume, resumed.cfg, resumed.weights = str(path), "", ""
+    resumed.save_dir = str(_recorded_run_dir(path, ckpt["opt"]))
     resumed.hyp = ckpt["opt"].get("hyp_file", resumed.hyp)
     return resumed
+
+
+def _recorded_run_dir(path: Path, opt: dict) -> Path:
+    """The run folder the checkpoint was trained in: the only place a resume writes to; refused when it is gone."""
+    save_dir = opt.get("save_dir")
+    if not isinstance(save_dir, str) or not save_dir:
+        raise TrainError(f"{path}: checkpoint does not record its run folder; start a new run with --weights {path} instead")
+    run_dir = Path(save_dir)
+    if not (run_dir / "opt.yaml").is_file():
+        raise TrainError(f"{path}: its run folder {run_dir} no longer exists (no opt.yaml there); "
+                         f"start a new run with --weights {path} instead")
+    return run_dir
 
 
 def init_distributed(opt: argparse.Namespace) -> torch.device:
@@ -353,13 +373,26 @@ def init_distributed(opt: argparse.Namespace) -> torch.device:
     return torch.device("cuda", LOCAL_RANK) if use_cuda else torch.device("cpu")
 
 
+def check_options(opt: argparse.Namespace) -> None:
+    """Reject values that cannot train, before any folder is created (one line naming the flag)."""
+    check_int("--epochs", opt.epochs)
+    check_int("--batch-size", opt.batch_size, allow=(-1,))
+    check_img_size(opt.imgsz)
+    check_int("--workers", opt.workers, minimum=0)
+    check_int("--patience", opt.patience, minimum=0)
+    check_int("--close-mosaic", opt.close_mosaic, minimum=0)
+    for i in opt.freeze:
+        check_int("--freeze", i, minimum=0)
+
+
 def main(opt: argparse.Namespace) -> Path:
     """Resolve options, prepare the run folder and train."""
     set_logging(rank=RANK)
+    check_options(opt)
     if opt.resume:
         opt = resume_options(opt)
     else:
-        opt.cfg = opt.cfg or ("" if str(opt.weights).endswith(".pt") else DEFAULT_CFG)
+        opt.cfg = opt.cfg or ("" if opt.weights else DEFAULT_CFG)
         opt.hyp_file = str(opt.hyp)
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
     if opt.batch_size == -1:
@@ -388,8 +421,11 @@ def run(**kwargs: Any) -> Path:
     return main(opt)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry point: every expected failure ends in one 'train: error: ...' line."""
+    with error_boundary("train", extra=(NonFiniteLossError,)):
+        main(parse_opt(argv))
+
+
 if __name__ == "__main__":
-    try:
-        main(parse_opt())
-    except (TrainError, DatasetError, CheckpointError, ModelConfigError, BackboneWeightsError, NonFiniteLossError, FileNotFoundError) as e:
-        raise SystemExit(f"train: error: {e}") from None
+    cli()

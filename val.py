@@ -15,8 +15,9 @@ import torch
 from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
-from utils.checkpoint import CheckpointError
-from utils.dataset_config import DatasetError, load_dataset_config
+from utils.cli import check_fraction, check_img_size, check_int, error_boundary
+from utils.dataset_config import load_dataset_config
+from utils.files import safe_component
 from utils.logs import set_logging
 from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
 from utils.nms import non_max_suppression
@@ -96,15 +97,11 @@ def json_records(predn: torch.Tensor, image_id: int) -> list[dict]:
     ]
 
 
-def _load_backend(weights: Any, device: torch.device, half: bool, data: dict | None) -> Any:
-    """Open the weights through the inference backend; expected failures become one-line errors."""
+def _load_backend(weights: Any, device: torch.device, half: bool) -> Any:
+    """Open the weights through the one inference backend (.pt, ONNX, TorchScript, OpenVINO)."""
     from utils.backend import DetectBackend
 
-    path = weights[0] if isinstance(weights, (list, tuple)) else weights
-    try:
-        return DetectBackend(path, device=device, fp16=half)
-    except (CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"val: error: {e}") from None
+    return DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=device, fp16=half)
 
 
 def _make_loader(data: dict, task: str, imgsz: int, batch_size: int, stride: int, pt: bool, single_cls: bool, workers: int):  # type: ignore[no-untyped-def]
@@ -146,7 +143,7 @@ def _run_batches(
             correct, conf, pcls, tcls, predn = image_stats(pred.float().cpu(), labels, im[si].shape[1:], shape, cm)
             state.stats.append((correct, conf, pcls, tcls))
             if opts["save_txt"]:
-                save_txt(predn, opts["save_conf"], shape[0], opts["save_dir"] / "labels" / f"{path.stem}.txt")
+                save_txt(predn, opts["save_conf"], shape[0], opts["save_dir"] / "labels" / f"{safe_component(path.stem)}.txt")
             if opts["save_json"]:
                 state.jdict.extend(json_records(predn, opts["image_ids"].get(str(paths[si]), state.seen - 1)))
         if opts["plots"] and loader.batch_size and state.seen <= 3 * loader.batch_size:
@@ -260,13 +257,14 @@ def run(
         net = model.half() if half else model.float()
         save_dir = Path(save_dir) if save_dir is not None else Path(".")
     else:
+        check_options(batch_size=batch_size, imgsz=imgsz, workers=workers, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
         dev = select_device(device)
         if half and dev.type != "cuda":
             LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
             half = False
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-        net = _load_backend(weights, dev, half, data)
-        imgsz = _check_imgsz(imgsz, int(net.stride))
+        net = _load_backend(weights, dev, half)
+        imgsz = check_img_size(imgsz, int(net.stride))
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # only once the model loaded
         if not net.pt:
             batch_size = 1 if not getattr(net, "dynamic", True) else batch_size
         rect = bool(net.pt or net.dynamic)  # rectangular batches need an input shape that can change
@@ -297,12 +295,14 @@ def run(
     return (m["mp"], m["mr"], m["map50"], m["map"], *loss), m["maps"], speed
 
 
-def _check_imgsz(imgsz: int, stride: int) -> int:
-    """Round the image size up to a multiple of the stride, with a warning."""
-    new = int(np.ceil(imgsz / stride) * stride)
-    if new != imgsz:
-        LOGGER.warning(f"WARNING: --imgsz {imgsz} must be a multiple of the max stride {stride}, using {new}")
-    return new
+def check_options(batch_size: int, imgsz: int, workers: int, conf_thres: float, iou_thres: float, max_det: int) -> None:
+    """Reject values that cannot validate (one line naming the flag) before any folder is created."""
+    check_int("--batch-size", batch_size)
+    check_img_size(imgsz)
+    check_int("--workers", workers, minimum=0)
+    check_fraction("--conf-thres", conf_thres)
+    check_fraction("--iou-thres", iou_thres)
+    check_int("--max-det", max_det)
 
 
 def study(**kwargs: Any) -> Path:
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_opt(argv)
     set_logging()
     kwargs = vars(opt)
-    try:
+    with error_boundary("val"):
         if opt.task == "speed":
             kwargs.update(conf_thres=0.25, iou_thres=0.45, plots=False, save_json=False)
         weights = kwargs.pop("weights")
@@ -360,8 +360,6 @@ def main(argv: list[str] | None = None) -> None:
                 study(weights=w, **kwargs)
             else:
                 run(weights=w, **kwargs)
-    except (DatasetError, CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"val: error: {e}") from None
 
 
 if __name__ == "__main__":

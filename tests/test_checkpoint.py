@@ -65,5 +65,5 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"model": DetectionModel(MODELS / "yolov5n.yaml", nc=1), "cfg": {}}, path)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="refused to load: .*arbitrary code"):
         load_model(path)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import pickle
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
@@ -11,7 +11,9 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from models.parse import ModelConfigError
 from models.yolo import DetectionModel
+from utils.files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -23,7 +25,6 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: Union[str, Path], model: nn.Module, **meta: Any) -> Path:
     """Write {model state_dict, cfg, names, **meta} to `path` via a temp file + rename (never half-written)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     core = unwrap_model(model)
     ckpt: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -33,16 +34,11 @@ def save_checkpoint(path: Union[str, Path], model: nn.Module, **meta: Any) -> Pa
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     ckpt.update(meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:  # full disk, read-only folder: the previous file at `path` is untouched
+        raise CheckpointError(f"{path}: cannot save checkpoint ({e.strerror or e}); the previous file there is unchanged") from None
     return path
 
 
@@ -53,23 +49,58 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {_unpickling_reason(e)}") from None
     except Exception as e:  # the unpickler raises many types on corrupt or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'cfg')")
+    if not isinstance(ckpt["cfg"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: malformed checkpoint ('cfg' and 'model' must be mappings)")
     return ckpt
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """Why a weights_only load refused a file, without inviting the unsafe weights_only=False work-around."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if "Weights only load failed" in text or found:
+        what = f" ({found.group(1)})" if found else ""
+        return (f"refused to load: the file stores Python objects beyond tensors{what}; unpickling those "
+                "(torch.load with weights_only=False) would let the file run arbitrary code, so only plain "
+                "state_dict checkpoints are loaded")
+    return f"not a readable checkpoint ({_first_line(e)})"
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception message (at most 200 characters), or its type name."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: Union[str, Path], nc: int | None = None) -> DetectionModel:
+    """Rebuild the (untrained) DetectionModel described by a checkpoint's cfg; malformed configs are one line."""
+    try:
+        return DetectionModel(ckpt["cfg"], ch=int(ckpt["cfg"].get("ch", 3)), nc=nc)
+    except ModelConfigError as e:
+        raise CheckpointError(f"{path}: stored model config cannot be built ({e})") from None
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed model config in checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def load_state(target: Any, state: Any, path: Union[str, Path], what: str = "weights") -> None:
+    """target.load_state_dict(state) (strict for modules) with a mismatch reported as one line naming the file."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {what} do not fit the model being built ({_first_line(e)})") from None
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", use_ema: bool = True) -> DetectionModel:
     """Rebuild the DetectionModel stored in `path` (EMA weights when present) and load its weights."""
     ckpt = read_checkpoint(path)
-    model = DetectionModel(ckpt["cfg"], ch=int(ckpt["cfg"].get("ch", 3)))
-    state = ckpt.get("ema") if use_ema and ckpt.get("ema") else ckpt["model"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the stored model config ({str(e).splitlines()[0]})") from None
+    model = model_from_checkpoint(ckpt, path)
+    load_state(model, ckpt.get("ema") if use_ema and ckpt.get("ema") else ckpt["model"], path)
     if ckpt.get("names"):
         model.names = list(ckpt["names"])
     return model.to(device).eval()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -18,9 +18,13 @@ import torch
 import yaml
 from torch import nn
 
+from utils.cli import check_img_size
+from utils.files import remove_stale_temps
+
 LOGGER = logging.getLogger("mobile_yolo")
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
 TORCHSCRIPT_CONFIG = "config.txt"
+EXPORT_DESCRIPTION = "mobile_yolo detector"
 OPENVINO_METADATA = "metadata.yaml"
 
 
@@ -43,13 +47,10 @@ class ExportModel(nn.Module):
 def check_export_imgsz(imgsz: Union[int, list[int], tuple[int, ...]], stride: int) -> tuple[int, int]:
     """(h, w) from one or two ints, each rounded up to a multiple of the model stride (with a warning)."""
     size = [imgsz] if isinstance(imgsz, int) else list(imgsz)
-    if len(size) not in (1, 2) or any(int(s) < 1 for s in size):
+    if len(size) not in (1, 2):
         raise ExportError(f"--imgsz expects one or two positive ints (h w), got {size}")
-    size = size * 2 if len(size) == 1 else size
-    rounded = tuple(int(math.ceil(int(s) / stride) * stride) for s in size)
-    if list(rounded) != [int(s) for s in size]:
-        LOGGER.warning(f"WARNING: --imgsz {size} must be a multiple of max stride {stride}, updating to {list(rounded)}")
-    return rounded  # type: ignore[return-value]
+    h, w = check_img_size(size * 2 if len(size) == 1 else size, stride)
+    return h, w
 
 
 def export_metadata(model: nn.Module, imgsz: tuple[int, int], batch_size: int, dynamic: bool, half: bool) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def export_metadata(model: nn.Module, imgsz: tuple[int, int], batch_size: int, d
     names = [str(n) for n in getattr(model, "names", [])]
     cfg = getattr(model, "yaml", {}) or {}
     return {
-        "description": "mobile_yolo detector",
+        "description": EXPORT_DESCRIPTION,
         "model": Path(str(cfg.get("yaml_file", "model"))).stem,
         "stride": stride,
         "names": names,
@@ -69,17 +70,41 @@ def export_metadata(model: nn.Module, imgsz: tuple[int, int], batch_size: int, d
     }
 
 
+def is_export_folder(path: Path) -> bool:
+    """True for a folder this project exported (its metadata.yaml names us and it holds only model files)."""
+    try:
+        meta = yaml.safe_load((path / OPENVINO_METADATA).read_text(encoding="utf-8"))
+        entries = list(path.iterdir())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    ours = isinstance(meta, dict) and meta.get("description") == EXPORT_DESCRIPTION
+    return ours and all(p.is_file() and not p.is_symlink() and p.suffix in (".xml", ".bin", ".yaml") for p in entries)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside `final` (file or folder); rename it into place on success, delete it on error."""
+    """Yield a temp path beside `final` (file or folder); move it into place on success, delete it on error.
+
+    An existing file is replaced, as YOLOv5 re-exports do; an existing folder only when it is one of our own exports,
+    so an --output that names a user's directory never deletes it.
+    """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    if final.is_dir() and not is_export_folder(final):
+        raise ExportError(f"{final}: is an existing folder that export.py did not create; refusing to replace it (choose another --output)")
+    remove_stale_temps(final.parent, glob.escape(final.name))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise ExportError(f"{final.parent}: cannot write the export there ({e.strerror or e})") from None
     tmp = tmp_dir / final.name
     try:
         yield tmp
         if not tmp.exists():
             raise ExportError(f"{final}: exporter wrote no output")
+        if final.exists() and final.is_dir() != tmp.is_dir():
+            kind = "folder" if final.is_dir() else "file"
+            raise ExportError(f"{final}: an existing {kind} is in the way of this export; refusing to replace it (choose another --output)")
         if final.is_dir():
             shutil.rmtree(final)
         os.replace(tmp, final)

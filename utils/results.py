@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
+
+from utils.files import atomic_write_text
+
+LOGGER = logging.getLogger("mobile_yolo")
 
 COLUMNS = (
     "epoch",
@@ -36,9 +41,34 @@ def append_results(csv: Path, epoch: int, train_loss: Sequence[float], results: 
 
 
 def truncate_results(csv: Path, last_epoch: int) -> None:
-    """Drop rows after `last_epoch` (a resumed run rewrites the epoch that was in progress)."""
+    """Keep the header and the rows up to `last_epoch` (a resumed run rewrites the epoch in progress); atomic rewrite.
+
+    Rows that do not start with an epoch number (a torn write, a stray edit) are dropped with a warning, so a damaged
+    results.csv never stops a resume whose checkpoint is fine.
+    """
     if not csv.exists():
         return
-    lines = csv.read_text().splitlines()
-    kept = lines[:1] + [ln for ln in lines[1:] if ln.strip() and int(ln.split(",")[0]) <= last_epoch]
-    csv.write_text("".join(ln + "\n" for ln in kept))
+    lines = csv.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept, dropped = lines[:1], 0
+    for ln in lines[1:]:
+        epoch = _row_epoch(ln)
+        if epoch is None:
+            dropped += int(bool(ln.strip()))
+        elif epoch <= last_epoch:
+            kept.append(ln)
+    if dropped:
+        LOGGER.warning(f"WARNING: {csv}: dropped {dropped} unreadable row(s) while preparing to resume")
+    if not kept or not kept[0].lstrip().startswith("epoch"):
+        kept = [",".join(f"{c:>20}" for c in COLUMNS)] + [ln for ln in kept if _row_epoch(ln) is not None]
+    atomic_write_text(csv, "".join(ln + "\n" for ln in kept))
+
+
+def _row_epoch(line: str) -> int | None:
+    """The epoch number a results row starts with, or None for a header, blank or damaged row."""
+    parts = line.split(",")
+    if len(parts) != len(COLUMNS):
+        return None
+    try:
+        return int(parts[0])
+    except ValueError:
+        return None
