@@ -20,7 +20,7 @@ from utils.checkpoint import load_state, model_from_checkpoint, read_checkpoint,
 from utils.cli import check_img_size, check_int, error_boundary
 from utils.dataset_config import load_dataset_config
 from utils.early_stopping import EarlyStopping
-from utils.files import remove_stale_temps
+from utils.files import atomic_write_text, remove_stale_temps
 from utils.logs import set_logging
 from utils.metrics import fitness
 from utils.paths import ROOT, increment_path
@@ -145,9 +145,6 @@ def setup(opt: argparse.Namespace, device: torch.device) -> dict:
     from utils.loss import ComputeLoss, scale_loss_gains
 
     save_dir, hyp = Path(opt.save_dir), load_hyp(opt.hyp)
-    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temps(save_dir / "weights", "*.pt"):
-        LOGGER.info(f"Removed {stale.name}, left in {stale.parent} by an interrupted checkpoint save")
     data = load_dataset_config(opt.data)
     nc, names = (1, ["item"]) if opt.single_cls else (int(data["nc"]), list(data["names"]))
     init_seeds(opt.seed + 1 + max(RANK, 0), deterministic=True)
@@ -155,6 +152,7 @@ def setup(opt: argparse.Namespace, device: torch.device) -> dict:
     frozen = freeze_layers(model, list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze)
     gs = max(int(model.stride.max()), 32)
     opt.imgsz = check_img_size(opt.imgsz, gs)
+    open_run_dir(opt, hyp)
     batch = opt.batch_size // WORLD_SIZE
     hyp["weight_decay"] *= opt.batch_size * max(round(NOMINAL_BATCH / opt.batch_size), 1) / NOMINAL_BATCH
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
@@ -176,6 +174,17 @@ def setup(opt: argparse.Namespace, device: torch.device) -> dict:
     if RANK != -1:
         run["model"] = torch.nn.parallel.DistributedDataParallel(run["model"], device_ids=[LOCAL_RANK] if device.type == "cuda" else None)
     return run
+
+
+def open_run_dir(opt: argparse.Namespace, hyp: dict) -> None:
+    """Create the run folder only once data and model loaded (bad input leaves no folder): weights/, opt.yaml, hyp.yaml."""
+    save_dir = Path(opt.save_dir)
+    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(save_dir / "weights", "*.pt"):
+        LOGGER.info(f"Removed {stale.name}, left in {stale.parent} by an interrupted checkpoint save")
+    if RANK in (-1, 0) and not opt.resume:
+        atomic_write_text(save_dir / "opt.yaml", yaml.safe_dump(plain_opt(opt), sort_keys=False))
+        atomic_write_text(save_dir / "hyp.yaml", yaml.safe_dump(hyp, sort_keys=False))
 
 
 def _plot_labels(dataset: Any, names: list[str], save_dir: Path) -> None:
@@ -400,10 +409,6 @@ def main(opt: argparse.Namespace) -> Path:
 
         opt.batch_size = auto_batch_size(opt)
     device = init_distributed(opt)
-    if RANK in (-1, 0) and not opt.resume:
-        Path(opt.save_dir).mkdir(parents=True, exist_ok=True)
-        (Path(opt.save_dir) / "opt.yaml").write_text(yaml.safe_dump(plain_opt(opt), sort_keys=False))
-        (Path(opt.save_dir) / "hyp.yaml").write_text(yaml.safe_dump(load_hyp(opt.hyp), sort_keys=False))
     try:
         return train(opt, device)
     finally:

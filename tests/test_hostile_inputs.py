@@ -203,6 +203,7 @@ def test_missing_pth_weights_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         train.cli(["--weights", str(tmp_path / "missing.pth"), "--project", str(tmp_path / "p")])
     _one_line_exit(e, "train", "missing.pth", "not found")
+    assert not (tmp_path / "p").exists()  # setup failures leave no run folder behind
 
 
 def test_train_rounds_imgsz_to_stride(run_dir: Path) -> None:
