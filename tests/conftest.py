@@ -1,9 +1,13 @@
-"""Shared fixtures: a tiny list-returning backbone registered only for the tests."""
+"""Shared fixtures: a tiny list-returning backbone registered only for the tests, realistic BN states and tolerances."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from models.backbone import Backbone
@@ -74,3 +78,113 @@ def assert_declared_shapes(model: nn.Module, sizes: list[tuple[int, int]]) -> No
             feats = model(torch.randn(1, 3, h, w))
             got = [(f.shape[1], h // f.shape[2], w // f.shape[3]) for f in feats]
             assert got == [(c, s, s) for c, s in zip(model.out_channels, model.strides)], (h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerics: every numeric comparison in the suite runs on realistic model states with a tolerance derived from the
+# floating-point precision, so that pass/fail does not depend on the thread count (float summation order).
+# ---------------------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+EPS32, EPS16 = torch.finfo(torch.float32).eps, torch.finfo(torch.float16).eps  # 1.19e-7, 9.77e-4: one unit in the last place at 1
+ROUNDING_K = 16.0  # safety factor of rounding_tol, see there
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    """Every test starts from the same global torch RNG state, whatever ran before it and however it is selected."""
+    torch.manual_seed(0)
+
+
+def random_images(shape: tuple[int, ...], seed: int = 0, normalise: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform-noise images in [0, 1], ImageNet-normalised when `normalise` (the channel averages for C != 3).
+
+    Backbones (timm style) see normalised images; YOLO detectors see the raw [0, 1] values.
+    """
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    if normalise:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if shape[1] == 3 else ((0.449,), (0.226,))
+        x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return x.to(dtype)
+
+
+@torch.no_grad()
+def calibrate_bn(
+    model: nn.Module, shape: tuple[int, ...] = (4, 3, 64, 64), steps: int = 3, seed: int = 0, normalise: bool = True, affine: bool = True
+) -> nn.Module:
+    """Give every BatchNorm of `model` realistic running statistics; returns `model` in eval mode.
+
+    With `affine`, BN weights and biases are first drawn from U(0.5, 1.5) and N(0, 0.2), so a fold that drops them shows,
+    and layer-scale gammas (parameters named `gamma`) from U(0.25, 0.75): at their 1e-5 init, blocks without a residual
+    shrink the signal to ~1e-5, below BN's eps, which leaves it to cancellation (float32 errors of ~1e3 eps).
+    The running statistics are then re-estimated as a cumulative average (momentum=None) over `steps` forward passes of
+    `random_images(shape)` with only the BN layers in train mode (DropPath/Dropout stay off, so this is deterministic).
+    Each BN thus normalises what it really sees and activations stay O(1) at any depth, unlike random running statistics,
+    which compound layer by layer to ~1e5, where float32 summation order (thread count) decides the result.
+    Calibrate at the size the test runs at (a much smaller size leaves deep stages padding-dominated statistics), with
+    a batch giving >= ~32 values per channel at stride 32, B*(H/32)*(W/32) >= 32: batch statistics of a handful of values
+    leave near-zero variances that blow eval-mode activations up to ~1e5 again (e.g. B=2 at 64x64).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    if affine:
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] == "gamma":
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.5 + 0.25)
+    for bn in bns:
+        if affine and bn.affine:
+            bn.weight.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=gen) * 0.2)
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    dtype = next(model.parameters()).dtype
+    for i in range(steps):
+        model(random_images(shape, seed=seed + 1 + i, normalise=normalise, dtype=dtype))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|got - ref| / max|ref|: the error relative to the output's scale."""
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def rounding_tol(model: nn.Module, dtype: torch.dtype = torch.float32, k: float = ROUNDING_K) -> float:
+    """Relative tolerance (of the output scale, see rel_err) for two evaluations of `model` that differ only in rounding.
+
+    Derivation: a length-n dot product computed in precision eps has a relative error of ~eps*sqrt(n) (rounding errors
+    add like a random walk; the worst case is eps*n); with BN-calibrated states each layer has a gain of ~1, so the errors
+    of L layers in a chain add up to ~eps*sqrt(n)*L of the output scale. n is the largest fan-in and L the number of
+    conv/linear layers of `model` (at least the longest path; pass the fused model, one conv per re-parameterised unit).
+    k = 16 covers the constant in "~" and the cancellation where a folded BN subtracts a large running mean: measured
+    errors reach at most 1.4 eps*sqrt(n)*L (MobileOne-S0, the worst conditioned) and mostly stay below 0.1 of it, so
+    k = 16 keeps a > 10x margin at 1 and 2 threads. A real fusion or mapping error (a dropped bias, a BN eps mix-up, a
+    wrong key) is orders of magnitude larger, in float64 by far.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    fan_in = max(m.weight[0].numel() for m in layers)
+    return k * torch.finfo(dtype).eps * math.sqrt(fan_in) * len(layers)
+
+
+@pytest.fixture(autouse=True)
+def _log_records_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scripts' set_logging() stops 'mobile_yolo' propagating; let caplog see its records in every test."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("mobile_yolo"), "propagate", True)
+
+
+def tiny_shapes_yaml(root: Path, n_train: int, n_val: int, seed: int) -> Path:
+    """A small generated shapes dataset under root and its dataset yaml (no generator key: it exists already)."""
+    from utils.shapes_dataset import generate_shapes
+
+    generate_shapes(root / "shapes", n_train=n_train, n_val=n_val, seed=seed)
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "data/shapes.yaml").read_text())
+    cfg.update(path=str(root / "shapes"))
+    cfg.pop("generator", None)
+    (root / "shapes.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "shapes.yaml"

@@ -13,12 +13,6 @@ from utils.autoanchor import anchor_metrics, check_anchors, kmean_anchors, label
 
 
 @pytest.fixture
-def propagate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let caplog see mobile_yolo records even if set_logging turned propagation off earlier in the session."""
-    monkeypatch.setattr(logging.getLogger("mobile_yolo"), "propagate", True)
-
-
-@pytest.fixture
 def model() -> DetectionModel:
     return DetectionModel("yolov5n.yaml", nc=3)
 
@@ -69,7 +63,7 @@ def test_kmeans_deterministic_with_seed():
     np.testing.assert_array_equal(a, b)
 
 
-def test_kmeans_filters_tiny_boxes_with_warning(caplog, propagate):
+def test_kmeans_filters_tiny_boxes_with_warning(caplog):
     wh = np.concatenate([_clustered_wh(np.array([[40.0, 40.0], [80.0, 120.0]]), per=10), np.full((5, 2), 1.0)])
     with caplog.at_level(logging.WARNING, logger="mobile_yolo"):
         k = kmean_anchors(wh, n=3, gen=20)

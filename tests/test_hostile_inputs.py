@@ -21,12 +21,12 @@ import export
 import train
 import val
 from models.yolo import DetectionModel
+from tests.conftest import tiny_shapes_yaml
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.cli import OptionError, check_img_size, check_int
 from utils.export_formats import ExportError, atomic_path, export_metadata
 from utils.files import safe_component
 from utils.results import COLUMNS, append_results, truncate_results
-from utils.shapes_dataset import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = "models/yolov5n.yaml"
@@ -48,13 +48,7 @@ def _one_line_exit(excinfo: pytest.ExceptionInfo, prog: str, *needles: str) -> s
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 16+4 image shapes dataset and its yaml."""
-    root = tmp_path_factory.mktemp("hostile_shapes")
-    generate_shapes(root / "shapes", n_train=16, n_val=4, seed=3)
-    cfg = yaml.safe_load((ROOT / "data/shapes.yaml").read_text())
-    cfg.update(path=str(root / "shapes"))
-    cfg.pop("generator", None)
-    (root / "shapes.yaml").write_text(yaml.safe_dump(cfg))
-    return root / "shapes.yaml"
+    return tiny_shapes_yaml(tmp_path_factory.mktemp("hostile_shapes"), n_train=16, n_val=4, seed=3)
 
 
 @pytest.fixture(scope="module")

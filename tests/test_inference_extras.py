@@ -10,6 +10,7 @@ import torch
 
 from models.tta import forward_augment
 from models.yolo import DetectionModel
+from tests.conftest import EPS32, rel_err, rounding_tol
 from utils.boxes import xywh2xyxy
 from utils.checkpoint import save_checkpoint
 from utils.nms import non_max_suppression
@@ -52,7 +53,8 @@ def test_nms_matches_brute_force_on_random_boxes() -> None:
         ref = brute_force_nms(pred, 0.3, 0.5)
         assert len(ours) == len(ref)
         ref_t = torch.tensor([[*b, s, c] for b, s, c in ref])
-        assert torch.allclose(ours[ours[:, 4].argsort(descending=True)], ref_t, atol=1e-4)
+        # float32 torch vs float64 Python rounded to float32: at most two roundings of values up to max|ref|
+        assert torch.allclose(ours[ours[:, 4].argsort(descending=True)], ref_t, rtol=0, atol=4 * EPS32 * ref_t.abs().max().item())
 
 
 def test_tta_output_in_input_pixels() -> None:
@@ -64,7 +66,7 @@ def test_tta_output_in_input_pixels() -> None:
         aug, _ = forward_augment(model, x)
     assert aug.shape[-1] == plain.shape[-1] and aug.shape[1] > plain.shape[1] * 2
     # the full-size, unflipped pass comes first and is unchanged apart from its dropped P5 level
-    assert torch.allclose(aug[:, : plain.shape[1] - 3 * 4 * 5], plain[:, : plain.shape[1] - 3 * 4 * 5], atol=1e-5)
+    assert rel_err(aug[:, : plain.shape[1] - 3 * 4 * 5], plain[:, : plain.shape[1] - 3 * 4 * 5]) < rounding_tol(model)
     assert aug[..., 0].min() > -160 and aug[..., 0].max() < 2 * 160
 
 

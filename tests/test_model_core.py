@@ -12,7 +12,7 @@ import yaml
 from models.backbone import FeatureSelect
 from models.parse import ModelConfigError
 from models.yolo import Detect, DetectionModel
-from tests.conftest import TUTORIAL_YAML
+from tests.conftest import TUTORIAL_YAML, calibrate_bn, random_images, rel_err, rounding_tol
 from utils.flops import count_gflops
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -27,17 +27,6 @@ BASELINES = {  # params, params after fuse, reference GFLOPs at 640
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm non-trivial statistics and affine parameters so fusion is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("size", list(BASELINES))
@@ -92,14 +81,21 @@ def test_anchors_buffer_follows_dtype_and_state_dict():
 
 
 def test_fused_equals_unfused():
-    model = DetectionModel(MODELS / "yolov5n.yaml")
-    randomize_bn(model)
-    model.eval()
-    x = torch.rand(1, 3, 128, 192)
+    shape = (1, 3, 128, 192)
+    model = calibrate_bn(DetectionModel(MODELS / "yolov5n.yaml"), (2, *shape[1:]), normalise=False)
+    x = random_images(shape, seed=100, normalise=False)
+    fused = copy.deepcopy(model).fuse()
+    tol32, tol64 = rounding_tol(fused, torch.float32), rounding_tol(fused, torch.float64)
     with torch.no_grad():
-        a = model(x)[0]
-        b = copy.deepcopy(model).fuse()(x)[0]
-    assert (a - b).abs().max().item() < 1e-4
+        truth = model.double()(x.double())[1]  # per-level raw outputs of the unfused model in float64
+        exact = model.fuse()(x.double())[1]
+        deployed = fused(x)[1]
+        fused.model[0].conv.bias.zero_()  # a fold that drops the bias must fail the same check
+        broken = fused(x)[1]
+    for t, e, d, b in zip(truth, exact, deployed, broken):
+        assert rel_err(e, t) < tol64  # folding is exact up to float64 rounding
+        assert rel_err(d, t) < tol32
+        assert rel_err(b, t) > 10 * tol32
 
 
 def test_nc_and_anchor_override():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from utils.shapes_dataset import generate_shapes
+from tests.conftest import tiny_shapes_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,14 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 24+8 image shapes dataset and its yaml."""
-    root = tmp_path_factory.mktemp("shapes")
-    generate_shapes(root / "shapes", n_train=24, n_val=8, seed=1)
-    cfg = yaml.safe_load((ROOT / "data/shapes.yaml").read_text())
-    cfg.update(path=str(root / "shapes"))
-    cfg.pop("generator", None)
-    path = root / "shapes.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_shapes_yaml(tmp_path_factory.mktemp("shapes"), n_train=24, n_val=8, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models.yolo import DetectionModel
+from tests.conftest import EPS32
 from utils.torch_utils import (
     ModelEMA,
     NonFiniteLossError,
@@ -43,11 +44,6 @@ class Scaled(nn.Module):
         self.gamma = nn.Parameter(torch.ones(4))
         self.norm = nn.LayerNorm(4)
         self.fc = nn.Linear(4, 2)
-
-@pytest.fixture
-def propagate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let caplog see mobile_yolo records even if set_logging turned propagation off earlier in the session."""
-    monkeypatch.setattr(logging.getLogger("mobile_yolo"), "propagate", True)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +155,10 @@ def test_ema_decay_ramp_and_tracking():
     torch.testing.assert_close(ema.ema[0].weight, d * start + (1 - d) * model[0].weight)
     for _ in range(200):
         ema.update(model)
-    torch.testing.assert_close(ema.ema[0].weight, model[0].weight, atol=1e-4, rtol=0)
+    # converged: the start offset has shrunk by <= 0.9**200; each update rounds by ~EPS32*|w| and the recurrence
+    # contracts by <= 0.9, so the float32 fixed point is within ~EPS32*|w| / (1 - 0.9) of the weights
+    w = model[0].weight
+    torch.testing.assert_close(ema.ema[0].weight, w, atol=4 * EPS32 * w.abs().max().item() / (1 - 0.9), rtol=0)
     assert ema.ema[1].num_batches_tracked.dtype == torch.long  # integer state is left alone
 
 
@@ -207,7 +206,7 @@ def test_time_sync_monotonic():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
-def test_auto_batch_size_without_cuda(tiny, caplog, propagate):
+def test_auto_batch_size_without_cuda(tiny, caplog):
     assert auto_batch_size(tiny, imgsz=64, default=16) == 16
     with caplog.at_level(logging.WARNING, logger="mobile_yolo"):
         assert auto_batch_size(tiny, imgsz=64, default=12) == 12
