@@ -403,7 +403,7 @@ def main(opt: argparse.Namespace) -> Path:
     else:
         opt.cfg = opt.cfg or ("" if opt.weights else DEFAULT_CFG)
         opt.hyp_file = str(opt.hyp)
-        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok).resolve())  # resume finds it from any cwd
     if opt.batch_size == -1:
         from utils.torch_utils import auto_batch_size
 
