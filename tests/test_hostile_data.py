@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import json
 import logging
 import os
 import resource
@@ -318,3 +319,21 @@ def test_broken_disk_cache_entry_rebuilt(tmp_path, caplog, damage, when):
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and entry.name in warned[0] and "rebuilding" in warned[0] and "\n" not in warned[0]
     assert no_temp_files(tmp_path)
+
+
+def test_label_cache_never_replaces_a_foreign_file(tmp_path, caplog):
+    """A dataset yaml's train list x.txt puts the label cache at x.cache: a user's file there is left alone."""
+    write_img(tmp_path / "images" / "a.jpg", 40, 40)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "train.txt").write_text("images/a.jpg\n")
+    foreign = tmp_path / "train.cache"
+    foreign.write_text("my notes")
+    with caplog.at_level(logging.WARNING, logger="mobile_yolo"):
+        ds = LoadImagesAndLabels(tmp_path / "train.txt", img_size=64)
+    assert len(ds) == 1 and foreign.read_text() == "my notes"
+    assert "not a label cache" in caplog.text
+    foreign.unlink()
+    LoadImagesAndLabels(tmp_path / "train.txt", img_size=64)  # our own cache is written, then reused and replaced freely
+    assert json.loads(foreign.read_text())["records"]
+    LoadImagesAndLabels(tmp_path / "train.txt", img_size=64)

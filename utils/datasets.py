@@ -22,6 +22,7 @@ from utils import disk_cache
 from utils.augmentations import augment_hsv, flip_labels, mixup, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.dataset_config import DatasetError
+from utils.files import atomic_write_text
 from utils.images import IMG_FORMATS, ImageError, check_image_size, img_to_tensor_layout, letterbox, load_image, resize_long_side
 from utils.labels import img2label_paths, read_label_file
 
@@ -117,15 +118,24 @@ def _load_cache(cache_path: Path, key: str) -> list[dict] | None:
     return None
 
 
-def _save_cache(cache_path: Path, key: str, records: list[dict], prefix: str) -> None:
-    """Write the label cache atomically; warn (do not fail) on read-only folders."""
-    tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+def _is_label_cache(path: Path) -> bool:
+    """True when `path` holds a label cache this project wrote (any version), so replacing it loses nothing."""
     try:
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "hash": key, "records": records}), encoding="utf-8")
-        tmp.replace(cache_path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"version", "hash", "records"} <= set(data)
+
+
+def _save_cache(cache_path: Path, key: str, records: list[dict], prefix: str) -> None:
+    """Write the label cache atomically; warn (do not fail) on read-only folders or a foreign file in its place."""
+    if cache_path.exists() and not _is_label_cache(cache_path):
+        LOGGER.warning(f"{prefix}WARNING: {cache_path} exists and is not a label cache; not overwriting it, cache not saved")
+        return
+    try:
+        atomic_write_text(cache_path, json.dumps({"version": CACHE_VERSION, "hash": key, "records": records}))
         LOGGER.info(f"{prefix}New cache created: {cache_path}")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         LOGGER.warning(f"{prefix}WARNING: cache dir {cache_path.parent} is not writeable, cache not saved ({e})")
 
 
