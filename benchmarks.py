@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from models.flops import count_gflops
 from models.mobileone import MobileOneUnit
 from models.yolo import DetectionModel
 from utils.checkpoint import CheckpointError, load_model
 from utils.cli import check_img_size, error_boundary
-from utils.flops import count_gflops
 from utils.logs import set_logging
 from utils.paths import ROOT
 from utils.timing import ort_latency, peak_rss_mb, torch_latency

@@ -1,4 +1,8 @@
-"""Explicit name -> module registry used by parse_model instead of eval()."""
+"""Explicit name -> module registry used by parse_model instead of eval().
+
+It imports no model file: the built-in modules register themselves when the `models` package is imported
+(models/__init__.py lists them), so importing any models.* module makes them available.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,6 @@ def remove_module(name: str) -> None:
 
 def get_module(name: str) -> ModuleSpec:
     """Look up a yaml module name; unknown names raise ValueError listing the known ones."""
-    _ensure_builtin_modules()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown module {name!r}; known: {known_modules()}")
     return _REGISTRY[name]
@@ -64,10 +67,3 @@ def known_modules() -> str:
     """Comma-separated sorted list of registered names (for error messages)."""
     return ", ".join(sorted(_REGISTRY))
 
-
-def _ensure_builtin_modules() -> None:
-    """Import the modules whose classes register themselves (done lazily, not at import)."""
-    import models.common  # noqa: F401
-    import models.mobilenetv4  # noqa: F401
-    import models.mobileone  # noqa: F401
-    import models.yolo  # noqa: F401

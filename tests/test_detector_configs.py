@@ -46,7 +46,7 @@ def test_config_builds_runs_and_fuses(cfg: str) -> None:
 
 @pytest.mark.parametrize("cfg", ["yolov5_mobilenetv4.yaml", "yolov5s_mobileone_s0.yaml"])
 def test_light_detectors_lighter_than_yolov5s(cfg: str) -> None:
-    from utils.flops import count_gflops
+    from models.flops import count_gflops
 
     model = DetectionModel(MODELS / cfg).fuse()  # MobileOne is deployed in its re-parameterised form
     assert sum(p.numel() for p in model.parameters()) < YOLOV5S_PARAMS

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from models.backbone import FeatureSelect
+from models.flops import count_gflops
 from models.parse import ModelConfigError
 from models.yolo import Detect, DetectionModel
 from tests.conftest import TUTORIAL_YAML, calibrate_bn, random_images, rel_err, rounding_tol
-from utils.flops import count_gflops
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 BASELINES = {  # params, params after fuse, reference GFLOPs at 640
