@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Union, overload
 
 import torch
 from torch import nn
@@ -15,13 +15,17 @@ from models.reparam import fuse_conv_bn
 Act = Union[bool, nn.Module, Callable[[], nn.Module]]
 
 
+@overload
+def autopad(k: int, p: int | None = None, d: int = 1) -> int: ...
+@overload
+def autopad(k: list[int], p: int | None = None, d: int = 1) -> int | list[int]: ...
 def autopad(k: int | list[int], p: int | None = None, d: int = 1) -> int | list[int]:
     """Padding that keeps the spatial size ('same') for stride 1."""
+    if p is not None:
+        return p
     if d > 1:
         k = d * (k - 1) + 1 if isinstance(k, int) else [d * (x - 1) + 1 for x in k]
-    if p is None:
-        p = k // 2 if isinstance(k, int) else [x // 2 for x in k]
-    return p
+    return k // 2 if isinstance(k, int) else [x // 2 for x in k]
 
 
 def make_activation(act: Act) -> nn.Module:

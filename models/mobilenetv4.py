@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,11 @@ def _uibs(out: int, expand: float, *kernels: tuple[int, int], first_stride: int 
     return tuple(UIBSpec(a, k, first_stride if i == 0 else 1, expand, out) for i, (a, k) in enumerate(kernels))
 
 
+def _repeat(blocks: tuple[BlockSpec, ...], n: int) -> tuple[BlockSpec, ...]:
+    """A run of blocks repeated n times (typed, unlike a list of mixed specs)."""
+    return blocks * n
+
+
 def _u(a: int, k: int, e: float, c: int, s: int = 1) -> UIBSpec:
     """Shorthand for one UIB spec."""
     return UIBSpec(a, k, s, e, c)
@@ -115,9 +120,9 @@ VARIANTS: dict[str, VariantSpec] = {
         (FusedSpec(3, 2, 4, 48),),
         (_u(3, 5, 4, 96, 2), _u(3, 3, 4, 96)),
         (*_uibs(192, 4, (3, 5), (3, 3), (3, 3), (3, 3), (3, 5), (5, 3), (5, 3)),
-         *[_MQA_HL16, _u(5, 3, 4, 192)] * 3, _MQA_HL16, _u(3, 0, 4, 192)),
+         *_repeat((_MQA_HL16, _u(5, 3, 4, 192)), 3), _MQA_HL16, _u(3, 0, 4, 192)),
         (*_uibs(512, 4, (5, 5), (5, 5), (5, 5), (5, 5), (5, 0), (5, 3), (5, 0), (5, 0), (5, 3), (5, 5)),
-         *[_MQA_HL32, _u(5, 0, 4, 512)] * 4),
+         *_repeat((_MQA_HL32, _u(5, 0, 4, 512)), 4)),
     )),
 }
 
@@ -350,9 +355,9 @@ class MobileNetV4(Backbone):
         if len(parts) < 4 or not (parts[1].isdigit() and parts[2].isdigit()):
             return None
         s, b = int(parts[1]), int(parts[2])
-        if s >= len(self.stages) or b >= len(self.stages[s]):
+        if s >= len(self.stages) or b >= len(stage := cast(nn.Sequential, self.stages[s])):
             return None
-        rest = _rename(parts[3], getattr(self.stages[s][b], "timm_names", ()))
+        rest = _rename(parts[3], getattr(stage[b], "timm_names", ()))
         return None if rest is None else f"stages.{s}.{b}.{rest}"
 
     def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,13 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True))))
         return x * torch.sigmoid(gate)
+
+
+def _conv_bias(conv: nn.Conv2d) -> torch.Tensor:
+    """The bias of a conv built with bias=True (raises if it has none)."""
+    if conv.bias is None:
+        raise ValueError("expected a conv with bias")
+    return conv.bias
 
 
 class MobileOneUnit(nn.Module):
@@ -138,13 +146,15 @@ class MobileOneUnit(nn.Module):
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of all BN-folded branches as one (kernel, bias) pair."""
         if self.fused is not None:
-            return self.fused.weight, self.fused.bias
-        kernel, bias = fold_bn(self.convs[0].conv.weight, self.convs[0].bn)
-        for branch in self.convs[1:]:
-            w, b = fold_bn(branch.conv.weight, branch.bn)
+            return self.fused.weight, _conv_bias(self.fused)
+        # The branches are ConvBN with a BatchNorm2d until reparameterized (then `fused` is set and they are gone).
+        branches = [cast(ConvBN, m) for m in self.convs]
+        kernel, bias = fold_bn(branches[0].conv.weight, cast(nn.BatchNorm2d, branches[0].bn))
+        for branch in branches[1:]:
+            w, b = fold_bn(branch.conv.weight, cast(nn.BatchNorm2d, branch.bn))
             kernel, bias = kernel + w, bias + b
         if self.scale is not None:
-            w, b = fold_bn(self.scale.conv.weight, self.scale.bn)
+            w, b = fold_bn(self.scale.conv.weight, cast(nn.BatchNorm2d, self.scale.bn))
             pad = self.kernel_size // 2
             kernel, bias = kernel + F.pad(w, [pad, pad, pad, pad]), bias + b
         if self.skip is not None:
@@ -160,7 +170,7 @@ class MobileOneUnit(nn.Module):
         kernel, bias = self.fused_kernel_bias()
         conv = self._fused_conv().to(device=kernel.device, dtype=kernel.dtype)
         conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
+        _conv_bias(conv).copy_(bias)
         self.fused = conv
         self.convs = nn.ModuleList()
         self.scale = None

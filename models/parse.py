@@ -124,7 +124,7 @@ class _Builder:
         except (TypeError, ValueError, IndexError, ArithmeticError) as e:
             raise ModelConfigError(f"layer {i} ({name}): bad arguments {args!r}: {e}") from None
         self._append(i, f, sources, n, spec.name, args, module, c2, stride)
-        if spec.kind == "backbone":
+        if isinstance(module, Backbone):  # its feature maps fill the next indices
             for k, (c, s) in enumerate(zip(module.out_channels, module.strides)):
                 self._append(i + 1 + k, i, [i], 1, "FeatureSelect", [k], FeatureSelect(k), c, s)
 

@@ -6,7 +6,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union, cast
 
 import torch
 from torch import nn
@@ -16,6 +16,10 @@ from models.backbone import Backbone
 LOGGER = logging.getLogger("mobile_yolo")
 TIMM_PREFIX = "timm:"
 HUB_HOST = ("huggingface.co", 443)
+
+
+# A backbone's convert_state_dict: checkpoint state_dict -> (tensors mapped to our keys, unused checkpoint keys).
+_StateDictConverter = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], list[str]]]
 
 
 class BackboneWeightsError(ValueError):
@@ -94,7 +98,8 @@ def load_backbone_weights(model: nn.Module, source: Union[str, Path]) -> Backbon
     else:
         state_dict = read_weights_file(source)
     backbone = find_backbone(model)
-    mapped, unused = backbone.convert_state_dict(state_dict)
+    convert = cast(_StateDictConverter, backbone.convert_state_dict)  # find_backbone checked that it exists
+    mapped, unused = convert(state_dict)
     if not mapped:
         raise BackboneWeightsError(
             f"{source}: no tensor matches the {type(backbone).__name__} backbone (wrong family or variant?)"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from models.yolo import DetectionModel
 
 SCALES = (1.0, 0.83, 0.67)
 FLIPS = (None, 3, None)  # 3 = left-right flip of NCHW
@@ -45,11 +50,12 @@ def _clip_augmented(preds: list[torch.Tensor], nl: int) -> list[torch.Tensor]:
 
 def forward_augment(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, None]:
     """Inference on 3 scales (1, 0.83 flipped, 0.67); returns (B, N, no) predictions in `x` pixels."""
-    stride = int(max(model.stride.max().item(), 32))
+    det_model = cast("DetectionModel", model)
+    stride = int(max(cast(torch.Tensor, det_model.stride).max().item(), 32))
     outputs = []
     for scale, flip in zip(SCALES, FLIPS):
         xi = scale_image(x.flip(flip) if flip else x, scale, stride)
-        pred = model.forward_once(xi)[0]
+        pred = det_model.forward_once(xi)[0]
         outputs.append(_deaugment(pred, scale, flip, x.shape[3]))
-    outputs = _clip_augmented(outputs, model.detect.nl)
+    outputs = _clip_augmented(outputs, det_model.detect.nl)
     return torch.cat(outputs, 1), None

@@ -6,16 +6,16 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 import yaml
 from torch import nn
 
+from models.flops import count_gflops
 from models.parse import LayerRow, ModelConfigError, parse_model
 from models.registry import register_module
 from models.reparam import reparameterize_model
-from utils.flops import count_gflops
 
 LOGGER = logging.getLogger("mobile_yolo")
 MODELS_DIR = Path(__file__).resolve().parent
@@ -24,6 +24,9 @@ MODELS_DIR = Path(__file__).resolve().parent
 @register_module("Detect", kind="detect")
 class Detect(nn.Module):
     """Anchor-based head: one 1x1 conv per level; raw maps in training, decoded pixel boxes in eval."""
+
+    stride: torch.Tensor  # buffers, declared for the type checker (nn.Module.__getattr__ is untyped)
+    anchors: torch.Tensor
 
     def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), strides: list | tuple = ()) -> None:
         super().__init__()
@@ -44,7 +47,7 @@ class Detect(nn.Module):
     def _initialize_biases(self) -> None:
         """YOLOv5 priors: ~8 objects per 640 image for objectness, 0.6/(nc-0.99) for classes."""
         for conv, s in zip(self.m, self.stride.tolist()):
-            b = conv.bias.view(self.na, -1)
+            b = cast(torch.Tensor, cast(nn.Conv2d, conv).bias).view(self.na, -1)  # head convs are built with bias=True
             b[:, 4] += math.log(8 / (640 / s) ** 2)
             b[:, 5 : 5 + self.nc] += math.log(0.6 / (self.nc - 0.99))
 
@@ -110,6 +113,8 @@ def load_model_config(cfg: Union[str, Path, dict]) -> dict:
 
 class DetectionModel(nn.Module):
     """A YOLOv5 detection model: layers from parse_model, routed by layer index, ending in Detect."""
+
+    stride: torch.Tensor
 
     def __init__(self, cfg: Union[str, Path, dict] = "yolov5s.yaml", ch: int = 3, nc: int | None = None, anchors: Any = None) -> None:
         super().__init__()

@@ -11,6 +11,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 Rng = Any  # np.random.Generator or the np.random module: both offer uniform(), random() and beta()
 
@@ -73,12 +74,12 @@ def _warp_boxes(boxes: np.ndarray, M: np.ndarray, perspective: bool, out_h: int,
     return new
 
 
-def random_perspective(img: np.ndarray, targets: np.ndarray = (), degrees: float = 10, translate: float = 0.1,
+def random_perspective(img: np.ndarray, targets: npt.ArrayLike = (), degrees: float = 10, translate: float = 0.1,
                        scale: float = 0.1, shear: float = 10, perspective: float = 0.0, border: tuple[int, int] = (0, 0),
                        rng: Rng | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Random affine/perspective warp; targets are (n, 5) [cls x1 y1 x2 y2] pixels; border < 0 crops (mosaic)."""
     rng = np.random if rng is None else rng
-    targets = np.asarray(targets, dtype=np.float32).reshape(-1, 5)
+    labels = np.asarray(targets, dtype=np.float32).reshape(-1, 5)
     out_h, out_w = img.shape[0] + 2 * border[0], img.shape[1] + 2 * border[1]
     M, s = _warp_matrix(img.shape[0], img.shape[1], out_h, out_w, degrees, translate, scale, shear, perspective, rng)
     if border[0] or border[1] or not np.allclose(M, np.eye(3)):
@@ -87,12 +88,12 @@ def random_perspective(img: np.ndarray, targets: np.ndarray = (), degrees: float
             img = cv2.warpPerspective(img, M, dsize=(out_w, out_h), borderValue=fill)
         else:
             img = cv2.warpAffine(img, M[:2], dsize=(out_w, out_h), borderValue=fill)
-    if len(targets):
-        new = _warp_boxes(targets[:, 1:5], M, bool(perspective), out_h, out_w)
-        keep = box_candidates(targets[:, 1:5].T * s, new.T, area_thr=0.10)
-        targets = targets[keep]
-        targets[:, 1:5] = new[keep]
-    return img, targets
+    if len(labels):
+        new = _warp_boxes(labels[:, 1:5], M, bool(perspective), out_h, out_w)
+        keep = box_candidates(labels[:, 1:5].T * s, new.T, area_thr=0.10)
+        labels = labels[keep]
+        labels[:, 1:5] = new[keep]
+    return img, labels
 
 
 def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray, labels2: np.ndarray,

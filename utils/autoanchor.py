@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from models.yolo import Detect
 from utils.checkpoint import unwrap_model
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -123,7 +125,7 @@ def _level_order(anchors: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
 
 def check_anchors(dataset_wh: np.ndarray, model: nn.Module, thr: float = 4.0, imgsz: int = 640) -> bool:
     """Log the anchor fit; re-fit when BPR < 0.98 and install the new anchors if they fit better. Returns True if changed."""
-    det = unwrap_model(model).detect
+    det = cast(Detect, unwrap_model(model).detect)  # model is a DetectionModel, maybe DDP-wrapped; nn.Module.__getattr__ is untyped
     stride = det.stride.detach().cpu().float()
     current = (det.anchors.detach().cpu().float() * stride.view(-1, 1, 1)).view(-1, 2).numpy()
     wh = np.asarray(dataset_wh, dtype=np.float64).reshape(-1, 2)

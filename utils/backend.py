@@ -101,7 +101,7 @@ class DetectBackend(nn.Module):
         import onnxruntime as ort
 
         self._require_file()
-        providers = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]  # names, or (name, options) pairs
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
         try:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import TypeVar, Union
 
 import numpy as np
 import torch
 import torchvision
 
 Array = Union[np.ndarray, torch.Tensor]
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)  # the result has the same type (numpy or torch) as the input
 
 
-def _like(x: Array) -> Array:
+def _like(x: ArrayT) -> ArrayT:
     return x.clone() if isinstance(x, torch.Tensor) else np.copy(x)
 
 
-def xywh2xyxy(x: Array) -> Array:
+def xywh2xyxy(x: ArrayT) -> ArrayT:
     """(cx, cy, w, h) -> (x1, y1, x2, y2)."""
     y = _like(x)
     y[..., 0] = x[..., 0] - x[..., 2] / 2
@@ -25,7 +26,7 @@ def xywh2xyxy(x: Array) -> Array:
     return y
 
 
-def xyxy2xywh(x: Array) -> Array:
+def xyxy2xywh(x: ArrayT) -> ArrayT:
     """(x1, y1, x2, y2) -> (cx, cy, w, h)."""
     y = _like(x)
     y[..., 0] = (x[..., 0] + x[..., 2]) / 2
@@ -35,7 +36,7 @@ def xyxy2xywh(x: Array) -> Array:
     return y
 
 
-def xywhn2xyxy(x: Array, w: float = 640, h: float = 640, padw: float = 0, padh: float = 0) -> Array:
+def xywhn2xyxy(x: ArrayT, w: float = 640, h: float = 640, padw: float = 0, padh: float = 0) -> ArrayT:
     """Normalised (cx, cy, w, h) -> pixel (x1, y1, x2, y2), plus an optional padding offset."""
     y = _like(x)
     y[..., 0] = w * (x[..., 0] - x[..., 2] / 2) + padw
@@ -45,7 +46,7 @@ def xywhn2xyxy(x: Array, w: float = 640, h: float = 640, padw: float = 0, padh: 
     return y
 
 
-def xyxy2xywhn(x: Array, w: float = 640, h: float = 640, clip: bool = False) -> Array:
+def xyxy2xywhn(x: ArrayT, w: float = 640, h: float = 640, clip: bool = False) -> ArrayT:
     """Pixel (x1, y1, x2, y2) -> normalised (cx, cy, w, h), optionally clipped to the image first."""
     if clip:
         x = clip_boxes(_like(x), (h, w))
@@ -57,7 +58,7 @@ def xyxy2xywhn(x: Array, w: float = 640, h: float = 640, clip: bool = False) -> 
     return y
 
 
-def clip_boxes(boxes: Array, shape: tuple[int, int]) -> Array:
+def clip_boxes(boxes: ArrayT, shape: tuple[float, float]) -> ArrayT:
     """Clip xyxy boxes in place to an image of shape (h, w); returns them."""
     h, w = shape[:2]
     if isinstance(boxes, torch.Tensor):
@@ -71,7 +72,7 @@ def clip_boxes(boxes: Array, shape: tuple[int, int]) -> Array:
     return boxes
 
 
-def scale_boxes(img1_shape: tuple[int, int], boxes: Array, img0_shape: tuple[int, int], ratio_pad: tuple | None = None) -> Array:
+def scale_boxes(img1_shape: tuple[int, int], boxes: ArrayT, img0_shape: tuple[int, int], ratio_pad: tuple | None = None) -> ArrayT:
     """Map xyxy boxes from a letterboxed image of shape img1_shape back to the original img0_shape (in place)."""
     if ratio_pad is None:
         gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])

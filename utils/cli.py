@@ -46,16 +46,17 @@ def check_img_size(imgsz: ImgSize, stride: int = 1, flag: str = "--imgsz") -> An
     if new != sizes:
         shown = new[0] if isinstance(imgsz, int) else new
         LOGGER.warning(f"WARNING: {flag} {imgsz} must be a multiple of the max stride {stride}, using {shown}")
-    return new[0] if isinstance(imgsz, int) else type(imgsz)(new)
+    return new[0] if isinstance(imgsz, int) else (tuple(new) if isinstance(imgsz, tuple) else new)
 
 
 @contextlib.contextmanager
 def error_boundary(prog: str, extra: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """Turn the expected failures of a script (bad values, bad files, full disks) into one 'prog: error: ...' line."""
+    expected: tuple[type[Exception], ...] = (ValueError, ImportError, *extra)  # project errors derive from ValueError
     try:
         yield
     except OSError as e:  # before ValueError: FileNotFoundError etc. carry the path
         raise SystemExit(f"{prog}: error: {describe_os_error(e)}") from None
-    except (ValueError, ImportError, *extra) as e:  # every project error class derives from ValueError
+    except expected as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"{prog}: error: {text}") from None

@@ -52,7 +52,8 @@ def yolo_to_coco_gt(
     ids = list(range(len(image_paths))) if image_ids is None else [int(i) for i in image_ids]
     if len(ids) != len(image_paths) or len(set(ids)) != len(ids):
         raise ValueError(f"yolo_to_coco_gt: need {len(image_paths)} distinct image ids, got {len(ids)} ({len(set(ids))} distinct)")
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for img_id, path, labels, (h, w) in zip(ids, image_paths, labels_per_image, image_shapes):
         images.append({"id": img_id, "file_name": Path(path).name, "height": int(h), "width": int(w)})
         labels = np.asarray(labels, dtype=np.float64).reshape(-1, 5)

@@ -293,18 +293,26 @@ def _safe_unzip(file: Path, dest: Path, name: str = "", created: list[Path] | No
                 tmp.unlink(missing_ok=True)
 
 
+def _xml_float(parent: ElementTree.Element | None, key: str) -> float:
+    """A required numeric child of a VOC element; ValueError when it is missing."""
+    text = parent.findtext(key) if parent is not None else None
+    if text is None:
+        raise ValueError(f"missing <{key}>")
+    return float(text)
+
+
 def _voc_xml_to_lines(xml_file: Path, names: list[str]) -> list[str]:
     """YOLO label lines for one VOC annotation (difficult objects skipped, as YOLOv5 does)."""
     tree = ElementTree.parse(xml_file).getroot()
     size = tree.find("size")
-    w, h = float(size.findtext("width")), float(size.findtext("height"))
+    w, h = _xml_float(size, "width"), _xml_float(size, "height")
     lines = []
     for obj in tree.iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in names or int(float(obj.findtext("difficult") or 0)) == 1:
             continue
         bb = obj.find("bndbox")
-        x1, x2, y1, y2 = (float(bb.findtext(k)) for k in ("xmin", "xmax", "ymin", "ymax"))
+        x1, x2, y1, y2 = (_xml_float(bb, k) for k in ("xmin", "xmax", "ymin", "ymax"))
         cx, cy = ((x1 + x2) / 2 - 1) / w, ((y1 + y2) / 2 - 1) / h  # VOC pixel indices start at 1
         lines.append(f"{names.index(name)} {cx:.6f} {cy:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
     return lines

@@ -234,8 +234,8 @@ class LoadImagesAndLabels(Dataset):
         def work(i: int) -> int:
             if self.cache == "disk":
                 return disk_cache.ensure_entry(self.im_files[i], self._decode)
-            self.ims[i] = self.load_image(i)[0]
-            return self.ims[i].nbytes
+            im = self.ims[i] = self.load_image(i)[0]
+            return im.nbytes
 
         with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
             total = sum(tqdm(pool.map(work, range(len(self))), total=len(self), desc=f"{prefix}Caching images",
@@ -251,9 +251,10 @@ class LoadImagesAndLabels(Dataset):
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
         """BGR image with its long side resized to img_size -> (img, (h0, w0) original, (h, w) resized)."""
-        if self.ims[i] is not None:
-            im = self.ims[i]
-            return im, tuple(int(v) for v in self.img_shapes[i]), im.shape[:2]
+        cached = self.ims[i]
+        if cached is not None:
+            h0, w0 = (int(v) for v in self.img_shapes[i])
+            return cached, (h0, w0), (cached.shape[0], cached.shape[1])
         im = disk_cache.load_entry(self.im_files[i], self._decode) if self.cache == "disk" else self._decode(self.im_files[i])
         h0, w0 = im.shape[:2]
         im = resize_long_side(im, self.img_size, self.augment)
@@ -287,7 +288,7 @@ class LoadImagesAndLabels(Dataset):
     def _load_letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple]:
         """Letterboxed image, pixel xyxy labels and the shapes tuple used to map predictions back."""
         img, (h0, w0), (h, w) = self.load_image(index)
-        shape = tuple(self.batch_shapes[self.batch[index]]) if self.rect else self.img_size
+        shape = tuple(self.batch_shapes[self.batch[index]]) if self.rect and self.batch_shapes is not None else self.img_size
         img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
         shapes = ((h0, w0), ((h * ratio[1] / h0, w * ratio[0] / w0), pad))
         labels = self.labels[index].copy()
@@ -351,7 +352,7 @@ def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_s
                                   stride=int(stride), pad=pad, nc=nc, workers=workers, prefix=prefix)
     batch_size = min(batch_size, len(dataset))
     nw = max(0, min(os.cpu_count() or 1, batch_size if batch_size > 1 else 0, workers))
-    sampler = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    sampler: DistributedSampler | None = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw, sampler=sampler,

@@ -55,7 +55,8 @@ def check_export_imgsz(imgsz: Union[int, list[int], tuple[int, ...]], stride: in
 
 def export_metadata(model: nn.Module, imgsz: tuple[int, int], batch_size: int, dynamic: bool, half: bool) -> dict[str, Any]:
     """The facts an inference backend needs about an exported model: stride, class names, input shape."""
-    stride = int(max(int(model.stride.max()), 32)) if hasattr(model, "stride") else 32
+    stride_t = getattr(model, "stride", None)
+    stride = int(max(int(stride_t.max()), 32)) if isinstance(stride_t, torch.Tensor) else 32
     names = [str(n) for n in getattr(model, "names", [])]
     cfg = getattr(model, "yaml", {}) or {}
     return {

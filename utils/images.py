@@ -147,13 +147,13 @@ def letterbox(
     dw, dh = new_shape[1] - new_w, new_shape[0] - new_h
     if auto:
         dw, dh = dw % stride, dh % stride
-    dw, dh = dw / 2, dh / 2
+    half_w, half_h = dw / 2, dh / 2
     if (w0, h0) != (new_w, new_h):
         img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
-    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    top, bottom = int(round(half_h - 0.1)), int(round(half_h + 0.1))
+    left, right = int(round(half_w - 0.1)), int(round(half_w + 0.1))
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
-    return img, (new_w / w0, new_h / h0), (dw, dh)
+    return img, (new_w / w0, new_h / h0), (half_w, half_h)
 
 
 def resize_long_side(img: np.ndarray, img_size: int, augment: bool = False) -> np.ndarray:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from utils.checkpoint import unwrap_model
+
+if TYPE_CHECKING:
+    from models.yolo import Detect
 
 # Per-level objectness weights: small-stride (dense) levels get more weight because their cells see fewer objects.
 BALANCE_3 = (4.0, 1.0, 0.4)
@@ -93,7 +97,7 @@ class ComputeLoss:
     """Callable YOLOv5 loss for a DetectionModel: (raw level outputs, targets) -> (loss * batch, [box, obj, cls])."""
 
     def __init__(self, model: nn.Module, hyp: dict, label_smoothing: float = 0.0) -> None:
-        self.det = unwrap_model(model).detect
+        self.det = cast("Detect", unwrap_model(model).detect)
         self.hyp = hyp
         self.na, self.nc, self.nl = self.det.na, self.det.nc, self.det.nl
         self.cp, self.cn = smooth_bce(label_smoothing)

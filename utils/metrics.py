@@ -163,7 +163,7 @@ class ConfusionMatrix:
         """
         gt_cls = (labels if labels.ndim == 1 else labels[:, 0]).long().cpu().numpy()
         if detections is None or not detections.shape[0]:
-            np.add.at(self.matrix, (self.nc, gt_cls), 1)  # every label missed
+            np.add.at(self.matrix[self.nc], gt_cls, 1)  # every label missed (row view: updates self.matrix)
             return
         detections = detections[detections[:, 4] > self.conf]
         det_cls = detections[:, 5].long().cpu().numpy()
@@ -175,8 +175,8 @@ class ConfusionMatrix:
             for li, di, _ in pairs:
                 self.matrix[det_cls[di], gt_cls[li]] += 1
                 matched_lab[li] = matched_det[di] = True
-        np.add.at(self.matrix, (self.nc, gt_cls[~matched_lab]), 1)  # missed labels -> background
-        np.add.at(self.matrix, (det_cls[~matched_det], self.nc), 1)  # unmatched detections -> false positives
+        np.add.at(self.matrix[self.nc], gt_cls[~matched_lab], 1)  # missed labels -> background (row view)
+        np.add.at(self.matrix[:, self.nc], det_cls[~matched_det], 1)  # unmatched detections -> false positives (column view)
 
     def tp_fp(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-class true and false positive counts (background excluded)."""

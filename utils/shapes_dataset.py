@@ -19,13 +19,14 @@ BACKGROUND_FRACTION = 0.06  # share of images with no objects (empty label files
 
 def _hsv_colour(rng: np.random.Generator, s: tuple[int, int], v: tuple[int, int]) -> tuple[int, int, int]:
     """A BGR colour with random hue and saturation/value in the given ranges."""
-    hsv = np.uint8([[[rng.integers(0, 180), rng.integers(*s), rng.integers(*v)]]])
-    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
+    hsv = np.array([[[rng.integers(0, 180), rng.integers(*s), rng.integers(*v)]]], dtype=np.uint8)
+    b, g, r = (int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
+    return b, g, r
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Dull, noisy background with lines and soft blobs that are not objects."""
-    img = np.empty((h, w, 3), np.uint8)
+    img: np.ndarray = np.empty((h, w, 3), np.uint8)
     img[:] = _hsv_colour(rng, (0, 60), (40, 120))
     for _ in range(int(rng.integers(2, 7))):  # thin clutter lines
         p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))

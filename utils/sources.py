@@ -73,15 +73,17 @@ class LoadImages:
         if not self._open_video(path):
             self.skipped += 1
             return
+        cap = self.cap
+        assert cap is not None  # _open_video succeeded
         try:
             while True:
-                ok, im0 = self.cap.read()
+                ok, im0 = cap.read()
                 if not ok:
                     break
                 self.frame += 1
                 yield path, self._prepare(im0), im0, f"video {i + 1}/{self.nf} ({self.frame}/{self.frames}) {path}: "
         finally:
-            self.cap.release()
+            cap.release()
             self.cap = None
 
     def _prepare(self, im0: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ def torch_latency(model: torch.nn.Module, shape: tuple[int, ...], device: torch.
     return median_ms(lambda: model(x), runs, warmup, cuda=device.type == "cuda")
 
 
-def ort_session(onnx_path: Path, threads: int, cuda: bool = False):  # type: ignore[no-untyped-def]
+def ort_session(onnx_path: Path, threads: int, cuda: bool = False):
     """An ONNX Runtime session with `threads` intra-op threads (0 = all cores), CUDA provider when asked."""
     import onnxruntime as ort
 
