@@ -51,7 +51,7 @@ def _clip_augmented(preds: list[torch.Tensor], nl: int) -> list[torch.Tensor]:
 def forward_augment(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, None]:
     """Inference on 3 scales (1, 0.83 flipped, 0.67); returns (B, N, no) predictions in `x` pixels."""
     det_model = cast("DetectionModel", model)
-    stride = int(max(cast(torch.Tensor, det_model.stride).max().item(), 32))
+    stride = int(max(det_model.stride.max().item(), 32))
     outputs = []
     for scale, flip in zip(SCALES, FLIPS):
         xi = scale_image(x.flip(flip) if flip else x, scale, stride)

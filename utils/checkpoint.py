@@ -13,7 +13,7 @@ from torch import nn
 
 from models.parse import ModelConfigError
 from models.yolo import DetectionModel
-from utils.files import atomic_write
+from utils.files import atomic_write, first_line
 
 FORMAT_VERSION = 1
 
@@ -52,7 +52,7 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: {_unpickling_reason(e)}") from None
     except Exception as e:  # the unpickler raises many types on corrupt or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'cfg')")
     if not isinstance(ckpt["cfg"], dict) or not isinstance(ckpt["model"], dict):
@@ -69,13 +69,7 @@ def _unpickling_reason(e: Exception) -> str:
         return (f"refused to load: the file stores Python objects beyond tensors{what}; unpickling those "
                 "(torch.load with weights_only=False) would let the file run arbitrary code, so only plain "
                 "state_dict checkpoints are loaded")
-    return f"not a readable checkpoint ({_first_line(e)})"
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception message (at most 200 characters), or its type name."""
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return f"not a readable checkpoint ({first_line(e)})"
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: Union[str, Path], nc: int | None = None) -> DetectionModel:
@@ -85,7 +79,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Union[str, Path], nc: int 
     except ModelConfigError as e:
         raise CheckpointError(f"{path}: stored model config cannot be built ({e})") from None
     except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed model config in checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(f"{path}: malformed model config in checkpoint ({type(e).__name__}: {first_line(e)})") from None
 
 
 def load_state(target: Any, state: Any, path: Union[str, Path], what: str = "weights") -> None:
@@ -93,7 +87,7 @@ def load_state(target: Any, state: Any, path: Union[str, Path], what: str = "wei
     try:
         target.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: {what} do not fit the model being built ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: {what} do not fit the model being built ({first_line(e)})") from None
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", use_ema: bool = True) -> DetectionModel:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Union
 
-from utils.files import describe_os_error
+from utils.files import describe_os_error, first_line
 
 LOGGER = logging.getLogger("mobile_yolo")
 ImgSize = Union[int, Sequence[int]]
@@ -58,5 +58,4 @@ def error_boundary(prog: str, extra: tuple[type[Exception], ...] = ()) -> Iterat
     except OSError as e:  # before ValueError: FileNotFoundError etc. carry the path
         raise SystemExit(f"{prog}: error: {describe_os_error(e)}") from None
     except expected as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"{prog}: error: {text}") from None
+        raise SystemExit(f"{prog}: error: {first_line(e, limit=1000)}") from None

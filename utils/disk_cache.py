@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from utils.files import atomic_write
+from utils.files import atomic_write, first_line
 
 LOGGER = logging.getLogger("mobile_yolo")
 Decoder = Callable[[str], np.ndarray]
@@ -40,7 +40,7 @@ def entry_problem(f: Path) -> str | None:
             expected = fh.tell() + int(np.prod(shape)) * dtype.itemsize
         size = f.stat().st_size
     except (OSError, ValueError, EOFError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e)
     if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3 or fortran:
         return f"holds {dtype} {shape}, expected uint8 HxWx3"
     return None if size == expected else f"{size} bytes, expected {expected} (truncated?)"
@@ -91,5 +91,5 @@ def load_entry(im_file: str, decode: Decoder) -> np.ndarray:
         try:
             return np.load(f, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
-            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            problem = first_line(e)
     return _rebuild(im_file, f, decode, problem)

@@ -83,6 +83,12 @@ def remove_stale_temps(folder: PathLike, target_glob: str = "*") -> list[Path]:
     return removed
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception message (at most `limit` characters), or its type name: one-line error text."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def describe_os_error(e: OSError) -> str:
     """'<path>: <reason>' for an OSError, so the user learns which file failed and why."""
     reason = e.strerror or str(e) or type(e).__name__

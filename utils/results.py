@@ -36,7 +36,7 @@ def append_results(csv: Path, epoch: int, train_loss: Sequence[float], results: 
     new = not csv.exists()
     with csv.open("a") as f:
         if new:
-            f.write(",".join(f"{c:>20}" for c in COLUMNS) + "\n")
+            f.write(_header() + "\n")
         f.write(",".join(f"{v:>20.5g}" if i else f"{int(v):>20}" for i, v in enumerate(values)) + "\n")
 
 
@@ -48,19 +48,18 @@ def truncate_results(csv: Path, last_epoch: int) -> None:
     """
     if not csv.exists():
         return
-    lines = csv.read_text(encoding="utf-8", errors="replace").splitlines()
-    kept, dropped = lines[:1], 0
-    for ln in lines[1:]:
-        epoch = _row_epoch(ln)
-        if epoch is None:
-            dropped += int(bool(ln.strip()))
-        elif epoch <= last_epoch:
-            kept.append(ln)
-    if dropped:
-        LOGGER.warning(f"WARNING: {csv}: dropped {dropped} unreadable row(s) while preparing to resume")
-    if not kept or not kept[0].lstrip().startswith("epoch"):
-        kept = [",".join(f"{c:>20}" for c in COLUMNS)] + [ln for ln in kept if _row_epoch(ln) is not None]
-    atomic_write_text(csv, "".join(ln + "\n" for ln in kept))
+    rows = [ln for ln in csv.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    epochs = [_row_epoch(ln) for ln in rows]
+    damaged = sum(e is None for e in epochs) - int(bool(rows) and rows[0].lstrip().startswith("epoch"))
+    if damaged:
+        LOGGER.warning(f"WARNING: {csv}: dropped {damaged} unreadable row(s) while preparing to resume")
+    kept = [ln for ln, e in zip(rows, epochs) if e is not None and e <= last_epoch]
+    atomic_write_text(csv, "".join(ln + "\n" for ln in [_header(), *kept]))
+
+
+def _header() -> str:
+    """The header row: YOLOv5's column names, right-aligned to 20 characters."""
+    return ",".join(f"{c:>20}" for c in COLUMNS)
 
 
 def _row_epoch(line: str) -> int | None:
