@@ -12,7 +12,6 @@ import resource
 import stat
 import struct
 import threading
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -207,10 +206,9 @@ def bomb_png(tmp_path_factory) -> Path:
 def test_huge_declared_png_refused_before_decoding(bomb_png):
     assert getattr(images_mod, "MAX_IMAGE_PIXELS", None) == 89_478_485  # PIL's default, one constant for all readers
     assert bomb_png.stat().st_size < 1_000_000
-    rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ImageError) as e:
         load_image(bomb_png)
-    assert time.perf_counter() - t0 < 2.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100_000  # KiB: nothing near the 400 MB decode
     msg = str(e.value)
     assert "\n" not in msg and str(bomb_png) in msg and "400,000,000 pixels" in msg and "89,478,485" in msg
