@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar, Union
 
 import numpy as np
@@ -89,3 +90,39 @@ def scale_boxes(img1_shape: tuple[int, int], boxes: ArrayT, img0_shape: tuple[in
 def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU of xyxy boxes, shape (N, M)."""
     return torchvision.ops.box_iou(box1, box2)
+
+
+def _corners(box: torch.Tensor, xywh: bool) -> tuple[torch.Tensor, ...]:
+    """Split (..., 4) boxes into x1, y1, x2, y2, w, h."""
+    if xywh:
+        cx, cy, w, h = box.unbind(-1)
+        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, w, h
+    x1, y1, x2, y2 = box.unbind(-1)
+    return x1, y1, x2, y2, x2 - x1, y2 - y1
+
+
+def bbox_iou(
+    box1: torch.Tensor, box2: torch.Tensor, xywh: bool = True, GIoU: bool = False, DIoU: bool = False, CIoU: bool = False, eps: float = 1e-7
+) -> torch.Tensor:
+    """Element-wise (broadcast) IoU of (..., 4) boxes, optionally the GIoU/DIoU/CIoU variant; returns shape (...)."""
+    ax1, ay1, ax2, ay2, aw, ah = _corners(box1, xywh)
+    bx1, by1, bx2, by2, bw, bh = _corners(box2, xywh)
+    ah, bh = ah + eps, bh + eps  # keeps atan(w/h) finite for degenerate boxes
+    inter = (torch.min(ax2, bx2) - torch.max(ax1, bx1)).clamp(0) * (torch.min(ay2, by2) - torch.max(ay1, by1)).clamp(0)
+    union = aw * ah + bw * bh - inter + eps
+    iou = inter / union
+    if not (GIoU or DIoU or CIoU):
+        return iou
+    hull_w = torch.max(ax2, bx2) - torch.min(ax1, bx1)
+    hull_h = torch.max(ay2, by2) - torch.min(ay1, by1)
+    if GIoU and not (DIoU or CIoU):
+        hull_area = hull_w * hull_h + eps
+        return iou - (hull_area - union) / hull_area
+    diag2 = hull_w**2 + hull_h**2 + eps
+    centre2 = ((bx1 + bx2 - ax1 - ax2) ** 2 + (by1 + by2 - ay1 - ay2) ** 2) / 4
+    if not CIoU:
+        return iou - centre2 / diag2
+    v = (4 / math.pi**2) * (torch.atan(bw / bh) - torch.atan(aw / ah)).pow(2)
+    with torch.no_grad():  # trade-off weight; 1 - iou clamped so near-identical boxes cannot divide by ~0
+        alpha = v / (v + (1 - iou).clamp(min=0) + eps)
+    return iou - (centre2 / diag2 + v * alpha)
