@@ -37,7 +37,7 @@ def build(spec: str) -> tuple[str, DetectionModel]:
 
 def export_onnx(model: DetectionModel, out: Path, imgsz: tuple[int, int], batch: int) -> Path:
     """Static-shape ONNX of the fused model (through export.py's exporter)."""
-    from utils.export_formats import export_onnx_model
+    from utils.export.formats import export_onnx_model
 
     return export_onnx_model(model, out, imgsz, batch_size=batch)
 
@@ -117,10 +117,10 @@ def train_throughput(spec: str, opt: argparse.Namespace) -> dict[str, Any]:
     import time
 
     import train
-    from utils.dataset_config import load_dataset_config
-    from utils.datasets import create_dataloader
-    from utils.loss import ComputeLoss, scale_loss_gains
-    from utils.torch_utils import select_device
+    from utils.data.dataset_config import load_dataset_config
+    from utils.data.datasets import create_dataloader
+    from utils.engine.torch_utils import select_device
+    from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
 
     dev = select_device(opt.device)
     data, hyp = load_dataset_config(opt.data), train.load_hyp(train.DEFAULT_HYP)

@@ -14,14 +14,14 @@ import torch
 
 from utils.boxes import scale_boxes, xyxy2xywh
 from utils.cli import check_fraction, check_img_size, check_int, error_boundary
-from utils.dataset_config import load_dataset_config
+from utils.data.dataset_config import load_dataset_config
+from utils.data.images import VID_FORMATS
+from utils.engine.torch_utils import select_device
 from utils.files import safe_component
-from utils.images import VID_FORMATS
 from utils.logs import set_logging
 from utils.nms import non_max_suppression
 from utils.paths import ROOT, increment_path
 from utils.plots import draw_detections
-from utils.torch_utils import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -35,11 +35,11 @@ def default_source() -> str:
 
 def open_source(source: str, imgsz: tuple[int, int], stride: int, auto: bool, vid_stride: int) -> Any:
     """Images/videos/lists via LoadImages; a webcam index or stream URL via LoadStreams."""
-    from utils.sources import LoadImages
+    from utils.data.sources import LoadImages
 
     is_stream = source.isnumeric() or source.lower().startswith(("rtsp://", "rtmp://", "http://", "https://"))
     if is_stream and not Path(source).exists():
-        from utils.streams import LoadStreams
+        from utils.data.streams import LoadStreams
 
         return LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
     return LoadImages(source, img_size=imgsz, stride=stride, auto=auto)
@@ -150,7 +150,7 @@ def run(
     vid_stride: int = 1,
 ) -> Path:
     """Detect objects in `source`, save annotated media and labels under runs/detect/exp*; returns the run folder."""
-    from utils.backend import DetectBackend
+    from utils.export.backend import DetectBackend
 
     check_options(imgsz, conf_thres, iou_thres, max_det, vid_stride, line_thickness)
     dev = select_device(device)

@@ -20,7 +20,8 @@ import torch
 
 from utils.checkpoint import load_model
 from utils.cli import check_int, error_boundary
-from utils.export_formats import (
+from utils.engine.torch_utils import select_device
+from utils.export.formats import (
     ExportError,
     atomic_path,
     check_export_imgsz,
@@ -29,7 +30,6 @@ from utils.export_formats import (
     export_openvino_model,
     export_torchscript_model,
 )
-from utils.torch_utils import select_device
 
 __all__ = ["export_onnx_model", "main", "parse_opt", "run"]
 
@@ -83,7 +83,7 @@ def _check_options(include: list[str], half: bool, device: torch.device, int8: b
 
 def _export_onnx_family(model: Any, fmts: list[str], base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> dict[str, Path]:
     """ONNX and OpenVINO share one fp32 (or int8) ONNX graph; OpenVINO converts from it."""
-    from utils.quantize import calibration_images, quantize_onnx
+    from utils.export.quantize import calibration_images, quantize_onnx
 
     out: dict[str, Path] = {}
     images = calibration_images(opt["data"], limit=opt["n_calib"]) if opt["int8"] else []
@@ -112,7 +112,7 @@ def _copy_metadata(onnx_file: Path, meta: dict[str, Any]) -> None:
     """Re-attach the metadata props (quantisation drops them) and re-check the model."""
     import onnx
 
-    from utils.export_formats import set_onnx_metadata
+    from utils.export.formats import set_onnx_metadata
 
     proto = onnx.load(str(onnx_file))
     set_onnx_metadata(proto, {**meta, "int8": True})

@@ -18,15 +18,11 @@ from models.pretrained import load_backbone_weights
 from models.yolo import DetectionModel
 from utils.checkpoint import load_state, model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap_model
 from utils.cli import check_img_size, check_int, error_boundary
-from utils.dataset_config import load_dataset_config
-from utils.early_stopping import EarlyStopping
-from utils.files import atomic_write_text, remove_stale_temps
-from utils.logs import set_logging
-from utils.metrics import fitness
-from utils.paths import ROOT, increment_path
-from utils.results import append_results, truncate_results
-from utils.tb_logger import TensorBoardLogger
-from utils.torch_utils import (
+from utils.data.dataset_config import load_dataset_config
+from utils.engine.early_stopping import EarlyStopping
+from utils.engine.results import append_results, truncate_results
+from utils.engine.tb_logger import TensorBoardLogger
+from utils.engine.torch_utils import (
     ModelEMA,
     NonFiniteLossError,
     build_scheduler,
@@ -35,7 +31,11 @@ from utils.torch_utils import (
     select_device,
     smart_optimizer,
 )
-from utils.train_loop import NOMINAL_BATCH, TrainContext, train_one_epoch
+from utils.engine.train_loop import NOMINAL_BATCH, TrainContext, train_one_epoch
+from utils.evaluation.metrics import fitness
+from utils.files import atomic_write_text, remove_stale_temps
+from utils.logs import set_logging
+from utils.paths import ROOT, increment_path
 
 LOGGER = logging.getLogger("mobile_yolo")
 DEFAULT_CFG = "models/yolov5_mobilenetv4.yaml"
@@ -93,7 +93,7 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str], device: torc
 
 def make_loaders(opt: argparse.Namespace, data: dict, hyp: dict, gs: int, batch: int) -> tuple[Any, Any, Any]:
     """Augmented training loader (per rank) and the rectangular validation loader (rank 0)."""
-    from utils.datasets import create_dataloader
+    from utils.data.datasets import create_dataloader
 
     train_loader, dataset = create_dataloader(
         data["train"], opt.imgsz, batch, gs, single_cls=opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
@@ -141,8 +141,8 @@ def restore(run: dict, ckpt: dict) -> tuple[int, float]:
 
 def setup(opt: argparse.Namespace, device: torch.device) -> dict:
     """Everything a run needs: folders, data, model, loaders, loss, optimizer, scheduler, EMA."""
-    from utils.autoanchor import check_anchors, label_wh_from_dataset
-    from utils.loss import ComputeLoss, scale_loss_gains
+    from utils.engine.autoanchor import check_anchors, label_wh_from_dataset
+    from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
 
     save_dir, hyp = Path(opt.save_dir), load_hyp(opt.hyp)
     data = load_dataset_config(opt.data)
@@ -405,7 +405,7 @@ def main(opt: argparse.Namespace) -> Path:
         opt.hyp_file = str(opt.hyp)
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok).resolve())  # resume finds it from any cwd
     if opt.batch_size == -1:
-        from utils.torch_utils import auto_batch_size
+        from utils.engine.torch_utils import auto_batch_size
 
         opt.batch_size = auto_batch_size(opt)
     device = init_distributed(opt)

@@ -16,13 +16,13 @@ from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.cli import check_fraction, check_img_size, check_int, error_boundary
-from utils.dataset_config import load_dataset_config
+from utils.data.dataset_config import load_dataset_config
+from utils.engine.torch_utils import select_device
+from utils.evaluation.metrics import ConfusionMatrix, ap_per_class, match_predictions
 from utils.files import safe_component
 from utils.logs import set_logging
-from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
 from utils.nms import non_max_suppression
 from utils.paths import ROOT, increment_path
-from utils.torch_utils import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
 IOUV = torch.linspace(0.5, 0.95, 10)
@@ -99,14 +99,14 @@ def json_records(predn: torch.Tensor, image_id: int) -> list[dict]:
 
 def _load_backend(weights: Any, device: torch.device, half: bool) -> Any:
     """Open the weights through the one inference backend (.pt, ONNX, TorchScript, OpenVINO)."""
-    from utils.backend import DetectBackend
+    from utils.export.backend import DetectBackend
 
     return DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=device, fp16=half)
 
 
 def _make_loader(data: dict, task: str, imgsz: int, batch_size: int, stride: int, pt: bool, single_cls: bool, workers: int):  # type: ignore[no-untyped-def]
     """Rectangular, padded validation dataloader for the split `task`."""
-    from utils.datasets import create_dataloader
+    from utils.data.datasets import create_dataloader
 
     split = task if task in ("train", "val", "test") and data.get(task) else "val"
     pad, rect = (0.0, False) if task == "speed" else (0.5, pt)
@@ -205,7 +205,7 @@ def _coco_eval(state: ValState, dataset: Any, names: list[str], save_dir: Path, 
     pred_json.write_text(json.dumps(state.jdict))
     LOGGER.info(f"Saved {len(state.jdict)} predictions to {pred_json}")
     try:
-        from utils.coco_eval import evaluate_coco, yolo_to_coco_gt
+        from utils.evaluation.coco_eval import evaluate_coco, yolo_to_coco_gt
 
         shapes = [(int(h), int(w)) for h, w in dataset.img_shapes]
         gt = yolo_to_coco_gt(dataset.im_files, [lb[:, :5] for lb in dataset.labels], shapes, names)

@@ -7,7 +7,7 @@ OUT=${OUT:-runs/gpu_report}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -c "from utils.dataset_config import load_dataset_config as f; f(None)"
+python3 -c "from utils.data.dataset_config import load_dataset_config as f; f(None)"
 python3 benchmarks.py --train-throughput --cfg models/yolov5s.yaml models/yolov5_mobilenetv4.yaml --imgsz 640 \
   --train-batch 64 --train-batches 4 --workers 8 --device 0 --out "$OUT/train_throughput"
 for cfg in yolov5_mobilenetv4 yolov5s; do

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from models.yolo import DetectionModel
-from utils.export_formats import export_onnx_model
+from utils.export.formats import export_onnx_model
 from utils.timing import ort_session
 
 

@@ -5,7 +5,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/compare}; EPOCHS=${EPOCHS:-40}; IMGSZ=${IMGSZ:-320}; BATCH=${BATCH:-32}; DEVICE=${DEVICE:-0}
 mkdir -p "$OUT"
-python3 -c "from utils.dataset_config import load_dataset_config as f; f(None)"
+python3 -c "from utils.data.dataset_config import load_dataset_config as f; f(None)"
 for cfg in "$@"; do
   name=$(basename "$cfg" .yaml)
   python3 train.py --cfg "$cfg" --imgsz "$IMGSZ" --epochs "$EPOCHS" --batch-size "$BATCH" --device "$DEVICE" --workers 1 \

@@ -180,7 +180,7 @@ def _log_records_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def tiny_shapes_yaml(root: Path, n_train: int, n_val: int, seed: int) -> Path:
     """A small generated shapes dataset under root and its dataset yaml (no generator key: it exists already)."""
-    from utils.shapes_dataset import generate_shapes
+    from utils.data.shapes_dataset import generate_shapes
 
     generate_shapes(root / "shapes", n_train=n_train, n_val=n_val, seed=seed)
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "data/shapes.yaml").read_text())

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from utils.augmentations import augment_hsv, box_candidates, flip_labels, mixup, random_perspective
-from utils.datasets import LoadImagesAndLabels
+from utils.data.augmentations import augment_hsv, box_candidates, flip_labels, mixup, random_perspective
+from utils.data.datasets import LoadImagesAndLabels
 
 
 def checker(h: int = 64, w: int = 96) -> np.ndarray:

@@ -13,9 +13,9 @@ from test_export import NAMES, assert_close_predictions, checkpoint_tol, make_ch
 
 import export
 from tests.conftest import rounding_tol
-from utils.backend import DetectBackend
 from utils.checkpoint import CheckpointError
-from utils.torch_utils import select_device
+from utils.engine.torch_utils import select_device
+from utils.export.backend import DetectBackend
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for utils.coco_eval and agreement of our mAP with pycocotools on a synthetic set."""
+"""Tests for utils.evaluation.coco_eval and agreement of our mAP with pycocotools on a synthetic set."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from utils.boxes import xywhn2xyxy
-from utils.coco_eval import (
+from utils.evaluation.coco_eval import (
     CocoEvalError,
     coco80_to_91,
     coco_image_ids,
@@ -18,7 +18,7 @@ from utils.coco_eval import (
     predictions_to_coco,
     yolo_to_coco_gt,
 )
-from utils.metrics import ap_per_class, default_iouv, match_predictions
+from utils.evaluation.metrics import ap_per_class, default_iouv, match_predictions
 
 NAMES = ["a", "b", "c"]
 

@@ -15,14 +15,14 @@ import torch
 import yaml
 from PIL import Image
 
-from utils import dataset_config
 from utils.boxes import scale_boxes, xywh2xyxy
-from utils.dataset_config import DatasetError, convert_voc, load_dataset_config
-from utils.datasets import LoadImagesAndLabels, collect_image_files, create_dataloader, rect_batch_shapes, verify_image
-from utils.images import ImageError, letterbox, load_image
-from utils.labels import img2label_paths, read_label_file
-from utils.shapes_dataset import generate_shapes
-from utils.sources import LoadImages
+from utils.data import dataset_config
+from utils.data.dataset_config import DatasetError, convert_voc, load_dataset_config
+from utils.data.datasets import LoadImagesAndLabels, collect_image_files, create_dataloader, rect_batch_shapes, verify_image
+from utils.data.images import ImageError, letterbox, load_image
+from utils.data.labels import img2label_paths, read_label_file
+from utils.data.shapes_dataset import generate_shapes
+from utils.data.sources import LoadImages
 
 
 def write_img(path: Path, w: int = 64, h: int = 48, colour=(40, 90, 160)) -> Path:
@@ -335,7 +335,7 @@ def test_config_errors(tmp_path, cfg, match):
 
 
 def test_config_bare_name_and_missing_file():
-    assert load_dataset_config.__module__ == "utils.dataset_config"
+    assert load_dataset_config.__module__ == "utils.data.dataset_config"
     with pytest.raises(DatasetError, match="not found"):
         load_dataset_config("no_such_dataset.yaml")
     cfg, where, file = dataset_config._read_yaml("coco128.yaml")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from utils.shapes_dataset import generate_shapes
+from utils.data.shapes_dataset import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,8 @@ from models.registry import get_module
 from models.yolo import DetectionModel
 from tests.conftest import calibrate_bn, random_images, rounding_tol
 from utils.checkpoint import save_checkpoint
-from utils.export_formats import ExportError, export_onnx_model
-from utils.quantize import QuantizeError, _letterboxed_chw, float_tail_nodes, quantize_onnx
+from utils.export.formats import ExportError, export_onnx_model
+from utils.export.quantize import QuantizeError, _letterboxed_chw, float_tail_nodes, quantize_onnx
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 NAMES = ["a", "b", "c"]
@@ -219,7 +219,7 @@ def test_openvino_missing_package_hint(ckpt: Path, tmp_path: Path, monkeypatch: 
 
 def test_openvino_export_matches_pytorch(ckpt: Path, tmp_path: Path) -> None:
     pytest.importorskip("openvino")
-    from utils.backend import DetectBackend
+    from utils.export.backend import DetectBackend
 
     (path,) = export.run(weights=ckpt, include=["openvino"], imgsz=64, output=tmp_path / "m_openvino_model")
     assert (path / "m.xml").is_file() and (path / "m.bin").is_file() and (path / "metadata.yaml").is_file()

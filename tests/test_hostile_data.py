@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import yaml
 
-from utils import images as images_mod
-from utils.dataset_config import DatasetError, load_dataset_config
-from utils.datasets import LoadImagesAndLabels, verify_image
-from utils.images import ImageError, load_image
-from utils.labels import read_label_file
-from utils.sources import LoadImages
+from utils.data import images as images_mod
+from utils.data.dataset_config import DatasetError, load_dataset_config
+from utils.data.datasets import LoadImagesAndLabels, verify_image
+from utils.data.images import ImageError, load_image
+from utils.data.labels import read_label_file
+from utils.data.sources import LoadImages
 
 # ---------- helpers ----------
 

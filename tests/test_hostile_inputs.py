@@ -24,9 +24,9 @@ from models.yolo import DetectionModel
 from tests.conftest import tiny_shapes_yaml
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.cli import OptionError, check_img_size, check_int
-from utils.export_formats import ExportError, atomic_path, export_metadata
+from utils.engine.results import COLUMNS, append_results, truncate_results
+from utils.export.formats import ExportError, atomic_path, export_metadata
 from utils.files import safe_component
-from utils.results import COLUMNS, append_results, truncate_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = "models/yolov5n.yaml"

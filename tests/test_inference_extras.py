@@ -73,7 +73,7 @@ def test_tta_output_in_input_pixels() -> None:
 def test_detect_and_val_on_config_model(tmp_path: Path) -> None:
     import detect
     import val
-    from utils.shapes_dataset import generate_shapes
+    from utils.data.shapes_dataset import generate_shapes
 
     generate_shapes(tmp_path / "ds", n_train=4, n_val=4, seed=3)
     names = ["circle", "rectangle", "triangle"]

@@ -10,7 +10,7 @@ import torch
 from models.yolo import DetectionModel
 from tests.conftest import EPS16, EPS32
 from utils.boxes import bbox_iou
-from utils.loss import ComputeLoss, FocalLoss, scale_loss_gains, smooth_bce
+from utils.loss.anchor_based import ComputeLoss, FocalLoss, scale_loss_gains, smooth_bce
 
 HYP = {"box": 0.05, "cls": 0.5, "cls_pw": 1.0, "obj": 1.0, "obj_pw": 1.0, "anchor_t": 4.0, "fl_gamma": 0.0}
 # Centres chosen off cell boundaries at every level so each match gets exactly centre + 2 neighbours.

@@ -1,4 +1,4 @@
-"""Tests for utils.metrics: matching, AP, confusion matrix, fitness and the val accumulator."""
+"""Tests for utils.evaluation.metrics: matching, AP, confusion matrix, fitness and the val accumulator."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import ConfusionMatrix, DetectionMetrics, ap_per_class, compute_ap, default_iouv, fitness, match_predictions, smooth
+from utils.evaluation.metrics import (
+    ConfusionMatrix,
+    DetectionMetrics,
+    ap_per_class,
+    compute_ap,
+    default_iouv,
+    fitness,
+    match_predictions,
+    smooth,
+)
 
 IOUV = default_iouv()
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from models.yolo import DetectionModel
 from tests.conftest import EPS32
-from utils.torch_utils import (
+from utils.engine.torch_utils import (
     ModelEMA,
     NonFiniteLossError,
     auto_batch_size,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from utils.boxes import xywh2xyxy
-from utils.metrics import names_dict, smooth
+from utils.evaluation.metrics import names_dict, smooth
 
 LOGGER = logging.getLogger("mobile_yolo")
 

@@ -11,8 +11,8 @@ from typing import Union
 import cv2
 import numpy as np
 
-from utils.dataset_config import DatasetError
-from utils.images import IMG_FORMATS, VID_FORMATS, ImageError, img_to_tensor_layout, letterbox, load_image
+from utils.data.dataset_config import DatasetError
+from utils.data.images import IMG_FORMATS, VID_FORMATS, ImageError, img_to_tensor_layout, letterbox, load_image
 
 LOGGER = logging.getLogger("mobile_yolo")
 

@@ -7,7 +7,7 @@ from typing import Iterator, Union
 import cv2
 import numpy as np
 
-from utils.images import letterbox
+from utils.data.images import letterbox
 
 
 class StreamError(ValueError):

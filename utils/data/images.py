@@ -90,7 +90,7 @@ def _check_pixels(path: Union[str, Path], w: int, h: int) -> None:
     """Raise ImageError (one line) if w x h is over MAX_IMAGE_PIXELS."""
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageError(f"{path}: image is {w}x{h} = {w * h:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
-                         f"(utils.images.MAX_IMAGE_PIXELS)")
+                         f"(utils.data.images.MAX_IMAGE_PIXELS)")
 
 
 def check_image_size(path: Union[str, Path]) -> tuple[int, int] | None:
@@ -103,7 +103,8 @@ def check_image_size(path: Union[str, Path]) -> tuple[int, int] | None:
     except Image.DecompressionBombError as e:  # PIL refuses headers over twice its own limit before giving the size
         found = re.search(r"\((\d+) pixels\)", str(e))
         n = f"{int(found.group(1)):,} pixels" if found else "more pixels than PIL allows"
-        raise ImageError(f"{path}: image declares {n}, over the limit of {MAX_IMAGE_PIXELS:,} (utils.images.MAX_IMAGE_PIXELS)") from None
+        limit = f"{MAX_IMAGE_PIXELS:,} (MAX_IMAGE_PIXELS in utils/data/images.py)"
+        raise ImageError(f"{path}: image declares {n}, over the limit of {limit}") from None
     except Exception:
         return None  # not a format PIL knows (or a broken header): the decoders decide
     _check_pixels(path, w, h)

@@ -31,9 +31,9 @@ from xml.etree import ElementTree
 import yaml
 
 from utils.files import UnsafePathError, ensure_inside
+from utils.paths import ROOT
 
 LOGGER = logging.getLogger("mobile_yolo")
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "shapes.yaml"
 DOWNLOAD_TIMEOUT = 15.0  # seconds; offline machines fail fast
 ALLOWED_URL_SCHEMES = ("http", "https")  # file://, ftp:// and the like are refused (also as redirect targets)
@@ -126,7 +126,7 @@ def _make_available(cfg: dict, where: str, autodownload: bool) -> None:
     if cfg.get("generator"):
         if cfg["generator"] != "shapes":
             raise DatasetError(f"{where}: unknown generator '{cfg['generator']}' (supported: shapes)")
-        from utils.shapes_dataset import generate_shapes
+        from utils.data.shapes_dataset import generate_shapes
 
         LOGGER.info(f"Dataset not found at {root}, generating it from {where} ...")
         try:

@@ -69,7 +69,7 @@ def _preprocess(src: Path, dst: Path) -> Path:
 
 def _letterboxed_chw(path: Path, imgsz: tuple[int, int]) -> np.ndarray | None:
     """Read one image and letterbox it to imgsz as RGB CHW float32 in 0-1; None (warned) if unreadable."""
-    from utils.images import ImageError, letterbox, load_image
+    from utils.data.images import ImageError, letterbox, load_image
 
     try:
         img = load_image(path)
@@ -148,7 +148,7 @@ def calibration_images(data: Union[str, Path, dict], limit: int = 300) -> list[P
     if isinstance(data, (str, Path)) and Path(data).is_dir():
         sources: list[Path] = [Path(data)]
     else:
-        from utils.dataset_config import load_dataset_config
+        from utils.data.dataset_config import load_dataset_config
 
         train = load_dataset_config(data)["train"]
         sources = [Path(p) for p in (train if isinstance(train, list) else [train])]

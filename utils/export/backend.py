@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from utils.torch_utils import select_device
+from utils.engine.torch_utils import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
 SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml"
@@ -114,7 +114,7 @@ class DetectBackend(nn.Module):
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def _load_openvino(self) -> dict:
-        from utils.export_formats import OPENVINO_METADATA, import_openvino
+        from utils.export.formats import OPENVINO_METADATA, import_openvino
 
         ov = import_openvino()
         xmls = [self.weights] if self.weights.suffix == ".xml" else sorted(self.weights.glob("*.xml"))

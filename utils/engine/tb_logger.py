@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from utils.results import COLUMNS
+from utils.engine.results import COLUMNS
 
 LOGGER = logging.getLogger("mobile_yolo")
 

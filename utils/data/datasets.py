@@ -18,13 +18,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from utils import disk_cache
-from utils.augmentations import augment_hsv, flip_labels, mixup, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
-from utils.dataset_config import DatasetError
+from utils.data import disk_cache
+from utils.data.augmentations import augment_hsv, flip_labels, mixup, random_perspective
+from utils.data.dataset_config import DatasetError
+from utils.data.images import IMG_FORMATS, ImageError, check_image_size, img_to_tensor_layout, letterbox, load_image, resize_long_side
+from utils.data.labels import img2label_paths, read_label_file
 from utils.files import atomic_write_text
-from utils.images import IMG_FORMATS, ImageError, check_image_size, img_to_tensor_layout, letterbox, load_image, resize_long_side
-from utils.labels import img2label_paths, read_label_file
 
 LOGGER = logging.getLogger("mobile_yolo")
 CACHE_VERSION = 1
@@ -60,7 +60,7 @@ def collect_image_files(path: Union[PathLike, list[PathLike]], prefix: str = "")
 def verify_image(im_file: str) -> tuple[tuple[int, int] | None, str | None]:
     """Check an image without fully decoding it -> ((h, w) upright, None) or (None, one-line reason)."""
     try:
-        check_image_size(im_file)  # the same size limit (utils.images.MAX_IMAGE_PIXELS) and message as load_image
+        check_image_size(im_file)  # the same size limit (utils.data.images.MAX_IMAGE_PIXELS) and message as load_image
     except ImageError as e:
         return None, str(e)
     try:
@@ -230,7 +230,7 @@ class LoadImagesAndLabels(Dataset):
             raise DatasetError(str(e)) from None
 
     def _cache_images(self, workers: int, prefix: str) -> None:
-        """Cache resized images in RAM, or original decoded images as keyed .npy files beside them (utils.disk_cache)."""
+        """Cache resized images in RAM, or original decoded images as keyed .npy files beside them (utils.data.disk_cache)."""
         def work(i: int) -> int:
             if self.cache == "disk":
                 return disk_cache.ensure_entry(self.im_files[i], self._decode)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.torch_utils import check_finite_loss, warmup_step
+from utils.engine.torch_utils import check_finite_loss, warmup_step
 
 LOGGER = logging.getLogger("mobile_yolo")
 NOMINAL_BATCH = 64

@@ -1,0 +1,1 @@
+"""Image -> dataset: reading images and labels, augmenting, batching."""

@@ -1,0 +1,1 @@
+"""Training engine: optimizer, schedules, EMA, the epoch loop, results logging."""

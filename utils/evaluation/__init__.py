@@ -1,0 +1,1 @@
+"""Metrics: matching detections to labels, AP, confusion matrix, COCO scoring."""

@@ -1,0 +1,1 @@
+"""Export and deployment: format writers, INT8 quantization, the one inference backend."""
