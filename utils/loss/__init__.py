@@ -1,1 +1,63 @@
-"""Training losses, one per head kind."""
+"""Training losses, one per head kind: `build_loss` picks the loss that matches the model's head.
+
+models/ must not import training code, so a head only declares its `kind`; the loss for that kind registers here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
+from utils.loss.anchor_free import AnchorFreeLoss, unwrap_head
+
+
+class DetectionLoss(Protocol):
+    """(raw head outputs, targets [image, class, cx, cy, w, h]) -> (loss * batch size, detached per-item losses)."""
+
+    names: tuple[str, ...]
+
+    def __call__(self, preds: Any, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+LossFactory = Callable[[nn.Module, Mapping[str, Any], int, float], DetectionLoss]
+_LOSSES: dict[str, LossFactory] = {}
+
+
+def register_loss(kind: str) -> Callable[[LossFactory], LossFactory]:
+    """Decorator: the factory builds the loss for heads whose `kind` is `kind`."""
+
+    def wrap(factory: LossFactory) -> LossFactory:
+        if kind in _LOSSES:
+            raise ValueError(f"a loss for head kind {kind!r} is already registered")
+        _LOSSES[kind] = factory
+        return factory
+
+    return wrap
+
+
+def build_loss(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float = 0.0) -> DetectionLoss:
+    """The loss for `model`'s head (DDP-wrapped models too); unknown head kinds raise ValueError listing the known ones."""
+    kind = getattr(unwrap_head(model), "kind", "anchor_based")
+    if kind not in _LOSSES:
+        raise ValueError(f"no loss for head kind {kind!r}; known: {', '.join(sorted(_LOSSES))}")
+    return _LOSSES[kind](model, hyp, imgsz, label_smoothing)
+
+
+@register_loss("anchor_based")
+def _anchor_based(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float) -> DetectionLoss:
+    """YOLOv5's loss with its gains rescaled for the number of levels, classes and the image size."""
+    head: Any = unwrap_head(model)
+    return ComputeLoss(model, scale_loss_gains(dict(hyp), head.nl, head.nc, imgsz), label_smoothing=label_smoothing)
+
+
+@register_loss("anchor_free")
+def _anchor_free(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float) -> DetectionLoss:
+    """YOLOv8's loss; its gains are used as given (YOLOv8 does not rescale them)."""
+    return AnchorFreeLoss(model, hyp)
+
+
+__all__ = ["AnchorFreeLoss", "ComputeLoss", "DetectionLoss", "build_loss", "register_loss", "scale_loss_gains"]

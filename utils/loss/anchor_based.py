@@ -60,6 +60,8 @@ class FocalLoss(nn.Module):
 class ComputeLoss:
     """Callable YOLOv5 loss for a DetectionModel: (raw level outputs, targets) -> (loss * batch, [box, obj, cls])."""
 
+    names: tuple[str, ...] = ("box_loss", "obj_loss", "cls_loss")
+
     def __init__(self, model: nn.Module, hyp: dict, label_smoothing: float = 0.0) -> None:
         self.det = cast("Detect", unwrap_model(model).detect)
         self.hyp = hyp
