@@ -176,7 +176,7 @@ def run(
         t1 = time.perf_counter()
         pred = model(x, augment=augment) if augment else model(x)
         t2 = time.perf_counter()
-        dets = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det)
+        dets = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det, head=model.head_kind)
         times += (t1 - t0, t2 - t1, time.perf_counter() - t2)
         frames = im0s if isinstance(im0s, list) else [im0s]
         for i, det in enumerate(dets):

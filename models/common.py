@@ -69,13 +69,15 @@ class DWConv(Conv):
 
 @register_module("Bottleneck", kind="conv", takes_act=True)
 class Bottleneck(nn.Module):
-    """1x1 then 3x3 Conv with an optional residual."""
+    """Two Convs (kernels `k`: 1x1 then 3x3 in YOLOv5, 3x3 twice in YOLOv8's C2f) with an optional residual."""
 
-    def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1, e: float = 0.5, act: Act = True) -> None:
+    def __init__(
+        self, c1: int, c2: int, shortcut: bool = True, g: int = 1, e: float = 0.5, act: Act = True, k: tuple[int, int] = (1, 3)
+    ) -> None:
         super().__init__()
         c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1, act=act)
-        self.cv2 = Conv(c_, c2, 3, 1, g=g, act=act)
+        self.cv1 = Conv(c1, c_, k[0], 1, act=act)
+        self.cv2 = Conv(c_, c2, k[1], 1, g=g, act=act)
         self.add = shortcut and c1 == c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +99,24 @@ class C3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+@register_module("C2f", kind="csp", takes_act=True)
+class C2f(nn.Module):
+    """YOLOv8's CSP block: a 1x1 conv split in two halves, n 3x3-3x3 Bottlenecks chained on the second, every output concatenated."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5, act: Act = True) -> None:
+        super().__init__()
+        self.c = int(c2 * e)
+        self.cv1 = Conv(c1, 2 * self.c, 1, 1, act=act)
+        self.cv2 = Conv((2 + n) * self.c, c2, 1, act=act)
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, g, e=1.0, act=act, k=(3, 3)) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = list(self.cv1(x).split((self.c, self.c), 1))
+        for block in self.m:
+            parts.append(block(parts[-1]))
+        return self.cv2(torch.cat(parts, 1))
 
 
 @register_module("SPP", kind="conv", takes_act=True)

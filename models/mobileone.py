@@ -177,6 +177,10 @@ class MobileOneUnit(nn.Module):
         self.skip = None
 
 
+# Apple's MobileOneBlock is one unit; as a yaml row: [c2, k, s, groups, num_branches, use_se] (parse inserts c1).
+register_module("MobileOneBlock", kind="conv", stride_arg=3)(MobileOneUnit)
+
+
 def _build_stage(
     c1: int, c2: int, num_blocks: int, num_se: int, num_branches: int, inference_mode: bool
 ) -> nn.Sequential:

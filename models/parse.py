@@ -1,12 +1,14 @@
-"""parse_model: turn a YOLOv5 model yaml dict into layers, routes, channels and strides via the registry."""
+"""parse_model: turn a YOLOv5/YOLOv8-style model yaml dict into layers, routes, channels and strides via the registry."""
 
 from __future__ import annotations
 
 import ast
 import functools
+import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -14,7 +16,9 @@ from torch import nn
 from models.backbone import Backbone, FeatureSelect
 from models.registry import ModuleSpec, get_module
 
-REQUIRED_KEYS = ("nc", "anchors", "backbone", "head")
+LOGGER = logging.getLogger("mobile_yolo")
+REQUIRED_KEYS = ("nc", "backbone", "head")  # `anchors` only for anchor-based heads: without it a Detect row is anchor-free
+SCALE_IN_NAME = re.compile(r"(?:^|[^a-z])yolov?\d+([a-z])(?![a-z])")  # yolov8n.yaml, exp_yolov8s_mobileone_s0.yaml -> n, s
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "SiLU": nn.SiLU,
     "ReLU": nn.ReLU,
@@ -53,6 +57,7 @@ class ParsedModel:
     channels: list[int | None]  # None for a backbone's own index (its output is a list)
     strides: list[float | None]
     rows: list[LayerRow] = field(default_factory=list)
+    scale: str | None = None  # the `scales` entry used, if the config has scales
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
@@ -83,6 +88,38 @@ def _positive_multiple(cfg: dict, key: str) -> float:
     return value
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pick_scale(cfg: dict) -> str:
+    """The scale letter: the `scale` key, else the letter after yolov<N> in the file name, else the first listed."""
+    scales = cfg["scales"]
+    if not isinstance(scales, dict) or not scales:
+        raise ModelConfigError(f"model config: scales must map letters to [depth, width, max_channels], got {scales!r}")
+    if cfg.get("scale") is not None:
+        scale, origin = cfg["scale"], "scale key"
+    else:
+        match = SCALE_IN_NAME.search(Path(str(cfg.get("yaml_file", ""))).stem.lower())
+        if match is None:
+            first = next(iter(scales))
+            LOGGER.warning(f"model config: no scale given (scale key or yolov8<letter> file name); using the first, {first!r}")
+            return str(first)
+        scale, origin = match.group(1), f"file name {cfg['yaml_file']}"
+    if scale not in scales:
+        raise ModelConfigError(f"model config: scale {scale!r} (from the {origin}) is not in scales; known: {', '.join(map(str, scales))}")
+    return str(scale)
+
+
+def _scale_values(cfg: dict, scale: str) -> tuple[float, float, int]:
+    """Validate `scales[scale]` as three positive numbers [depth, width, max_channels]."""
+    entry = cfg["scales"][scale]
+    if not isinstance(entry, (list, tuple)) or len(entry) != 3 or not all(_is_number(v) and v > 0 for v in entry):
+        raise ModelConfigError(f"model config: scales[{scale!r}] must be 3 positive numbers [depth, width, max_channels], not {entry!r}")
+    return float(entry[0]), float(entry[1]), int(entry[2])
+
+
 class _Builder:
     """Stateful walk over the yaml rows; one small method per module kind."""
 
@@ -91,14 +128,23 @@ class _Builder:
         if missing:
             raise ModelConfigError(f"model config is missing key(s): {', '.join(missing)}")
         self.nc = cfg["nc"]
-        self.anchors = cfg["anchors"]
-        self.gd = _positive_multiple(cfg, "depth_multiple")
-        self.gw = _positive_multiple(cfg, "width_multiple")
-        self.act = parse_activation(cfg["activation"]) if cfg.get("activation") else None
-        self.na = len(self.anchors[0]) // 2 if isinstance(self.anchors, (list, tuple)) else int(self.anchors)
-        self.no = self.na * (self.nc + 5)
-        self.input_ch = ch
+        self.anchors = cfg.get("anchors")
         self.out = ParsedModel(nn.Sequential(), [], [], [], [])
+        self.max_ch: int | None = None
+        if cfg.get("scales") is not None:
+            if "depth_multiple" in cfg or "width_multiple" in cfg:
+                raise ModelConfigError("model config: give either scales or depth_multiple/width_multiple, not both")
+            self.out.scale = _pick_scale(cfg)
+            self.gd, self.gw, self.max_ch = _scale_values(cfg, self.out.scale)
+        else:
+            self.gd = _positive_multiple(cfg, "depth_multiple")
+            self.gw = _positive_multiple(cfg, "width_multiple")
+        self.act = parse_activation(cfg["activation"]) if cfg.get("activation") else None
+        self.no: int | None = None  # YOLOv5 leaves a conv whose width equals the anchor-based output width unscaled
+        if self.anchors is not None:
+            na = len(self.anchors[0]) // 2 if isinstance(self.anchors, (list, tuple)) else int(self.anchors)
+            self.no = na * (self.nc + 5)
+        self.input_ch = ch
 
     def run(self, rows: list) -> ParsedModel:
         for row in rows:
@@ -112,11 +158,13 @@ class _Builder:
         f, n, name, args = row
         try:
             spec = get_module(name)
+            if spec.without_anchors is not None and self.anchors is None:  # YOLOv8 files write the anchor-free head as Detect
+                spec = get_module(spec.without_anchors)
         except ValueError as e:
             raise ModelConfigError(f"layer {i}: {e}") from None
         n = self._repeats(i, name, n)
         sources = self._resolve_sources(i, f)
-        args = [self._substitute(a) for a in (args or [])]
+        args = [self._substitute(i, name, a) for a in (args or [])]
         try:
             module, c2, stride, args = self._build(i, spec, sources, n, args)
         except ModelConfigError:
@@ -161,10 +209,12 @@ class _Builder:
             sources.append(j)
         return sources
 
-    def _substitute(self, a: Any) -> Any:
+    def _substitute(self, i: int, name: Any, a: Any) -> Any:
         if a == "nc":
             return self.nc
         if a == "anchors":
+            if self.anchors is None:
+                raise ModelConfigError(f"layer {i} ({name}): argument 'anchors' but the config has no anchors key")
             return self.anchors
         if a == "None":
             return None
@@ -176,7 +226,7 @@ class _Builder:
         return self.out.channels[j], self.out.strides[j]  # type: ignore[return-value]
 
     def _build(self, i: int, spec: ModuleSpec, sources: list[int], n: int, args: list) -> tuple[nn.Module, Any, Any, list]:
-        if spec.kind in ("concat", "detect"):
+        if spec.kind in ("concat", "detect", "head"):
             return getattr(self, f"_build_{spec.kind}")(i, spec, sources, args)
         if len(sources) != 1:
             raise ModelConfigError(f"layer {i} ({spec.name}): takes one input, got 'from' {sources}")
@@ -192,7 +242,9 @@ class _Builder:
     def _build_conv(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
         if not args:
             raise ModelConfigError(f"layer {i} ({spec.name}): needs at least the output channels as argument")
-        c2 = args[0] if args[0] == self.no else make_divisible(args[0] * self.gw, 8)
+        c2 = args[0]
+        if c2 != self.no:
+            c2 = make_divisible((c2 if self.max_ch is None else min(c2, self.max_ch)) * self.gw, 8)
         args = [c1, c2, *args[1:]]
         if spec.kind == "csp":
             args.insert(2, n)
@@ -239,19 +291,36 @@ class _Builder:
         chans, strides = zip(*(self._src(j) for j in sources))
         nc = args[0] if args else self.nc
         anchors = args[1] if len(args) > 1 else self.anchors
+        if anchors is None:
+            raise ModelConfigError(f"layer {i} ({spec.name}): an anchor-based head needs anchors (an anchors key or a second argument)")
         if isinstance(anchors, int):
             raise ModelConfigError(f"layer {i} (Detect): anchors must be listed per level (got the number {anchors})")
         if len(anchors) != len(sources):
             raise ModelConfigError(f"layer {i} (Detect): {len(anchors)} anchor levels for {len(sources)} inputs")
-        for j, s in zip(sources, strides):
-            if not s > 0:
-                raise ModelConfigError(f"layer {i} (Detect): input layer {j} has a non-positive stride {s:g}")
+        _check_head_strides(i, spec.name, sources, strides)
         module = spec.cls(nc, anchors, list(chans), list(strides))
         return module, None, None, [nc, anchors, list(chans)]
 
+    def _build_head(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
+        """A head built as cls(nc, ch, strides); its yaml arguments are [nc] or nothing (the config's nc)."""
+        chans, strides = zip(*(self._src(j) for j in sources))
+        nc = args[0] if args else self.nc
+        if len(args) > 1 or not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+            raise ModelConfigError(f"layer {i} ({spec.name}): takes [nc] with nc a positive integer, got {args!r} (nc={nc!r})")
+        _check_head_strides(i, spec.name, sources, strides)
+        module = spec.cls(nc, list(chans), list(strides))
+        return module, None, None, [nc, list(chans)]
+
+
+def _check_head_strides(i: int, name: str, sources: list[int], strides: tuple) -> None:
+    """Every head input must have a positive stride (the network input itself has stride 1)."""
+    for j, s in zip(sources, strides):
+        if not s > 0:
+            raise ModelConfigError(f"layer {i} ({name}): input layer {j} has a non-positive stride {s:g}")
+
 
 def parse_model(cfg: dict, ch: int = 3) -> ParsedModel:
-    """Build layers from a YOLOv5 model dict (backbone + head rows), splicing list-returning backbones."""
+    """Build layers from a YOLOv5/YOLOv8 model dict (backbone + head rows), splicing list-returning backbones."""
     builder = _Builder(cfg, ch)
     rows = cfg["backbone"] + cfg["head"]
     if not isinstance(rows, list):

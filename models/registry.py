@@ -12,7 +12,8 @@ from typing import Callable
 from torch import nn
 
 # How parse_model treats a module's yaml arguments, channels and stride.
-KINDS = ("conv", "csp", "concat", "upsample", "pool", "pad", "norm", "detect", "backbone", "shape")
+# "detect": YOLOv5's anchor-based Detect(nc, anchors, ch, strides); "head": any other head, built as cls(nc, ch, strides).
+KINDS = ("conv", "csp", "concat", "upsample", "pool", "pad", "norm", "detect", "head", "backbone", "shape")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModuleSpec:
     takes_act: bool = False
     stride_arg: int | None = None  # index of the stride in the built argument list (c1, c2, ...)
     stride_mult: int = 1  # fixed extra downsampling (Focus's space-to-depth)
+    without_anchors: str | None = None  # a "detect" row in a config without `anchors` builds this registered name instead
 
 
 _REGISTRY: dict[str, ModuleSpec] = {}

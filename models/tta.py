@@ -49,13 +49,16 @@ def _clip_augmented(preds: list[torch.Tensor], nl: int) -> list[torch.Tensor]:
 
 
 def forward_augment(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """Inference on 3 scales (1, 0.83 flipped, 0.67); returns (B, N, no) predictions in `x` pixels."""
+    """Inference on 3 scales (1, 0.83 flipped, 0.67); returns predictions in `x` pixels, in the head's output layout."""
     det_model = cast("DetectionModel", model)
     stride = int(max(det_model.stride.max().item(), 32))
+    rows_last = det_model.head.anchor_axis == 2  # (B, C, N) layouts: work on (B, N, C), transpose back at the end
     outputs = []
     for scale, flip in zip(SCALES, FLIPS):
         xi = scale_image(x.flip(flip) if flip else x, scale, stride)
         pred = det_model.forward_once(xi)[0]
+        pred = pred.transpose(1, 2) if rows_last else pred
         outputs.append(_deaugment(pred, scale, flip, x.shape[3]))
-    outputs = _clip_augmented(outputs, det_model.detect.nl)
-    return torch.cat(outputs, 1), None
+    outputs = _clip_augmented(outputs, det_model.head.nl)
+    merged = torch.cat(outputs, 1)
+    return (merged.transpose(1, 2) if rows_last else merged), None

@@ -1,4 +1,4 @@
-"""YOLOv5 anchor-based Detect head and DetectionModel built from a yaml config through parse_model."""
+"""YOLOv5 anchor-based Detect head and DetectionModel (any registered Head last) built from a yaml config through parse_model."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Union, cast
+from typing import Any, ClassVar, Union, cast
 
 import torch
 import yaml
 from torch import nn
 
 from models.flops import count_gflops
+from models.head import Head, check_output_width, register_head, xywh_to_xyxy
 from models.parse import LayerRow, ModelConfigError, parse_model
 from models.registry import register_module
 from models.reparam import reparameterize_model
@@ -21,12 +22,15 @@ LOGGER = logging.getLogger("mobile_yolo")
 MODELS_DIR = Path(__file__).resolve().parent
 
 
-@register_module("Detect", kind="detect")
-class Detect(nn.Module):
+@register_head
+@register_module("Detect", kind="detect", without_anchors="AnchorFreeDetect")
+class Detect(Head):
     """Anchor-based head: one 1x1 conv per level; raw maps in training, decoded pixel boxes in eval."""
 
-    stride: torch.Tensor  # buffers, declared for the type checker (nn.Module.__getattr__ is untyped)
-    anchors: torch.Tensor
+    kind: ClassVar[str] = "anchor_based"
+    export_layout: ClassVar[str] = "(batch, anchors, 5 + nc)"
+
+    anchors: torch.Tensor  # buffer, declared for the type checker
 
     def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), strides: list | tuple = ()) -> None:
         super().__init__()
@@ -75,6 +79,13 @@ class Detect(nn.Module):
         wh = (wh * 2) ** 2 * anchor_grid
         return torch.cat((xy, wh, conf), 4).reshape(bs, -1, no)
 
+    @staticmethod
+    def split_output(pred: torch.Tensor, nm: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, 5 + nc + nm) xywh + objectness + classes -> (xyxy boxes, cls * obj scores, the nm extra columns)."""
+        check_output_width(pred, 2, 6 + nm, "(batch, anchors, 5 + nc)")
+        nc = pred.shape[2] - 5 - nm
+        return xywh_to_xyxy(pred[..., :4]), pred[..., 5 : 5 + nc] * pred[..., 4:5], pred[..., 5 + nc :]
+
 
 def _order_anchors(anchors: torch.Tensor, stride: torch.Tensor) -> torch.Tensor:
     """Flip the anchor levels if their mean area order disagrees with the stride order."""
@@ -112,7 +123,7 @@ def load_model_config(cfg: Union[str, Path, dict]) -> dict:
 
 
 class DetectionModel(nn.Module):
-    """A YOLOv5 detection model: layers from parse_model, routed by layer index, ending in Detect."""
+    """A detection model: layers from parse_model, routed by layer index, ending in a Head (YOLOv5 Detect or another)."""
 
     stride: torch.Tensor
 
@@ -125,20 +136,33 @@ class DetectionModel(nn.Module):
             self.yaml["anchors"] = anchors
         self.yaml["ch"] = ch
         built = parse_model(self.yaml, ch)
-        if not isinstance(built.layers[-1], Detect):
-            raise ModelConfigError("model config: the last layer must be Detect")
+        last = built.layers[-1]
+        if not isinstance(last, Head):
+            raise ModelConfigError(f"model config: the last layer must be a detection head (Detect), got {type(last).__name__}")
+        if built.scale is not None:
+            self.yaml["scale"] = built.scale  # the scale picked from the file name stays with the config (checkpoints)
         self.model = built.layers
         self.routes = built.routes
         self.save = sorted(built.save)
         self.layer_rows: list[LayerRow] = built.rows
-        self.register_buffer("stride", built.layers[-1].stride.clone(), persistent=False)
+        self.register_buffer("stride", last.stride.clone(), persistent=False)
         self.names = [str(i) for i in range(self.yaml["nc"])]
         self.check_strides()
 
     @property
-    def detect(self) -> Detect:
-        """The Detect head (last layer)."""
-        return self.model[-1]  # type: ignore[return-value]
+    def head(self) -> Head:
+        """The detection head (last layer)."""
+        return cast(Head, self.model[-1])
+
+    @property
+    def detect(self) -> Head:
+        """Alias of `head` (the YOLOv5 name)."""
+        return self.head
+
+    @property
+    def head_kind(self) -> str:
+        """The head's registry kind, e.g. "anchor_based" or "anchor_free"."""
+        return self.head.kind
 
     def forward(self, x: torch.Tensor, augment: bool = False) -> Any:
         if augment:
@@ -157,7 +181,7 @@ class DetectionModel(nn.Module):
         return x
 
     def check_strides(self) -> None:
-        """Dry-run a small zero image (no grad, eval mode, modes restored) and check each Detect input's real stride."""
+        """Dry-run a small zero image (no grad, eval mode, modes restored) and check each head input's real stride."""
         declared = self.detect.stride.tolist()
         small = max(64, 2 * math.ceil(max(declared)))
         modes = [(m, m.training) for m in self.modules()]
@@ -184,7 +208,7 @@ class DetectionModel(nn.Module):
                 )
 
     def _detect_inputs(self, size: int) -> list[torch.Tensor]:
-        """Run every layer before Detect on a 1 x ch x size x size zero image and return Detect's inputs."""
+        """Run every layer before the head on a 1 x ch x size x size zero image and return the head's inputs."""
         p = next(self.parameters(), torch.zeros(()))
         x: Any = torch.zeros(1, self.yaml["ch"], size, size, device=p.device, dtype=p.dtype)
         outputs: list[Any] = []

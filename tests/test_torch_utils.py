@@ -181,8 +181,18 @@ def test_freeze_layers(tiny):
     assert all(not by_name[n].requires_grad for n in frozen)
     assert all(p.requires_grad for n, p in by_name.items() if n not in frozen)
     assert model_param_count(tiny, trainable_only=True) == model_param_count(tiny) - sum(by_name[n].numel() for n in frozen)
-    assert freeze_layers(tiny, []) == []  # unfreezes everything again
-    assert all(p.requires_grad for p in tiny.parameters())
+    assert freeze_layers(tiny, []) == []
+    for p in tiny.parameters():  # restore: the fixture is shared
+        p.requires_grad_(True)
+
+
+def test_freeze_layers_keeps_fixed_parameters_fixed():
+    from models.yolo import DetectionModel
+
+    model = DetectionModel("models/yolov8n.yaml", nc=2)
+    assert freeze_layers(model, [0]) == [n for n, _ in model.named_parameters() if n.startswith("model.0.")]
+    fixed = [n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("model.0.")]
+    assert fixed == ["model.22.dfl.conv.weight"]  # the DFL projection (bin values 0..15) never trains
 
 
 def test_init_seeds_reproducible():

@@ -9,7 +9,7 @@ from typing import Sequence, Union
 import torch
 import torchvision
 
-from utils.boxes import xywh2xyxy
+from models.head import head_class
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -27,30 +27,25 @@ def _check_args(conf_thres: float, iou_thres: float, max_det: int) -> None:
 
 
 def _unwrap(prediction: Prediction) -> torch.Tensor:
-    """Accept the eval-mode (pred, raw) tuple as well as the bare (B, N, 5+nc) tensor."""
+    """Accept the eval-mode (pred, raw) tuple as well as the bare inference tensor."""
     if isinstance(prediction, (list, tuple)):
         if not prediction:
             raise ValueError("non_max_suppression: empty prediction sequence")
         prediction = prediction[0]
-    if not isinstance(prediction, torch.Tensor) or prediction.ndim != 3 or prediction.shape[-1] < 6:
+    if not isinstance(prediction, torch.Tensor) or prediction.ndim != 3:
         shape = tuple(prediction.shape) if isinstance(prediction, torch.Tensor) else type(prediction).__name__
-        raise ValueError(f"non_max_suppression: expected a (B, N, 5+nc) tensor from an eval-mode model, got {shape}")
+        raise ValueError(f"non_max_suppression: expected a 3-d tensor such as (B, N, 5+nc) from an eval-mode model, got {shape}")
     return prediction
 
 
-def _candidates(x: torch.Tensor, conf_thres: float, multi_label: bool) -> torch.Tensor:
-    """One image's rows (N, 5+nc) above the objectness threshold -> (k, 6) xyxy, conf, cls rows."""
-    x = x[x[:, 4] > conf_thres]
-    if not x.shape[0]:
-        return x.new_zeros((0, 6))
-    scores = x[:, 5:] * x[:, 4:5]  # conf = obj * cls
-    box = xywh2xyxy(x[:, :4])
+def _candidates(boxes: torch.Tensor, scores: torch.Tensor, extras: torch.Tensor, conf_thres: float, multi_label: bool) -> torch.Tensor:
+    """One image's boxes (N, 4), class scores (N, nc) and extras (N, k) -> (n, 6 + k) rows xyxy, conf, cls, extras."""
     if multi_label:
         i, j = (scores > conf_thres).nonzero(as_tuple=True)
-        return torch.cat((box[i], scores[i, j, None], j[:, None].to(x.dtype)), 1)
+        return torch.cat((boxes[i], scores[i, j, None], j[:, None].to(boxes.dtype), extras[i]), 1)
     conf, j = scores.max(1, keepdim=True)
     keep = conf[:, 0] > conf_thres
-    return torch.cat((box, conf, j.to(x.dtype)), 1)[keep]
+    return torch.cat((boxes, conf, j.to(boxes.dtype), extras), 1)[keep]
 
 
 def non_max_suppression(
@@ -63,23 +58,29 @@ def non_max_suppression(
     max_det: int = 300,
     max_nms: int = 30000,
     max_wh: int = 7680,
+    head: str | None = None,
+    nm: int = 0,
 ) -> list[torch.Tensor]:
-    """Filter by confidence and suppress overlaps per class; returns one (n, 6) [x1, y1, x2, y2, conf, cls] tensor per image."""
+    """Filter by confidence and suppress overlaps per class; one (n, 6 + nm) [x1, y1, x2, y2, conf, cls, extras] per image.
+
+    `head` names the output layout (a head kind: "anchor_based", YOLOv5's (B, N, 5+nc), when None); the head's own
+    split_output turns it into boxes, final class scores and `nm` extra values per box (mask coefficients).
+    """
     _check_args(conf_thres, iou_thres, max_det)
     prediction = _unwrap(prediction)
-    bs, nc = prediction.shape[0], prediction.shape[2] - 5
-    multi_label = multi_label and nc > 1
     # Work in float32: fp16 cannot represent the class offsets (cls * max_wh) exactly.
-    pred = prediction.detach().float()
-    cls_filter = None if classes is None else torch.tensor(list(classes), device=pred.device, dtype=pred.dtype)
+    boxes, scores, extras = head_class(head or "anchor_based").split_output(prediction.detach().float(), nm)
+    bs, nc = boxes.shape[0], scores.shape[-1]
+    multi_label = multi_label and nc > 1
+    cls_filter = None if classes is None else torch.tensor(list(classes), device=boxes.device, dtype=boxes.dtype)
     time_limit, t0 = 0.5 + 0.05 * bs, time.time()
     output = []
     for xi in range(bs):
-        x = _candidates(pred[xi], conf_thres, multi_label)
+        x = _candidates(boxes[xi], scores[xi], extras[xi], conf_thres, multi_label)
         if cls_filter is not None and x.shape[0]:
             x = x[(x[:, 5:6] == cls_filter).any(1)]
         if not x.shape[0]:
-            output.append(prediction.new_zeros((0, 6)))
+            output.append(prediction.new_zeros((0, 6 + nm)))
             continue
         x = x[x[:, 4].argsort(descending=True)[:max_nms]]
         offsets = x[:, 5:6] * (0 if agnostic else max_wh)

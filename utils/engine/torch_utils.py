@@ -176,12 +176,15 @@ def model_param_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
-    """Make every parameter trainable except those under `model.{i}.` for i in freeze; returns the frozen names."""
+    """Stop gradients to every parameter under `model.{i}.` for i in freeze; returns their names.
+
+    Parameters a module keeps fixed by design (the anchor-free head's DFL projection) stay fixed.
+    """
     prefixes = tuple(f"model.{int(i)}." for i in freeze)
     frozen = []
     for name, p in de_parallel(model).named_parameters():
-        p.requires_grad_(not (prefixes and name.startswith(prefixes)))
-        if not p.requires_grad:
+        if prefixes and name.startswith(prefixes):
+            p.requires_grad_(False)
             frozen.append(name)
     if frozen:
         LOGGER.info(f"freezing {len(frozen)} parameter tensors in layers {sorted({int(i) for i in freeze})}")

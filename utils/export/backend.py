@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from models.head import head_class
 from utils.engine.torch_utils import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -41,8 +42,21 @@ def _names_from_data(data: Any) -> list[str] | None:
     return _names_from(data.get("names")) if isinstance(data, dict) else None
 
 
+def _head_kind(value: Any, weights: Path) -> str:
+    """The head kind recorded in the metadata (files exported before heads were named: anchor_based); unknown kinds refused."""
+    kind = str(value) if value else "anchor_based"
+    try:
+        head_class(kind)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
+    return kind
+
+
 class DetectBackend(nn.Module):
-    """Load any supported weights by suffix; calling it maps a (B,3,H,W) 0-1 image batch to (B,N,5+nc) predictions."""
+    """Load any supported weights by suffix; calling it maps a (B,3,H,W) 0-1 image batch to the head's inference output.
+
+    That output is decoded by `non_max_suppression(..., head=backend.head_kind)` whatever the format.
+    """
 
     def __init__(self, weights: Union[str, Path], device: Union[str, torch.device] = "cpu", fp16: bool = False, data: Any = None) -> None:
         super().__init__()
@@ -58,6 +72,7 @@ class DetectBackend(nn.Module):
         meta = getattr(self, f"_load_{self.format}")()
         self.stride = int(meta.get("stride") or 32)
         self.names = _names_from(meta.get("names")) or _names_from_data(data) or []
+        self.head_kind = _head_kind(meta.get("head"), self.weights)
         self.metadata = meta
 
     @staticmethod
@@ -82,7 +97,7 @@ class DetectBackend(nn.Module):
 
         model = load_model(self.weights, device=self.device).fuse()
         self.model = model.half() if self.fp16 else model.float()
-        return {"stride": int(max(int(model.stride.max()), 32)), "names": list(model.names)}
+        return {"stride": int(max(int(model.stride.max()), 32)), "names": list(model.names), "head": model.head_kind}
 
     def _load_torchscript(self) -> dict:
         self._require_file()
@@ -135,7 +150,7 @@ class DetectBackend(nn.Module):
         self.input_shape = tuple(int(d) for d in shape) if static else None
 
     def forward(self, im: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """(B,3,H,W) float 0-1 -> (B,N,5+nc) xywh pixel boxes + scores, as a tensor on self.device."""
+        """(B,3,H,W) float 0-1 -> the head's inference output (e.g. (B,N,5+nc) anchor-based), a tensor on self.device."""
         if self.pt:
             return self.model(im.half() if self.fp16 else im.float(), augment=augment)[0]
         if augment and not self._warned_augment:

@@ -33,7 +33,7 @@ class ExportError(ValueError):
 
 
 class ExportModel(nn.Module):
-    """Inference view of a DetectionModel that returns only the decoded (B, N, 5+nc) predictions."""
+    """Inference view of a DetectionModel that returns only the head's decoded output (its export layout)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -68,6 +68,7 @@ def export_metadata(model: nn.Module, imgsz: tuple[int, int], batch_size: int, d
         "batch": int(batch_size),
         "dynamic": bool(dynamic),
         "half": bool(half),
+        "head": str(getattr(model, "head_kind", "anchor_based")),
     }
 
 
@@ -134,7 +135,8 @@ def export_onnx_model(
 
     wrapper = ExportModel(model)
     im = _dummy_input(model, imgsz, batch_size)
-    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "anchors"}} if dynamic else None
+    anchor_axis = int(getattr(getattr(model, "head", None), "anchor_axis", 1))
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", anchor_axis: "anchors"}} if dynamic else None
     meta = metadata or export_metadata(model, imgsz, batch_size, dynamic, im.dtype == torch.float16)
     out = Path(out)
     with atomic_path(out) as tmp:
