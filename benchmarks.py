@@ -103,55 +103,55 @@ def measure_gpu(model: DetectionModel, onnx_path: Path | None, opt: argparse.Nam
 
 
 def measure_map(name: str, opt: argparse.Namespace) -> dict[str, Any]:
-    """mAP50-95 / mAP50 of the trained checkpoint on --data."""
-    import val
-
-    spec = next(s for s in opt.models if Path(s).stem == name)
-    results, _, _ = val.run(data=opt.data, weights=spec, imgsz=opt.imgsz[0], batch_size=16, plots=False, quiet=True,
-                            project=tempfile.mkdtemp(), device="")
-    return {"mAP50": round(results[2], 4), "mAP50-95": round(results[3], 4)}
-
-
-def train_throughput(spec: str, opt: argparse.Namespace) -> dict[str, Any]:
-    """Images/s of the training loop (data loading included) and of the data loader alone."""
-    import time
-
-    import train
+    """mAP50-95 / mAP50 of the trained checkpoint on --data, through the same backend and Evaluator as val.py."""
     from utils.data.dataset_config import load_dataset_config
     from utils.data.datasets import create_dataloader
     from utils.engine.torch_utils import select_device
-    from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
+    from utils.evaluation.evaluator import DetectionEvaluator
+    from utils.evaluation.validate import evaluate
+    from utils.export.backend import DetectBackend
+
+    spec = next(s for s in opt.models if Path(s).stem == name)
+    dev = select_device(opt.device)
+    data = load_dataset_config(opt.data)
+    backend = DetectBackend(spec, device=dev)
+    loader, _ = create_dataloader(data["val"], opt.imgsz[0], 16, int(backend.stride), pad=0.5, rect=backend.pt, nc=int(data["nc"]))
+    result = evaluate(backend, loader, DetectionEvaluator(int(data["nc"]), list(data["names"])), device=dev, quiet=True)
+    return {"mAP50": round(result.map50, 4), "mAP50-95": round(result.map, 4)}
+
+
+def train_throughput(spec: str, opt: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of the Trainer's own training step (data loading included) and of its data loader alone."""
+    import time
+
+    from utils.engine.options import train_options
+    from utils.engine.torch_utils import select_device
+    from utils.engine.trainer import Trainer
 
     dev = select_device(opt.device)
-    data, hyp = load_dataset_config(opt.data), train.load_hyp(train.DEFAULT_HYP)
-    model = DetectionModel(spec, nc=int(data["nc"])).to(dev).train()
-    loss_fn = ComputeLoss(model, scale_loss_gains(hyp, model.detect.nl, int(data["nc"]), opt.imgsz[0]))
-    loader, _ = create_dataloader(
-        data["train"], opt.imgsz[0], opt.train_batch, 32, hyp=hyp, augment=True, workers=opt.workers, shuffle=True
-    )
-    optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        topt = train_options(cfg=spec, data=opt.data, imgsz=opt.imgsz[0], batch_size=opt.train_batch, workers=opt.workers,
+                             epochs=1, noplots=True, noval=True, noautoanchor=True, save_dir=tmp)
+        trainer = Trainer(topt, dev)
+        trainer.warmup_iters = -1  # time steady-state steps; the warm-up only changes learning rates
 
-    def timed(with_model: bool) -> float:
-        seen, t0 = 0, time.perf_counter()
-        for i, (imgs, targets, _, _) in enumerate(loader):
-            if with_model:
-                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    loss, _ = loss_fn(model(imgs.to(dev).float() / 255), targets.to(dev))
-                scaler.scale(loss).backward()
-                scaler.step(optim)
-                scaler.update()
-                optim.zero_grad()
-            seen += imgs.shape[0]
-            if i + 1 >= opt.train_batches:
-                break
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return seen / (time.perf_counter() - t0)
+        def timed(with_model: bool) -> float:
+            seen, t0 = 0, time.perf_counter()
+            trainer.model.train()
+            for i, (imgs, targets, _, _) in enumerate(trainer.train_loader):
+                if with_model:
+                    trainer.train_step(imgs.to(dev).float() / 255, targets, ni=i, epoch=0)
+                seen += imgs.shape[0]
+                if i + 1 >= opt.train_batches:
+                    break
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return seen / (time.perf_counter() - t0)
 
-    timed(True)  # warm-up epoch slice (worker start-up, cudnn autotune)
+        timed(True)  # warm-up slice (worker start-up, cudnn autotune)
+        train_s, loader_s = timed(True), timed(False)
     return {"model": Path(spec).stem, "device": str(dev), "imgsz": opt.imgsz[0], "batch": opt.train_batch,
-            "workers": opt.workers, "train_img_s": round(timed(True), 1), "loader_only_img_s": round(timed(False), 1)}
+            "workers": opt.workers, "train_img_s": round(train_s, 1), "loader_only_img_s": round(loader_s, 1)}
 
 
 def environment(opt: argparse.Namespace) -> str:

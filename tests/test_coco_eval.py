@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from utils.evaluation.coco_eval import (
     coco80_to_91,
     coco_image_ids,
     evaluate_coco,
+    evaluate_dataset_json,
     predictions_to_coco,
     yolo_to_coco_gt,
 )
@@ -149,3 +151,18 @@ def test_missing_pycocotools_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools", None)
     with pytest.raises(ImportError, match="pip install pycocotools"):
         evaluate_coco({"images": [], "annotations": [], "categories": []}, [])
+
+
+def test_evaluate_dataset_json_scores_a_yolo_dataset(tmp_path, monkeypatch):
+    """val.py's --save-json path: ground truth from the dataset's labels and shapes, predictions from the written json."""
+    pytest.importorskip("pycocotools")
+    paths, labels, shapes, dets = synthetic_set(seed=3, n_images=8)
+    dataset = SimpleNamespace(im_files=paths, labels=labels, img_shapes=np.array(shapes, dtype=np.float64))
+    preds = predictions_to_coco(dets, list(range(len(paths))))
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    got = evaluate_dataset_json(dataset, NAMES, tmp_path / "pred.json", tmp_path)
+    assert got == pytest.approx(evaluate_coco(yolo_to_coco_gt(paths, labels, shapes, NAMES), preds))
+    assert json.loads((tmp_path / "ground_truth_coco.json").read_text())["images"][0]["file_name"] == "img_0.jpg"
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    assert evaluate_dataset_json(dataset, NAMES, tmp_path / "pred.json", tmp_path) is None

@@ -28,7 +28,9 @@ def test_config_builds_runs_and_fuses(cfg: str) -> None:
     model = DetectionModel(MODELS / cfg, nc=4).eval()
     assert model.stride.tolist() == [8.0, 16.0, 32.0]
     with torch.no_grad():
-        assert model(torch.rand(1, 3, 320, 320))[0].shape == (1, 3 * (40 * 40 + 20 * 20 + 10 * 10), 9)
+        out = model(torch.rand(1, 3, 320, 320))[0]
+    n = (40 * 40 + 20 * 20 + 10 * 10) * (3 if model.head_kind == "anchor_based" else 1)  # 3 anchors per cell, or one point
+    assert out.shape == ((1, n, 9) if model.head_kind == "anchor_based" else (1, 8, n))
     shape = (1, 3, 320, 480)
     calibrate_bn(model, (2, *shape[1:]), steps=2, normalise=False)
     x = random_images(shape, seed=100, normalise=False)

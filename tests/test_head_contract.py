@@ -107,9 +107,3 @@ def test_last_layer_must_be_a_head() -> None:
     cfg["head"][-1] = [21, 1, "Conv", [64, 1, 1]]
     with pytest.raises(ModelConfigError, match="last layer must be a detection head"):
         DetectionModel(cfg)
-
-
-def test_tta_refuses_anchor_free_layout() -> None:
-    model = DetectionModel(MODELS / "yolov8n.yaml").eval()
-    with pytest.raises(NotImplementedError, match="anchor_free"):
-        model(torch.zeros(1, 3, 64, 64), augment=True)

@@ -25,6 +25,7 @@ from tests.conftest import tiny_shapes_yaml
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.cli import OptionError, check_img_size, check_int
 from utils.engine.results import COLUMNS, append_results, truncate_results
+from utils.engine.trainer import build_model
 from utils.export.formats import ExportError, atomic_path, export_metadata
 from utils.files import safe_component
 
@@ -186,7 +187,7 @@ def test_weights_with_any_suffix_are_loaded(run_dir: Path, tmp_path: Path) -> No
     shutil.copy(run_dir / "weights" / "last.pt", pth)
     opt = train.parse_opt(["--weights", str(pth)])
     opt.cfg = ""
-    model = train.build_model(opt, nc=3, names=["a", "b", "c"], device=torch.device("cpu"))
+    model = build_model(opt, nc=3, names=["a", "b", "c"], device=torch.device("cpu"))
     stored = read_checkpoint(pth)["ema"]
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in stored.items() if k in own and own[k].shape == v.shape)

@@ -1,4 +1,4 @@
-"""Tests for utils.evaluation.metrics: matching, AP, confusion matrix, fitness and the val accumulator."""
+"""Tests for utils.evaluation.metrics: matching, AP and its curves, confusion matrix, fitness (plots via utils.evaluation.report)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import torch
 
 from utils.evaluation.metrics import (
     ConfusionMatrix,
-    DetectionMetrics,
     ap_per_class,
+    class_ap_stats,
     compute_ap,
     default_iouv,
     fitness,
+    match_from_iou,
     match_predictions,
     smooth,
 )
+from utils.evaluation.report import plot_confusion, plot_curves
 
 IOUV = default_iouv()
 
@@ -118,11 +120,27 @@ def test_ap_per_class_perfect_ranking():
     assert np.allclose(p, 1.0) and np.all(r > 0.9)
 
 
-def test_ap_per_class_writes_plots(tmp_path):
+def test_class_ap_stats_curves_and_their_plots(tmp_path):
     tp = np.array([[1] * 10, [0] * 10, [1] * 10], dtype=bool)
-    ap_per_class(tp, np.array([0.9, 0.5, 0.3]), np.array([0, 1, 1]), np.array([0, 1]), plot=True, save_dir=tmp_path, names=["a", "b"])
-    for name in ("PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+    s = class_ap_stats(tp, np.array([0.9, 0.5, 0.3]), np.array([0, 1, 1]), np.array([0, 1]))
+    assert s.classes.tolist() == [0, 1] and s.curves.classes.tolist() == [0, 1]
+    assert s.curves.px.shape == (1000,) and s.curves.pr.shape == s.curves.f1.shape == s.curves.p.shape == s.curves.r.shape == (2, 1000)
+    assert np.array_equal(s.curves.ap, s.ap)
+    assert [a.tolist() for a in ap_per_class(tp, np.array([0.9, 0.5, 0.3]), np.array([0, 1, 1]), np.array([0, 1]))] == [
+        a.tolist() for a in (s.tp, s.fp, s.p, s.r, s.f1, s.ap, s.classes)]
+    files = plot_curves(s.curves, ["a", "b"], tmp_path, prefix="box_")
+    assert [f.name for f in files] == ["box_PR_curve.png", "box_F1_curve.png", "box_P_curve.png", "box_R_curve.png"]
+    assert all(f.stat().st_size > 1000 for f in files)
+
+
+def test_match_from_iou_is_match_predictions_on_box_iou():
+    from utils.boxes import box_iou
+
+    labels = lab([0, 0, 0, 10, 10], [0, 2, 0, 12, 10], [1, 30, 30, 40, 40])
+    d = det([1.5, 0, 11.5, 10, 0.9, 0], [0, 0, 9, 10, 0.8, 0], [30, 30, 40, 38, 0.7, 1], [30, 30, 40, 40, 0.6, 0])
+    got = match_from_iou(box_iou(labels[:, 1:], d[:, :4]), labels[:, 0], d[:, 5], IOUV)
+    assert torch.equal(got, match_predictions(d, labels, IOUV))
+    assert got[2, :7].all() and not got[3].any()  # IoU 0.8 for the class-1 box; the class-0 copy of it matches nothing
 
 
 def test_smooth_keeps_constant_and_length():
@@ -161,39 +179,14 @@ def test_confusion_matrix_no_detections_and_no_labels():
 def test_confusion_matrix_plot(tmp_path):
     cm = ConfusionMatrix(nc=2)
     cm.process_batch(det([0, 0, 10, 10, 0.9, 0]), lab([0, 0, 0, 10, 10], [1, 40, 40, 50, 50]))
-    path = cm.plot(tmp_path, names=["cat", "dog"])
-    assert path.exists() and path.stat().st_size > 1000
+    path = plot_confusion(cm.matrix, ["cat", "dog"], tmp_path)
+    assert path == tmp_path / "confusion_matrix.png" and path.stat().st_size > 1000
 
 
 def test_fitness_weights():
     x = np.array([[0.5, 0.6, 0.7, 0.4], [1.0, 1.0, 0.0, 0.0]])
     assert fitness(x).tolist() == pytest.approx([0.07 + 0.36, 0.0])
     assert fitness(np.array([0, 0, 1.0, 1.0])) == pytest.approx(1.0)
-
-
-def test_detection_metrics_accumulator():
-    dm = DetectionMetrics(nc=2)
-    labels = lab([0, 0, 0, 10, 10], [1, 20, 20, 30, 30])
-    dm.process(det([0, 0, 10, 10, 0.9, 0], [20, 20, 30, 30, 0.8, 1]), labels)  # both perfect
-    dm.process(det([0, 0, 10, 10, 0.9, 0]), lab([0, 0, 0, 10, 10], [1, 50, 50, 60, 60]))  # class 1 missed
-    res = dm.compute()
-    assert res["nt"].tolist() == [2, 2]
-    assert res["ap_class"].tolist() == [0, 1]
-    assert res["ap50"][0] == pytest.approx(1.0)
-    assert res["ap50"][1] == pytest.approx(51 / 101)
-    assert res["map50"] == pytest.approx((1 + 51 / 101) / 2)
-    assert res["map"] == pytest.approx(res["map50"])  # exact boxes -> same at every IoU
-    assert 0 < res["mr"] < 1 and res["mp"] == pytest.approx(1.0)
-
-
-def test_detection_metrics_empty_and_no_detections():
-    dm = DetectionMetrics(nc=3)
-    assert dm.compute()["map"] == 0.0
-    dm.process(det(), lab([2, 0, 0, 4, 4]))
-    res = dm.compute()
-    assert res["map"] == 0.0 and res["nt"].tolist() == [0, 0, 1]
-    dm.reset()
-    assert dm.stats == []
 
 
 def test_smooth_keeps_length_for_short_curves():

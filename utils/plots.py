@@ -12,11 +12,19 @@ import numpy as np
 import torch
 
 from utils.boxes import xywh2xyxy
-from utils.evaluation.metrics import names_dict, smooth
+from utils.curves import smooth
 
 LOGGER = logging.getLogger("mobile_yolo")
 
 Names = Union[Sequence[str], Mapping[int, str]]
+
+
+def names_dict(names: Names | None) -> dict[int, str]:
+    """Normalise a list/tuple/dict of class names to {index: name}."""
+    if not names:
+        return {}
+    return dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
+
 
 # Twenty well-separated colours (RGB hex); class i uses entry i % 20.
 _HEX = (

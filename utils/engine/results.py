@@ -10,37 +10,35 @@ from utils.files import atomic_write_text
 
 LOGGER = logging.getLogger("mobile_yolo")
 
-COLUMNS = (
-    "epoch",
-    "train/box_loss",
-    "train/obj_loss",
-    "train/cls_loss",
-    "metrics/precision",
-    "metrics/recall",
-    "metrics/mAP_0.5",
-    "metrics/mAP_0.5:0.95",
-    "val/box_loss",
-    "val/obj_loss",
-    "val/cls_loss",
-    "x/lr0",
-    "x/lr1",
-    "x/lr2",
-)
+YOLOV5_LOSSES = ("box_loss", "obj_loss", "cls_loss")
 
 
-def append_results(csv: Path, epoch: int, train_loss: Sequence[float], results: Sequence[float], lrs: Sequence[float]) -> None:
+def columns(loss_names: Sequence[str] = YOLOV5_LOSSES) -> tuple[str, ...]:
+    """The csv columns for a loss with these item names (YOLOv5's layout for its three losses, YOLOv8's for box/cls/dfl)."""
+    metrics = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+    return ("epoch", *(f"train/{n}" for n in loss_names), *metrics, *(f"val/{n}" for n in loss_names), "x/lr0", "x/lr1", "x/lr2")
+
+
+COLUMNS = columns()
+
+
+def append_results(
+    csv: Path, epoch: int, train_loss: Sequence[float], results: Sequence[float], lrs: Sequence[float],
+    loss_names: Sequence[str] = YOLOV5_LOSSES,
+) -> None:
     """Append one epoch (train losses, P, R, mAP50, mAP50-95, val losses, 3 learning rates); writes the header first."""
     values = [epoch, *train_loss, *results, *lrs]
-    if len(values) != len(COLUMNS):
-        raise ValueError(f"results row has {len(values)} values, expected {len(COLUMNS)}")
+    cols = columns(loss_names)
+    if len(values) != len(cols):
+        raise ValueError(f"results row has {len(values)} values, expected {len(cols)}")
     new = not csv.exists()
     with csv.open("a") as f:
         if new:
-            f.write(_header() + "\n")
+            f.write(_header(cols) + "\n")
         f.write(",".join(f"{v:>20.5g}" if i else f"{int(v):>20}" for i, v in enumerate(values)) + "\n")
 
 
-def truncate_results(csv: Path, last_epoch: int) -> None:
+def truncate_results(csv: Path, last_epoch: int, loss_names: Sequence[str] = YOLOV5_LOSSES) -> None:
     """Keep the header and the rows up to `last_epoch` (a resumed run rewrites the epoch in progress); atomic rewrite.
 
     Rows that do not start with an epoch number (a torn write, a stray edit) are dropped with a warning, so a damaged
@@ -49,23 +47,24 @@ def truncate_results(csv: Path, last_epoch: int) -> None:
     if not csv.exists():
         return
     rows = [ln for ln in csv.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    epochs = [_row_epoch(ln) for ln in rows]
+    cols = columns(loss_names)
+    epochs = [_row_epoch(ln, len(cols)) for ln in rows]
     damaged = sum(e is None for e in epochs) - int(bool(rows) and rows[0].lstrip().startswith("epoch"))
     if damaged:
         LOGGER.warning(f"WARNING: {csv}: dropped {damaged} unreadable row(s) while preparing to resume")
     kept = [ln for ln, e in zip(rows, epochs) if e is not None and e <= last_epoch]
-    atomic_write_text(csv, "".join(ln + "\n" for ln in [_header(), *kept]))
+    atomic_write_text(csv, "".join(ln + "\n" for ln in [_header(cols), *kept]))
 
 
-def _header() -> str:
-    """The header row: YOLOv5's column names, right-aligned to 20 characters."""
-    return ",".join(f"{c:>20}" for c in COLUMNS)
+def _header(cols: Sequence[str]) -> str:
+    """The header row: the column names, right-aligned to 20 characters."""
+    return ",".join(f"{c:>20}" for c in cols)
 
 
-def _row_epoch(line: str) -> int | None:
+def _row_epoch(line: str, n_columns: int) -> int | None:
     """The epoch number a results row starts with, or None for a header, blank or damaged row."""
     parts = line.split(",")
-    if len(parts) != len(COLUMNS):
+    if len(parts) != n_columns:
         return None
     try:
         return int(parts[0])

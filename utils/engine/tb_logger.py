@@ -6,15 +6,14 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from utils.engine.results import COLUMNS
-
 LOGGER = logging.getLogger("mobile_yolo")
 
 
 class TensorBoardLogger:
     """Writes each results.csv row as scalars; a no-op when tensorboard is missing."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, columns: Sequence[str]) -> None:
+        self.columns = tuple(columns)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
@@ -27,6 +26,6 @@ class TensorBoardLogger:
         """values: the results.csv row without the epoch column."""
         if self.writer is None:
             return
-        for name, value in zip(COLUMNS[1:], values):
+        for name, value in zip(self.columns[1:], values):
             self.writer.add_scalar(name, float(value), epoch)
         self.writer.flush()

@@ -1,1 +1,1 @@
-"""Metrics: matching detections to labels, AP, confusion matrix, COCO scoring."""
+"""Evaluation: metrics (matching, AP, confusion), the DetectionEvaluator, the validation loop, figures and COCO scoring."""

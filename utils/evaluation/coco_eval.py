@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -143,3 +143,19 @@ def evaluate_coco(
         LOGGER.warning("WARNING: COCO evaluation found no ground-truth boxes, reporting mAP 0")
         return 0.0, 0.0
     return map50_95, map50
+
+
+def evaluate_dataset_json(
+    dataset: Any, names: Sequence[str], pred_json: Union[str, Path], save_dir: Union[str, Path]
+) -> tuple[float, float] | None:
+    """pycocotools (mAP50-95, mAP50) of a predictions json against a YOLO dataset's labels; None when pycocotools is missing."""
+    shapes = [(int(h), int(w)) for h, w in dataset.img_shapes]
+    gt = yolo_to_coco_gt(dataset.im_files, [lb[:, :5] for lb in dataset.labels], shapes, names)
+    (Path(save_dir) / "ground_truth_coco.json").write_text(json.dumps(gt))
+    try:
+        map_, map50 = evaluate_coco(gt, pred_json)
+    except ImportError as e:
+        LOGGER.warning(f"pycocotools evaluation skipped: {e}")
+        return None
+    LOGGER.info(f"pycocotools: mAP50-95 {map_:.4f}, mAP50 {map50:.4f}")
+    return map_, map50

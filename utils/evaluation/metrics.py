@@ -1,31 +1,28 @@
-"""Detection metrics: prediction/label matching, COCO-style AP, confusion matrix and an accumulator for val."""
+"""Detection metrics: prediction/label matching, COCO-style AP and its curves, confusion matrix, fitness.
+
+Nothing here plots: the curves come back as data and utils.evaluation.report draws them.
+"""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Mapping, Sequence, Union
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from utils.boxes import box_iou
+from utils.curves import smooth
 
 LOGGER = logging.getLogger("mobile_yolo")
 
-Names = Union[Sequence[str], Mapping[int, str]]
+__all__ = ["APStats", "ConfusionMatrix", "Curves", "ap_per_class", "class_ap_stats", "compute_ap", "default_iouv", "fitness",
+           "match_from_iou", "match_predictions", "smooth"]
 
 
 def default_iouv(device: torch.device | str | None = None) -> torch.Tensor:
     """The ten COCO IoU thresholds 0.50:0.05:0.95 used for mAP@0.5:0.95."""
     return torch.linspace(0.5, 0.95, 10, device=device)
-
-
-def names_dict(names: Names | None) -> dict[int, str]:
-    """Normalise a list/tuple/dict of class names to {index: name}."""
-    if not names:
-        return {}
-    return dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
 
 
 def _greedy_pairs(iou: np.ndarray, allowed: np.ndarray, min_iou: float, strict: bool = False) -> np.ndarray:
@@ -46,29 +43,28 @@ def _greedy_pairs(iou: np.ndarray, allowed: np.ndarray, min_iou: float, strict: 
     return np.asarray(rows, dtype=np.float64)
 
 
-def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torch.Tensor) -> torch.Tensor:
-    """Mark each detection (n, 6) correct or not at every IoU threshold against labels (m, 5) [cls, x1, y1, x2, y2]."""
-    n, t = detections.shape[0], iouv.numel()
+def match_from_iou(iou: torch.Tensor, label_cls: torch.Tensor, det_cls: torch.Tensor, iouv: torch.Tensor) -> torch.Tensor:
+    """(n, t) correctness of n detections at each IoU threshold from their (m, n) IoU with m labels (boxes or masks alike)."""
+    n, t = iou.shape[1], iouv.numel()
     correct = np.zeros((n, t), dtype=bool)
-    if n and labels.shape[0]:
-        iou = box_iou(labels[:, 1:5].float(), detections[:, :4].float()).cpu().numpy()
-        same_cls = (labels[:, 0:1] == detections[:, 5]).cpu().numpy()
+    if n and iou.shape[0]:
+        same_cls = (label_cls.reshape(-1, 1) == det_cls.reshape(1, -1)).cpu().numpy()
         thresholds = iouv.detach().cpu().numpy()
         # Greedy matching on IoU-sorted pairs: the matching at threshold t equals the prefix of pairs with IoU >= t,
         # so one pass at the lowest threshold yields every threshold's matching.
-        pairs = _greedy_pairs(iou, same_cls, float(thresholds.min()))
+        pairs = _greedy_pairs(iou.detach().float().cpu().numpy(), same_cls, float(thresholds.min()))
         if pairs.shape[0]:
             det_idx = pairs[:, 1].astype(int)
             correct[det_idx] = pairs[:, 2:3] >= thresholds[None, :]
-    return torch.from_numpy(correct).to(detections.device)
+    return torch.from_numpy(correct).to(iou.device)
 
 
-def smooth(y: np.ndarray, f: float = 0.05) -> np.ndarray:
-    """Box-filter a curve over a window of about 2*f of its length, padding with its end values."""
-    half = round(len(y) * f)
-    nf = 2 * half + 1  # odd window keeps the output length equal to the input's
-    padded = np.concatenate((np.full(half, y[0]), y, np.full(half, y[-1])))
-    return np.convolve(padded, np.ones(nf) / nf, mode="valid")
+def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torch.Tensor) -> torch.Tensor:
+    """Mark each detection (n, 6+) correct or not at every IoU threshold against labels (m, 5) [cls, x1, y1, x2, y2]."""
+    if not detections.shape[0] or not labels.shape[0]:
+        return torch.zeros((detections.shape[0], iouv.numel()), dtype=torch.bool, device=detections.device)
+    iou = box_iou(labels[:, 1:5].float(), detections[:, :4].float())
+    return match_from_iou(iou, labels[:, 0], detections[:, 5], iouv)
 
 
 def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -85,18 +81,35 @@ def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.nda
     return float(q.mean()), mpre, mrec
 
 
-def ap_per_class(
-    tp: np.ndarray,
-    conf: np.ndarray,
-    pred_cls: np.ndarray,
-    target_cls: np.ndarray,
-    plot: bool = False,
-    save_dir: Path = Path("."),
-    names: Names = (),
-    eps: float = 1e-16,
-    prefix: str = "",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class AP at each IoU threshold, plus P/R/F1 at the confidence maximising the smoothed mean F1."""
+@dataclass(frozen=True, eq=False)
+class Curves:
+    """Per-class curves for the PR, F1, P and R plots; row i belongs to classes[i]."""
+
+    px: np.ndarray  # (1000,) the x axis: recall for `pr`, confidence for `f1`, `p` and `r`
+    pr: np.ndarray  # (k, 1000) precision envelope at recall px, first IoU threshold
+    f1: np.ndarray  # (k, 1000) F1 against confidence
+    p: np.ndarray  # (k, 1000) precision against confidence
+    r: np.ndarray  # (k, 1000) recall against confidence
+    ap: np.ndarray  # (k, t) AP at each IoU threshold (the PR plot's legend)
+    classes: np.ndarray  # (k,) class indices
+
+
+@dataclass(frozen=True, eq=False)
+class APStats:
+    """Per present class: TP/FP counts, P, R and F1 at the confidence of the best smoothed mean F1, AP per IoU threshold."""
+
+    tp: np.ndarray  # (k,)
+    fp: np.ndarray  # (k,)
+    p: np.ndarray  # (k,)
+    r: np.ndarray  # (k,)
+    f1: np.ndarray  # (k,)
+    ap: np.ndarray  # (k, t)
+    classes: np.ndarray  # (k,) int class indices, sorted
+    curves: Curves
+
+
+def class_ap_stats(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray, eps: float = 1e-16) -> APStats:
+    """Per-class AP at each IoU threshold from (n, t) correctness, plus the curves behind it (returned, never plotted here)."""
     tp, conf, pred_cls, target_cls = (np.asarray(a) for a in (tp, conf, pred_cls, target_cls))
     tp = (tp[:, None] if tp.ndim == 1 else tp).astype(np.float64)
     order = np.argsort(-conf, kind="stable")
@@ -121,26 +134,21 @@ def ap_per_class(
             if j == 0:
                 pr_curves[ci] = np.interp(px, mrec, mpre)
     f1 = 2 * p * r / (p + r + eps)
-    if plot:
-        _plot_curves(px, pr_curves, p, r, f1, ap, unique_classes, names, Path(save_dir), prefix)
+    classes = unique_classes.astype(int)
+    curves = Curves(px=px, pr=pr_curves, f1=f1, p=p, r=r, ap=ap, classes=classes)
     best = int(smooth(f1.mean(0), 0.1).argmax()) if nc else 0
-    p, r, f1 = p[:, best], r[:, best], f1[:, best]
-    tp_out = (r * nt).round()
-    fp_out = (tp_out / (p + eps) - tp_out).round()
-    return tp_out, fp_out, p, r, f1, ap, unique_classes.astype(int)
+    p_best, r_best = p[:, best], r[:, best]
+    tp_out = (r_best * nt).round()
+    fp_out = (tp_out / (p_best + eps) - tp_out).round()
+    return APStats(tp=tp_out, fp=fp_out, p=p_best, r=r_best, f1=f1[:, best], ap=ap, classes=classes, curves=curves)
 
 
-def _plot_curves(px, pr_curves, p, r, f1, ap, unique_classes, names, save_dir: Path, prefix: str) -> None:
-    """Write PR, F1, P and R curves for the classes present in the labels."""
-    from utils import plots  # local import: plots imports smooth() from this module
-
-    all_names = names_dict(names)
-    present = [all_names.get(int(c), str(int(c))) for c in unique_classes]
-    save_dir.mkdir(parents=True, exist_ok=True)
-    plots.plot_pr_curve(px, pr_curves, ap, save_dir / f"{prefix}PR_curve.png", present)
-    plots.plot_mc_curve(px, f1, save_dir / f"{prefix}F1_curve.png", present, ylabel="F1")
-    plots.plot_mc_curve(px, p, save_dir / f"{prefix}P_curve.png", present, ylabel="Precision")
-    plots.plot_mc_curve(px, r, save_dir / f"{prefix}R_curve.png", present, ylabel="Recall")
+def ap_per_class(
+    tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray, eps: float = 1e-16
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """YOLOv5's (tp, fp, p, r, f1, ap, classes) tuple of class_ap_stats; plots come from its curves (utils.evaluation.report)."""
+    s = class_ap_stats(tp, conf, pred_cls, target_cls, eps)
+    return s.tp, s.fp, s.p, s.r, s.f1, s.ap, s.classes
 
 
 def fitness(x: np.ndarray) -> np.ndarray:
@@ -183,58 +191,3 @@ class ConfusionMatrix:
         tp = np.diag(self.matrix)
         fp = self.matrix.sum(1) - tp
         return tp[:-1], fp[:-1]
-
-    def plot(self, save_dir: Path | str = Path("."), names: Names = (), normalize: bool = True) -> Path:
-        """Write confusion_matrix.png into save_dir and return its path."""
-        from utils.plots import plot_confusion_matrix
-
-        lookup = names_dict(names)
-        labels = [lookup.get(i, str(i)) for i in range(self.nc)]
-        return plot_confusion_matrix(self.matrix, labels, Path(save_dir) / "confusion_matrix.png", normalize=normalize)
-
-
-def _as_numpy(x) -> np.ndarray:
-    """Tensor or array-like -> numpy array on the CPU."""
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-class DetectionMetrics:
-    """Accumulates per-image matching results during validation and reduces them to P, R, mAP50 and mAP50-95."""
-
-    def __init__(self, nc: int, iouv: torch.Tensor | None = None) -> None:
-        self.nc = nc
-        self.iouv = default_iouv() if iouv is None else iouv.detach().cpu()
-        self.stats: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def update(self, correct, conf, pred_cls, target_cls) -> None:
-        """Store one image's (n, t) correctness, (n,) confidences, (n,) predicted classes and (m,) label classes."""
-        correct = _as_numpy(correct).astype(bool).reshape(-1, self.iouv.numel())
-        self.stats.append((correct, _as_numpy(conf).reshape(-1), _as_numpy(pred_cls).reshape(-1), _as_numpy(target_cls).reshape(-1)))
-
-    def process(self, detections: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Match one image's detections (n, 6) to labels (m, 5) [cls, xyxy], store the result and return the (n, t) matrix."""
-        correct = match_predictions(detections, labels, self.iouv.to(detections.device))
-        self.update(correct, detections[:, 4], detections[:, 5], labels[:, 0])
-        return correct
-
-    def compute(self, plot: bool = False, save_dir: Path = Path("."), names: Names = ()) -> dict[str, object]:
-        """Reduce the stored stats to mean P, R, mAP50, mAP50-95 plus per-class arrays (keys ap_class, p, r, f1, ap50, ap, nt)."""
-        nt = np.zeros(self.nc, dtype=np.int64)
-        out: dict[str, object] = {"mp": 0.0, "mr": 0.0, "map50": 0.0, "map": 0.0, "nt": nt, "ap_class": np.zeros(0, dtype=int),
-                                  "p": np.zeros(0), "r": np.zeros(0), "f1": np.zeros(0), "ap50": np.zeros(0), "ap": np.zeros(0)}
-        if not self.stats:
-            return out
-        correct, conf, pred_cls, target_cls = (np.concatenate(parts, 0) for parts in zip(*self.stats))
-        if target_cls.size:
-            nt[:] = np.bincount(target_cls.astype(int), minlength=self.nc)[: self.nc]
-        if not target_cls.size:
-            return out
-        _, _, p, r, f1, ap, ap_class = ap_per_class(correct, conf, pred_cls, target_cls, plot=plot, save_dir=save_dir, names=names)
-        ap50, ap_mean = ap[:, 0], ap.mean(1)
-        out.update(mp=float(p.mean()), mr=float(r.mean()), map50=float(ap50.mean()), map=float(ap_mean.mean()),
-                   ap_class=ap_class, p=p, r=r, f1=f1, ap50=ap50, ap=ap_mean)
-        return out
-
-    def reset(self) -> None:
-        """Forget all stored images."""
-        self.stats.clear()

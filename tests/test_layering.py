@@ -1,0 +1,96 @@
+"""Import layering, read from the source with ast (nothing is imported): no cycle among utils/ modules, models/ imports
+nothing from utils/, and the top-level scripts are entry points that no library module or other script imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("train", "val", "detect", "export", "benchmarks")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of models/ and utils/ plus the top-level scripts, by dotted name."""
+    files = [p for pkg in ("models", "utils") for p in sorted((ROOT / pkg).rglob("*.py"))]
+    files += [ROOT / f"{s}.py" for s in SCRIPTS if (ROOT / f"{s}.py").exists()]
+    return {_module_name(p): p for p in files}
+
+
+def _imported_names(path: Path, name: str) -> set[str]:
+    """Dotted names a module imports anywhere (function-level imports included); `from a import b` yields a and a.b."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports."""
+    mods = _modules()
+    return {m: {d for d in _imported_names(p, m) if d in mods and d != m} for m, p in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when the graph is acyclic (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(sorted(graph[start]))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return []
+
+
+def test_find_cycle_detects_and_clears() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycle_among_utils_modules() -> None:
+    graph = import_graph()
+    utils_graph = {m: {d for d in deps if d.startswith("utils")} for m, deps in graph.items() if m.startswith("utils")}
+    assert "utils.evaluation.metrics" in utils_graph and "utils.plots" in utils_graph
+    assert find_cycle(utils_graph) == []
+
+
+def test_metrics_do_not_import_plotting() -> None:
+    graph = import_graph()
+    for m in ("utils.evaluation.metrics", "utils.evaluation.evaluator"):
+        assert "utils.plots" not in graph[m], m
+    assert not {d for d in graph["utils.plots"] if d.startswith("utils.evaluation")}
+
+
+def test_models_import_nothing_from_utils() -> None:
+    offenders = {m: sorted(d for d in deps if d.split(".")[0] == "utils") for m, deps in import_graph().items() if m.startswith("models")}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_no_module_or_script_imports_a_script() -> None:
+    offenders = {m: sorted(deps & set(SCRIPTS)) for m, deps in import_graph().items()}
+    assert {m: d for m, d in offenders.items() if d} == {}

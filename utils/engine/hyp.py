@@ -1,0 +1,103 @@
+"""Typed training hyperparameters loaded from a YOLOv5-format yaml: unknown or missing keys are refused in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from utils.paths import ROOT
+
+HYP_DIR = ROOT / "data" / "hyps"
+DEFAULT_HYPS = {"anchor_based": HYP_DIR / "hyp.scratch-low.yaml", "anchor_free": HYP_DIR / "hyp.scratch-af.yaml"}
+
+
+class HypError(ValueError):
+    """A hyperparameter file or value that cannot train; the message is one line naming the file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyp:
+    """YOLOv5's hyperparameters (every key required, as in its hyp files) plus the anchor-free DFL gain (optional)."""
+
+    lr0: float
+    lrf: float
+    momentum: float
+    weight_decay: float
+    warmup_epochs: float
+    warmup_momentum: float
+    warmup_bias_lr: float
+    box: float
+    cls: float
+    cls_pw: float
+    obj: float
+    obj_pw: float
+    iou_t: float
+    anchor_t: float
+    fl_gamma: float
+    hsv_h: float
+    hsv_s: float
+    hsv_v: float
+    degrees: float
+    translate: float
+    scale: float
+    shear: float
+    perspective: float
+    flipud: float
+    fliplr: float
+    mosaic: float
+    mixup: float
+    copy_paste: float
+    dfl: float = 1.5  # anchor-free heads only; YOLOv5 files do not have it
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "hyperparameters") -> Hyp:
+        """Validate keys and values (finite numbers) and build the object."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise HypError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise HypError(f"{source}: missing key(s) {', '.join(missing)}")
+        for k, v in values.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise HypError(f"{source}: {k} must be a finite number, got {v!r}")
+            if v < 0:
+                raise HypError(f"{source}: {k} must not be negative, got {v!r}")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain dict (hyp.yaml, checkpoints, the augmentation and loss code)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: float) -> Hyp:
+        """A copy with some values changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def load_hyp(source: Union[str, Path, dict, Hyp]) -> Hyp:
+    """Hyperparameters from a yaml file, a dict or a Hyp."""
+    if isinstance(source, Hyp):
+        return source
+    if isinstance(source, dict):
+        return Hyp.from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise HypError(f"{path}: hyperparameter file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise HypError(f"{path}: not a readable yaml file ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise HypError(f"{path}: hyperparameters must be a mapping of names to numbers")
+    return Hyp.from_dict(data, str(path))
+
+
+def default_hyp_file(head_kind: str) -> Path:
+    """The hyp file a head trains with when --hyp is not given."""
+    return DEFAULT_HYPS.get(head_kind, DEFAULT_HYPS["anchor_based"])

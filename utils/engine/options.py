@@ -1,0 +1,106 @@
+"""Training options: YOLOv5's train.py flags, their checks, and the options of a run being resumed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from utils.checkpoint import read_checkpoint
+from utils.cli import check_img_size, check_int
+from utils.engine.trainer import TrainError
+from utils.paths import ROOT
+
+DEFAULT_CFG = "models/yolov5_mobilenetv4.yaml"
+
+
+def train_options(**overrides: object) -> argparse.Namespace:
+    """Default options with some replaced (Python callers: benchmarks, tests); unknown names raise TrainError."""
+    opt = train_parser().parse_args([])
+    opt.save_dir = ""  # set from --project/--name by train.main; Python callers may give it directly
+    for k, v in overrides.items():
+        if not hasattr(opt, k):
+            raise TrainError(f"unknown training option {k!r}")
+        setattr(opt, k, v)
+    return opt
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """YOLOv5's train.py flags (plus --backbone-weights and --close-mosaic)."""
+    p = argparse.ArgumentParser(description="Train a YOLOv5-style detector")
+    p.add_argument("--weights", default="", help="initial weights (.pt checkpoint) for fine-tuning")
+    p.add_argument("--cfg", default="", help=f"model yaml (default {DEFAULT_CFG} when no --weights)")
+    p.add_argument("--data", default=None, help="dataset yaml (default: embedded shapes dataset)")
+    p.add_argument("--hyp", default="", help="hyperparameters yaml (default: data/hyps/hyp.scratch-low.yaml, or hyp.scratch-af.yaml "
+                   "for anchor-free heads)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs, -1 for autobatch")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    p.add_argument("--rect", action="store_true", help="rectangular training")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent (or given) last.pt")
+    p.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    p.add_argument("--noval", action="store_true", help="only validate final epoch")
+    p.add_argument("--noautoanchor", action="store_true")
+    p.add_argument("--noplots", action="store_true")
+    p.add_argument("--cache", nargs="?", const="ram", default=None, choices=("ram", "disk"), help="image cache")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    p.add_argument("--single-cls", action="store_true")
+    p.add_argument("--optimizer", default="SGD", choices=("SGD", "Adam", "AdamW"))
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm, DDP only")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
+    p.add_argument("--project", default=str(ROOT / "runs/train"))
+    p.add_argument("--name", default="exp")
+    p.add_argument("--exist-ok", action="store_true")
+    p.add_argument("--cos-lr", action="store_true")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--patience", type=int, default=100, help="early stopping patience (epochs without improvement)")
+    p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze first N layers, or layer indices")
+    p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every N epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--close-mosaic", type=int, default=0, help="turn mosaic off for the last N epochs")
+    p.add_argument("--backbone-weights", default="", help="ImageNet backbone weights: file path or timm:<name>")
+    return p
+
+
+def resume_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """Options of the run being resumed (from its last.pt), pointing at that checkpoint."""
+    if opt.resume is True:
+        found = sorted(Path(opt.project).glob("**/last.pt"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            raise TrainError(f"--resume: no last.pt found under {opt.project}")
+        path = found[-1]
+    else:
+        path = Path(opt.resume)
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("opt"), dict):
+        raise TrainError(f"{path}: checkpoint has no training options; it cannot be resumed")
+    resumed = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})
+    resumed.resume, resumed.cfg, resumed.weights = str(path), "", ""
+    resumed.save_dir = str(_recorded_run_dir(path, ckpt["opt"]))
+    return resumed
+
+
+def _recorded_run_dir(path: Path, opt: dict) -> Path:
+    """The run folder the checkpoint was trained in: the only place a resume writes to; refused when it is gone."""
+    save_dir = opt.get("save_dir")
+    if not isinstance(save_dir, str) or not save_dir:
+        raise TrainError(f"{path}: checkpoint does not record its run folder; start a new run with --weights {path} instead")
+    run_dir = Path(save_dir)
+    if not (run_dir / "opt.yaml").is_file():
+        raise TrainError(f"{path}: its run folder {run_dir} no longer exists (no opt.yaml there); "
+                         f"start a new run with --weights {path} instead")
+    return run_dir
+
+
+def check_options(opt: argparse.Namespace) -> None:
+    """Reject values that cannot train, before any folder is created (one line naming the flag)."""
+    check_int("--epochs", opt.epochs)
+    check_int("--batch-size", opt.batch_size, allow=(-1,))
+    check_img_size(opt.imgsz)
+    check_int("--workers", opt.workers, minimum=0)
+    check_int("--patience", opt.patience, minimum=0)
+    check_int("--close-mosaic", opt.close_mosaic, minimum=0)
+    for i in opt.freeze:
+        check_int("--freeze", i, minimum=0)
+
+

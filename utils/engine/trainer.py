@@ -1,0 +1,376 @@
+"""The Trainer: owns model, optimizer, schedule, EMA, loaders, loss, the epoch loop, checkpoints and resume.
+
+Any head trains through it: the loss comes from utils.loss.build_loss (by the head's kind) and validation from
+utils.evaluation, so a new head needs no change here. Rank and world size are passed in (DistInfo), never read at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from models.pretrained import load_backbone_weights
+from models.yolo import DetectionModel
+from utils.checkpoint import load_model, load_state, model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap_model
+from utils.cli import check_img_size
+from utils.data.dataset_config import load_dataset_config
+from utils.engine.callbacks import Callbacks
+from utils.engine.early_stopping import EarlyStopping
+from utils.engine.hyp import Hyp, default_hyp_file, load_hyp
+from utils.engine.results import append_results, columns, truncate_results
+from utils.engine.tb_logger import TensorBoardLogger
+from utils.engine.torch_utils import ModelEMA, build_scheduler, check_finite_loss, freeze_layers, init_seeds, smart_optimizer, warmup_step
+from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult
+from utils.evaluation.validate import evaluate
+from utils.files import atomic_write_text, remove_stale_temps
+from utils.loss import DetectionLoss, build_loss
+
+LOGGER = logging.getLogger("mobile_yolo")
+NOMINAL_BATCH = 64  # YOLOv5: gradients accumulate until about 64 images contributed to an optimizer step
+
+
+class TrainError(ValueError):
+    """A training setup problem (bad path, bad option); the message is one line."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a DDP run (-1 / 1 when not distributed)."""
+
+    rank: int = -1
+    local_rank: int = -1
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs, validates and saves."""
+        return self.rank in (-1, 0)
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """What torchrun sets in the environment (called by the command line, not at import)."""
+        return cls(int(os.getenv("RANK", -1)), int(os.getenv("LOCAL_RANK", -1)), int(os.getenv("WORLD_SIZE", 1)))
+
+
+def transfer_weights(model: DetectionModel, ckpt: dict, weights: str) -> DetectionModel:
+    """Copy every tensor of a checkpoint whose name and shape match (YOLOv5's --weights fine-tuning)."""
+    state = ckpt.get("ema") or ckpt["model"]
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    LOGGER.info(f"Transferred {len(matched)}/{len(own)} items from {weights}")
+    return model
+
+
+def build_model(opt: argparse.Namespace, nc: int, names: list[str], device: torch.device) -> DetectionModel:
+    """Model from --cfg (or the --weights / resume checkpoint's config), with fine-tuning or backbone weights applied."""
+    weights = str(opt.weights or "")
+    source = str(opt.resume) if opt.resume else weights  # any file name: a missing or foreign file is one error line
+    if not opt.cfg and not source:
+        raise TrainError("give --cfg (a model yaml) or --weights (a checkpoint file)")
+    ckpt = read_checkpoint(source) if source else None
+    if ckpt is not None and (opt.resume or not opt.cfg):
+        model = model_from_checkpoint(ckpt, source, nc=nc)
+    else:
+        model = DetectionModel(opt.cfg, ch=3, nc=nc)
+    if ckpt is not None and weights:
+        transfer_weights(model, ckpt, weights)
+    elif not opt.resume and (opt.backbone_weights or model.yaml.get("backbone_weights")):
+        load_backbone_weights(model, opt.backbone_weights or model.yaml["backbone_weights"])
+    model.names = list(names)
+    return model.to(device)
+
+
+def plain_opt(opt: argparse.Namespace) -> dict:
+    """Options as plain data (paths as strings) for opt.yaml and checkpoints."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
+
+
+def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
+    """Resize the batch to a random size in [0.5, 1.5] x imgsz, a multiple of the stride."""
+    size = int(np.random.uniform(imgsz * 0.5, imgsz * 1.5 + gs)) // gs * gs
+    factor = size / max(imgs.shape[2:])
+    if factor == 1:
+        return imgs
+    new = [math.ceil(x * factor / gs) * gs for x in imgs.shape[2:]]
+    return torch.nn.functional.interpolate(imgs, size=new, mode="bilinear", align_corners=False)
+
+
+class Trainer:
+    """One training run. `fit()` returns the best checkpoint; `callbacks` lets loggers and user code follow along."""
+
+    def __init__(
+        self, opt: argparse.Namespace, device: torch.device, dist: DistInfo = DistInfo(), callbacks: Callbacks | None = None
+    ) -> None:
+        self.opt, self.device, self.dist = opt, device, dist
+        self.callbacks = callbacks or Callbacks()
+        self.save_dir = Path(opt.save_dir)
+        self.wdir = self.save_dir / "weights"
+        self.best_fitness, self.start_epoch, self.last_opt_step = 0.0, 0, -1
+        self.setup()
+        if dist.main and not opt.noplots:
+            self.callbacks.register("on_train_batch_end", self._plot_first_batches)
+
+    # ----- set-up -------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Data, model, hyperparameters, run folder, optimizer, schedule, loaders, loss, EMA and DDP wrapping."""
+        opt = self.opt
+        self.data = load_dataset_config(opt.data)
+        self.names: list[str] = ["item"] if opt.single_cls else [str(n) for n in self.data["names"]]
+        self.nc = len(self.names)
+        init_seeds(opt.seed + 1 + max(self.dist.rank, 0), deterministic=True)
+        self.model: Any = build_model(opt, self.nc, self.names, self.device)
+        freeze = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
+        self.frozen = freeze_layers(self.model, freeze)
+        self.gs = max(int(self.model.stride.max()), 32)
+        opt.imgsz = check_img_size(opt.imgsz, self.gs)
+        hyp_file = opt.hyp or default_hyp_file(self.model.head_kind)
+        opt.hyp = str(hyp_file)
+        self.hyp: Hyp = load_hyp(hyp_file)
+        self._open_run_dir()
+        self.batch = opt.batch_size // self.dist.world_size
+        self.accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
+        decay = self.hyp.weight_decay * opt.batch_size * self.accumulate / NOMINAL_BATCH
+        self.optimizer = smart_optimizer(self.model, opt.optimizer, self.hyp.lr0, self.hyp.momentum, decay)
+        self.scheduler, self.lf = build_scheduler(self.optimizer, opt.epochs, self.hyp.lrf, opt.cos_lr)
+        self._make_loaders()
+        self._check_anchors()
+        self.loss: DetectionLoss = build_loss(self.model, self.hyp.as_dict(), opt.imgsz, opt.label_smoothing)
+        self.ema = ModelEMA(self.model) if self.dist.main else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
+        self._wrap_distributed()
+
+    def _open_run_dir(self) -> None:
+        """Create the run folder only once data and model loaded (bad input leaves no folder): weights/, opt.yaml, hyp.yaml."""
+        self.wdir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temps(self.wdir, "*.pt"):
+            LOGGER.info(f"Removed {stale.name}, left in {stale.parent} by an interrupted checkpoint save")
+        if self.dist.main and not self.opt.resume:
+            atomic_write_text(self.save_dir / "opt.yaml", yaml.safe_dump(plain_opt(self.opt), sort_keys=False))
+            atomic_write_text(self.save_dir / "hyp.yaml", yaml.safe_dump(self.hyp.as_dict(), sort_keys=False))
+
+    def _make_loaders(self) -> None:
+        """Augmented training loader (per rank) and the rectangular validation loader (main rank)."""
+        from utils.data.datasets import create_dataloader
+
+        opt, nc = self.opt, int(self.data["nc"])
+        self.train_loader, self.dataset = create_dataloader(
+            self.data["train"], opt.imgsz, self.batch, self.gs, single_cls=opt.single_cls, hyp=self.hyp.as_dict(), augment=True,
+            cache=opt.cache, rect=opt.rect, workers=opt.workers, shuffle=not opt.rect, prefix="train: ", nc=nc, seed=opt.seed,
+            rank=self.dist.local_rank,
+        )
+        self.val_loader = None
+        if self.dist.main:
+            self.val_loader = create_dataloader(
+                self.data["val"], opt.imgsz, self.batch * 2, self.gs, single_cls=opt.single_cls, cache=None if opt.noval else opt.cache,
+                rect=True, pad=0.5, workers=opt.workers, prefix="val: ", nc=nc,
+            )[0]
+
+    def _check_anchors(self) -> None:
+        """Anchor-based heads: refit anchors that fit the labels badly (YOLOv5's AutoAnchor); label statistics plot."""
+        if not self.dist.main or self.opt.resume:
+            return
+        if not self.opt.noautoanchor and hasattr(self.model.head, "anchors"):
+            from utils.engine.autoanchor import check_anchors, label_wh_from_dataset
+
+            wh = label_wh_from_dataset(self.dataset.img_shapes[:, ::-1], self.dataset.labels, self.opt.imgsz)
+            check_anchors(wh, self.model, thr=self.hyp.anchor_t, imgsz=self.opt.imgsz)
+        if not self.opt.noplots:
+            from utils.plots import plot_labels
+
+            labels = [lb[:, :5] for lb in self.dataset.labels if len(lb)]
+            if labels:
+                plot_labels(np.concatenate(labels, 0), self.names, self.save_dir / "labels.jpg")
+
+    def _wrap_distributed(self) -> None:
+        """SyncBatchNorm and DistributedDataParallel when running under torchrun."""
+        if self.dist.rank == -1:
+            return
+        if self.opt.sync_bn:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+        self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    # ----- the loop -----------------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train every epoch: train, validate the EMA, log results.csv, save last/best, early-stop; returns best.pt."""
+        opt = self.opt
+        if opt.resume:
+            self.restore(read_checkpoint(opt.resume))
+        self.scheduler.last_epoch = self.start_epoch - 1
+        nb = len(self.train_loader)
+        self.warmup_iters = max(round(self.hyp.warmup_epochs * nb), 100) if self.hyp.warmup_epochs > 0 else -1
+        self.last_opt_step = self.start_epoch * nb - 1
+        truncate_results(self.save_dir / "results.csv", self.start_epoch - 1, self.loss.names)
+        self.stopper, t0 = EarlyStopping(opt.patience), time.time()
+        self.tb = TensorBoardLogger(self.save_dir, columns(self.loss.names))
+        LOGGER.info(f"Image sizes {opt.imgsz} train, {opt.imgsz} val\nLogging results to {self.save_dir}")
+        LOGGER.info(f"Starting training for {opt.epochs} epochs...")
+        self.callbacks.run("on_train_start", trainer=self)
+        epoch = self.start_epoch
+        for epoch in range(self.start_epoch, opt.epochs):
+            if opt.close_mosaic and epoch == opt.epochs - opt.close_mosaic:
+                self.dataset.close_mosaic()
+            mloss = self.train_one_epoch(epoch)
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            self.scheduler.step()
+            self.callbacks.run("on_train_epoch_end", trainer=self, epoch=epoch, losses=mloss)
+            stop = self._end_epoch(epoch, mloss, lrs) if self.dist.main else False
+            if self._broadcast_stop(stop):
+                break
+        return self._finish(t0, epoch - self.start_epoch + 1)
+
+    def train_one_epoch(self, epoch: int) -> torch.Tensor:
+        """One pass over the training loader; returns the mean loss items."""
+        self.model.train()
+        nb = len(self.train_loader)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        mloss = torch.zeros(len(self.loss.names), device=self.device)
+        if self.dist.main:
+            LOGGER.info(("%11s" * 7) % ("Epoch", "GPU_mem", *self.loss.names, "Instances", "Size"))
+        bar = tqdm(enumerate(self.train_loader), total=nb, disable=not self.dist.main, bar_format="{l_bar}{bar:10}{r_bar}")
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (imgs, targets, paths, _) in bar:
+            ni = i + nb * epoch
+            imgs = imgs.to(self.device, non_blocking=True).float() / 255
+            items = self.train_step(imgs, targets, ni, epoch, last=i == nb - 1)
+            mloss = (mloss * i + items) / (i + 1)
+            mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
+            row = (f"{epoch + 1}/{self.opt.epochs}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1])
+            bar.set_description(("%11s" * 2 + "%11.4g" * 5) % row)
+            self.callbacks.run("on_train_batch_end", trainer=self, ni=ni, imgs=imgs, targets=targets, paths=list(paths))
+        return mloss.cpu()
+
+    def train_step(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int, epoch: int, last: bool = False) -> torch.Tensor:
+        """Warm-up, forward, loss, AMP backward and (every `accumulate` batches) an optimizer + EMA step; returns loss items."""
+        if ni <= self.warmup_iters:
+            warmup_step(self.optimizer, ni, self.warmup_iters, epoch, self.lf, self.hyp.as_dict())
+        if self.opt.multi_scale:
+            imgs = _multi_scale(imgs, self.opt.imgsz, self.gs)
+        with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
+            loss, items = self.loss(self.model(imgs), targets.to(self.device))
+        if self.dist.rank != -1:
+            loss = loss * self.dist.world_size  # DDP averages gradients over processes
+        check_finite_loss(loss, epoch, ni - epoch * len(self.train_loader))
+        self.scaler.scale(loss).backward()
+        if ni - self.last_opt_step >= self.accumulate or last:
+            self._optimizer_step()
+            self.last_opt_step = ni
+        return items
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, step, zero and update the EMA."""
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _plot_first_batches(self, ni: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list, **_: Any) -> None:
+        """train_batch0..2.jpg: the first three training mosaics with their labels."""
+        if ni < 3:
+            from utils.plots import plot_images
+
+            plot_images((imgs.detach() * 255).byte().cpu(), targets.cpu(), paths, self.save_dir / f"train_batch{ni}.jpg", self.names)
+
+    # ----- validation and checkpoints ------------------------------------------------------------------------------
+    def validate(self, model: torch.nn.Module, plots: bool, verbose: bool = False) -> DetectionResult:
+        """Evaluate `model` on the validation loader in-process (with the validation loss)."""
+        result = evaluate(
+            model, self.val_loader, DetectionEvaluator(self.nc, self.names), device=self.device, compute_loss=self.loss,
+            half=self.device.type == "cuda", plots=plots, save_dir=self.save_dir, names=self.names, single_cls=self.opt.single_cls,
+            quiet=not verbose,
+        )
+        if verbose:
+            for line in result.table(verbose=True):
+                LOGGER.info(line)
+        return result
+
+    def _end_epoch(self, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool:
+        """Main rank after each epoch: validate, log results.csv, save last/best (atomically); returns whether to stop."""
+        opt = self.opt
+        final = epoch + 1 == opt.epochs or self.stopper.possible_stop
+        assert self.ema is not None  # the main rank always keeps one
+        if not opt.noval or final:
+            row = self.validate(self.ema.ema, plots=final and not opt.noplots).results_row()
+        else:
+            row = (0.0,) * (4 + len(self.loss.names))
+        fit = 0.1 * row[2] + 0.9 * row[3]
+        stop = self.stopper(epoch, fit)
+        self.best_fitness = max(self.best_fitness, fit)
+        append_results(self.save_dir / "results.csv", epoch, mloss.tolist(), row, lrs, self.loss.names)
+        self.tb.log_epoch(epoch, [*mloss.tolist(), *row, *lrs])
+        self.callbacks.run("on_fit_epoch_end", trainer=self, epoch=epoch, results=row)
+        if not opt.nosave or epoch + 1 == opt.epochs or stop:
+            self.save(self.wdir / "last.pt", epoch)
+            if self.best_fitness == fit:
+                self.save(self.wdir / "best.pt", epoch)
+            if opt.save_period > 0 and epoch % opt.save_period == 0:
+                self.save(self.wdir / f"epoch{epoch}.pt", epoch)
+        return stop
+
+    def save(self, path: Path, epoch: int) -> None:
+        """Checkpoint: model + EMA state_dicts, optimizer, epoch, fitness, options, hyp, names (atomic write)."""
+        assert self.ema is not None
+        save_checkpoint(
+            path, unwrap_model(self.model), names=self.names, ema=self.ema.ema.state_dict(), updates=self.ema.updates,
+            optimizer=self.optimizer.state_dict(), epoch=epoch, best_fitness=float(self.best_fitness), opt=plain_opt(self.opt),
+            hyp=self.hyp.as_dict(),
+        )
+        self.callbacks.run("on_model_save", trainer=self, path=path)
+
+    def restore(self, ckpt: dict) -> None:
+        """Load model, EMA, optimizer and counters from a resume checkpoint."""
+        path = self.opt.resume
+        load_state(unwrap_model(self.model), ckpt["model"], path)
+        if ckpt.get("ema") and self.ema is not None:
+            load_state(self.ema.ema, ckpt["ema"], path, "EMA weights")
+            self.ema.updates = int(ckpt.get("updates", 0))
+        if ckpt.get("optimizer"):
+            load_state(self.optimizer, ckpt["optimizer"], path, "optimizer state")
+        self.start_epoch = int(ckpt.get("epoch", -1)) + 1
+        if self.start_epoch >= self.opt.epochs:
+            raise TrainError(f"{path}: training already finished ({self.start_epoch} epochs); nothing to resume")
+        self.best_fitness = float(ckpt.get("best_fitness", 0.0))
+        LOGGER.info(f"Resuming training from {path} at epoch {self.start_epoch + 1} of {self.opt.epochs}")
+
+    def _broadcast_stop(self, stop: bool) -> bool:
+        """Share the main rank's early-stop decision with every DDP rank."""
+        if self.dist.rank == -1:
+            return stop
+        flag = [stop]
+        torch.distributed.broadcast_object_list(flag, 0)
+        return bool(flag[0])
+
+    def _finish(self, t0: float, epochs_done: int) -> Path:
+        """Final validation of best.pt with plots, results.png and the closing log lines (main rank)."""
+        best, last = self.wdir / "best.pt", self.wdir / "last.pt"
+        if not self.dist.main:
+            return last
+        LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        if best.exists() and not self.opt.noval:
+            LOGGER.info(f"\nValidating {best}...")
+            self.validate(load_model(best, self.device).fuse(), plots=not self.opt.noplots, verbose=True)
+        if not self.opt.noplots and (self.save_dir / "results.csv").exists():
+            from utils.plots import plot_results
+
+            plot_results(self.save_dir / "results.csv")
+        LOGGER.info(f"Results saved to {self.save_dir}")
+        result = best if best.exists() else last
+        self.callbacks.run("on_train_end", trainer=self, best=result)
+        return result
