@@ -96,3 +96,39 @@ def test_model_info_cli() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "yolov5n summary: " in proc.stdout + proc.stderr and "1,872,157 parameters" in proc.stdout + proc.stderr
 
+
+
+def test_anchor_free_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    """The anchor-free head through the same scripts: train, val, detect, export (ONNX, TorchScript, INT8), val on exports."""
+    import json
+
+    import onnx
+
+    import detect
+    import export
+    import train
+    import val
+    from utils.export.quantize import quantize_onnx
+
+    best = train.run(cfg="models/yolov8n.yaml", data=str(tiny_data), epochs=1, imgsz=64, batch_size=8, workers=0,
+                     project=str(tmp_path), name="af", noplots=True, device="cpu")
+    header = (best.parent.parent / "results.csv").read_text().splitlines()[0]
+    assert "train/dfl_loss" in header and "obj_loss" not in header
+    kw = dict(data=str(tiny_data), imgsz=64, batch_size=4, workers=0, project=str(tmp_path), device="cpu", plots=False)
+    results, _, _ = val.run(weights=str(best), name="val", **kw)
+    assert len(results) == 7 and all(0.0 <= r <= 1.0 for r in results[:4])
+    cfg = yaml.safe_load(tiny_data.read_text())
+    out = detect.run(weights=str(best), source=str(Path(cfg["path"]) / cfg["val"]), imgsz=(64, 64), conf_thres=0.001,
+                     project=str(tmp_path), name="det", device="cpu")
+    assert len(list(out.glob("*.jpg"))) == 8
+    files = export.run(weights=str(best), include=["onnx", "torchscript"], imgsz=[64, 64], dynamic=True)
+    props = {p.key: p.value for p in onnx.load(str(files[0])).metadata_props}
+    names = cfg["names"]
+    assert props["head"] == "anchor_free" and json.loads(props["names"]) == (list(names.values()) if isinstance(names, dict) else names)
+    for f in files:
+        exported, _, _ = val.run(weights=str(f), name=f"val_{Path(f).suffix[1:]}", **kw)
+        assert abs(exported[3] - results[3]) < 1e-3, f
+    images = sorted((Path(cfg["path"]) / cfg["val"]).glob("*.jpg"))
+    int8 = quantize_onnx(Path(files[0]), tmp_path / "int8.onnx", images, 64, n_calib=8)
+    int8_results, _, _ = val.run(weights=str(int8), name="val_int8", **kw)
+    assert all(0.0 <= r <= 1.0 for r in int8_results[:4])

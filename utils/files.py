@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Union
 
+import yaml
+
 PathLike = Union[str, Path]
 # mkstemp/mkdtemp names used by atomic_write: .<target name>.<random>.tmp
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{6,}\.tmp$")
@@ -95,3 +97,16 @@ def describe_os_error(e: OSError) -> str:
     if e.filename is not None:
         return f"{e.filename}: {reason}" + (f" (-> {e.filename2})" if e.filename2 is not None else "")
     return str(e) or reason
+
+
+def read_yaml_mapping(path: Path, error: type[ValueError], expected: str) -> dict:
+    """A yaml file that must hold a mapping; unreadable yaml or another type raise `error` with one line naming the file."""
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise error(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of {expected}, got {type(data).__name__}")
+    return data

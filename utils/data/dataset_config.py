@@ -28,9 +28,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any, Union
 from xml.etree import ElementTree
 
-import yaml
-
-from utils.files import UnsafePathError, ensure_inside
+from utils.files import UnsafePathError, ensure_inside, read_yaml_mapping
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -52,13 +50,7 @@ def _read_yaml(data: Union[str, Path, dict, None]) -> tuple[dict, str, Path | No
         file = ROOT / "data" / file
     if not file.is_file():
         raise DatasetError(f"{file}: dataset YAML not found")
-    try:
-        cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{file}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise DatasetError(f"{file}: expected a mapping of keys (path, train, val, names), got {type(cfg).__name__}")
-    return cfg, str(file), file.resolve()
+    return read_yaml_mapping(file, DatasetError, "keys (path, train, val, names)"), str(file), file.resolve()
 
 
 def _names_list(names: Any, nc: Any, where: str) -> list[str]:

@@ -7,8 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
-
+from utils.files import read_yaml_mapping
 from utils.paths import ROOT
 
 HYP_DIR = ROOT / "data" / "hyps"
@@ -89,13 +88,7 @@ def load_hyp(source: Union[str, Path, dict, Hyp]) -> Hyp:
     path = Path(source)
     if not path.is_file():
         raise HypError(f"{path}: hyperparameter file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise HypError(f"{path}: not a readable yaml file ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise HypError(f"{path}: hyperparameters must be a mapping of names to numbers")
-    return Hyp.from_dict(data, str(path))
+    return Hyp.from_dict(read_yaml_mapping(path, HypError, "hyperparameter names to numbers"), str(path))
 
 
 def default_hyp_file(head_kind: str) -> Path:
