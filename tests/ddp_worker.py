@@ -12,7 +12,7 @@ from utils.checkpoint import unwrap_model
 from utils.engine.callbacks import Callbacks
 
 
-def main(data: str, project: str) -> None:
+def main(data: str, project: str, cfg: str) -> None:
     """Train with the given data yaml; each rank writes rank<N>.pt with its model parameters once the epoch loop ends."""
     callbacks = Callbacks()
 
@@ -21,9 +21,9 @@ def main(data: str, project: str) -> None:
         torch.save(params, Path(project) / f"rank{trainer.dist.rank}.pt")
 
     callbacks.register("on_train_epoch_end", save_params)
-    train.run(callbacks=callbacks, cfg="models/yolov5n.yaml", data=data, epochs=1, imgsz=64, batch_size=8, workers=0,
+    train.run(callbacks=callbacks, cfg=cfg, data=data, epochs=1, imgsz=64, batch_size=8, workers=0,
               project=project, name="ddp", exist_ok=True, noplots=True, noautoanchor=True, device="cpu")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -15,13 +16,14 @@ from utils.data.shapes_dataset import generate_shapes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cfg", ["models/yolov5n.yaml", "models/yolov8n.yaml"])  # one per head kind
+def test_two_process_gloo_training_keeps_ranks_identical(cfg: str, tmp_path: Path) -> None:
     generate_shapes(tmp_path / "ds", n_train=16, n_val=4, seed=2)
     data = tmp_path / "data.yaml"
     data.write_text(yaml.safe_dump({"path": str(tmp_path / "ds"), "train": "images/train", "val": "images/val",
                                     "names": ["circle", "rectangle", "triangle"]}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests/ddp_worker.py"), str(data), str(tmp_path)]
+           str(ROOT / "tests/ddp_worker.py"), str(data), str(tmp_path), cfg]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -120,3 +120,12 @@ def test_trainer_fires_callbacks_and_writes_head_columns(cfg: str, losses: tuple
     assert header[1:4] == [f"train/{n}" for n in losses] and header[8:11] == [f"val/{n}" for n in losses]
     saved = yaml.safe_load((tmp_path / "run" / "hyp.yaml").read_text())
     assert ("dfl" in saved) and Path(opt.hyp) == default_hyp_file(trainer.model.head_kind)
+
+
+def test_benchmarks_train_throughput_times_the_trainer_step(tiny_data: Path) -> None:
+    import benchmarks
+
+    opt = benchmarks.parse_opt(["--train-throughput", "--cfg", "models/yolov8n.yaml", "--img", "64", "--data", str(tiny_data),
+                                "--train-batch", "8", "--train-batches", "2", "--workers", "0", "--device", "cpu"])
+    row = benchmarks.train_throughput("models/yolov8n.yaml", opt)
+    assert row["model"] == "yolov8n" and row["train_img_s"] > 0 and row["loader_only_img_s"] > 0
