@@ -106,7 +106,7 @@ def measure_map(name: str, opt: argparse.Namespace) -> dict[str, Any]:
     """mAP50-95 / mAP50 of the trained checkpoint on --data, through the same backend and Evaluator as val.py."""
     from utils.data.dataset_config import load_dataset_config
     from utils.data.datasets import create_dataloader
-    from utils.engine.torch_utils import select_device
+    from utils.device import select_device
     from utils.evaluation.evaluator import DetectionEvaluator
     from utils.evaluation.validate import evaluate
     from utils.export.backend import DetectBackend
@@ -124,8 +124,8 @@ def train_throughput(spec: str, opt: argparse.Namespace) -> dict[str, Any]:
     """Images/s of the Trainer's own training step (data loading included) and of its data loader alone."""
     import time
 
+    from utils.device import select_device
     from utils.engine.options import train_options
-    from utils.engine.torch_utils import select_device
     from utils.engine.trainer import Trainer
 
     dev = select_device(opt.device)

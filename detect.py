@@ -16,7 +16,7 @@ from utils.boxes import scale_boxes, xyxy2xywh
 from utils.cli import check_fraction, check_img_size, check_int, error_boundary
 from utils.data.dataset_config import load_dataset_config
 from utils.data.images import VID_FORMATS
-from utils.engine.torch_utils import select_device
+from utils.device import select_device
 from utils.files import safe_component
 from utils.logs import set_logging
 from utils.nms import non_max_suppression

@@ -20,7 +20,7 @@ import torch
 
 from utils.checkpoint import load_model
 from utils.cli import check_int, error_boundary
-from utils.engine.torch_utils import select_device
+from utils.device import select_device
 from utils.export.formats import (
     ExportError,
     atomic_path,

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from utils.cli import error_boundary
+from utils.device import select_device
 from utils.engine.callbacks import Callbacks
 from utils.engine.options import DEFAULT_CFG, check_options, resume_options, train_options, train_parser
-from utils.engine.torch_utils import NonFiniteLossError, select_device
+from utils.engine.torch_utils import NonFiniteLossError
 from utils.engine.trainer import DistInfo, Trainer, TrainError
 from utils.logs import set_logging
 from utils.paths import increment_path

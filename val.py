@@ -13,7 +13,7 @@ import torch
 
 from utils.cli import check_fraction, check_img_size, check_int, error_boundary
 from utils.data.dataset_config import load_dataset_config
-from utils.engine.torch_utils import select_device
+from utils.device import select_device
 from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult
 from utils.evaluation.validate import evaluate
 from utils.logs import set_logging

@@ -14,7 +14,7 @@ from test_export import NAMES, assert_close_predictions, checkpoint_tol, make_ch
 import export
 from tests.conftest import rounding_tol
 from utils.checkpoint import CheckpointError
-from utils.engine.torch_utils import select_device
+from utils.device import select_device
 from utils.export.backend import DetectBackend
 
 

@@ -94,3 +94,28 @@ def test_models_import_nothing_from_utils() -> None:
 def test_no_module_or_script_imports_a_script() -> None:
     offenders = {m: sorted(deps & set(SCRIPTS)) for m, deps in import_graph().items()}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+# The pipeline stages under utils/ and the earlier stages each may use (shared top-level utils/ modules are free).
+STAGE_DEPENDENCIES = {
+    "data": set(),
+    "loss": set(),
+    "evaluation": set(),
+    "export": {"data"},
+    "engine": {"data", "loss", "evaluation"},
+}
+
+
+def test_utils_stages_import_only_earlier_stages() -> None:
+    stages = {p.name for p in (ROOT / "utils").iterdir() if (p / "__init__.py").is_file()}
+    assert stages == set(STAGE_DEPENDENCIES), "a new utils/ subpackage needs its place in STAGE_DEPENDENCIES"
+    bad = []
+    for module, deps in import_graph().items():
+        parts = module.split(".")
+        if parts[0] != "utils" or len(parts) < 3:
+            continue
+        for dep in deps:
+            dparts = dep.split(".")
+            if len(dparts) > 2 and dparts[0] == "utils" and dparts[1] != parts[1] and dparts[1] not in STAGE_DEPENDENCIES[parts[1]]:
+                bad.append(f"{module} -> {dep}")
+    assert not bad, bad

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.yolo import DetectionModel
 from tests.conftest import EPS32
+from utils.device import select_device
 from utils.engine.torch_utils import (
     ModelEMA,
     NonFiniteLossError,
@@ -25,7 +26,6 @@ from utils.engine.torch_utils import (
     linear_lr,
     model_param_count,
     one_cycle,
-    select_device,
     smart_optimizer,
     time_sync,
     warmup_step,

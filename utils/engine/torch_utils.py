@@ -1,4 +1,4 @@
-"""PyTorch training helpers: device choice, EMA weights, optimizer groups, LR schedules, warm-up, seeding, freezing."""
+"""PyTorch training helpers: EMA weights, optimizer groups, LR schedules, warm-up, seeding, freezing."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from utils.checkpoint import unwrap_model
+from utils.device import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
@@ -27,34 +28,6 @@ class NonFiniteLossError(RuntimeError):
 def de_parallel(model: nn.Module) -> nn.Module:
     """The bare model inside a DataParallel/DistributedDataParallel wrapper (or the model itself)."""
     return unwrap_model(model)
-
-
-def select_device(device: Union[str, int, torch.device, None] = "") -> torch.device:
-    """torch.device for '', 'cpu', 'mps', '0', '0,1', 'cuda:0', an index or a torch.device; ValueError when it cannot be met."""
-    if isinstance(device, torch.device):
-        device = "cpu" if device.type == "cpu" else device.type if device.index is None else str(device.index)
-    spec = str(device if device is not None else "").strip().lower().replace("cuda:", "").replace(" ", "")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(f"--device {device} requested but MPS is not available")
-        return torch.device("mps")
-    if spec in ("", "cuda"):
-        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
-    ids = spec.split(",")
-    if not all(i.isdigit() for i in ids):
-        raise ValueError(f"--device {device}: expected 'cpu', 'mps', or CUDA indices such as 0 or 0,1")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available")
-    count = torch.cuda.device_count()
-    bad = [i for i in ids if int(i) >= count]
-    if bad:
-        raise ValueError(f"--device {device} requested but only {count} CUDA device(s) are visible")
-    if len(ids) > 1:
-        LOGGER.info(f"--device {device}: this process uses cuda:{ids[0]}; launch with torchrun for multi-GPU DDP")
-    return torch.device(f"cuda:{ids[0]}")
 
 
 class ModelEMA:

@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from models.head import head_class
-from utils.engine.torch_utils import select_device
+from utils.device import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
 SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml"
