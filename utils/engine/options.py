@@ -7,6 +7,7 @@ from pathlib import Path
 
 from utils.checkpoint import read_checkpoint
 from utils.cli import check_img_size, check_int
+from utils.engine.recipe import RECIPES
 from utils.engine.trainer import TrainError
 from utils.paths import ROOT
 
@@ -58,6 +59,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every N epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--close-mosaic", type=int, default=0, help="turn mosaic off for the last N epochs")
+    p.add_argument("--recipe", default="auto", choices=RECIPES,
+                   help="schedule: small (optimizer steps, for < 1000 images), yolov5 (nominal batch 64), auto picks by size")
     p.add_argument("--backbone-weights", default="", help="ImageNet backbone weights: file path or timm:<name>")
     return p
 

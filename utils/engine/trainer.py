@@ -28,6 +28,7 @@ from utils.data.dataset_config import load_dataset_config
 from utils.engine.callbacks import Callbacks
 from utils.engine.early_stopping import EarlyStopping
 from utils.engine.hyp import Hyp, default_hyp_file, load_hyp
+from utils.engine.recipe import choose_schedule
 from utils.engine.results import append_results, columns, truncate_results
 from utils.engine.tb_logger import TensorBoardLogger
 from utils.engine.torch_utils import ModelEMA, build_scheduler, check_finite_loss, freeze_layers, init_seeds, smart_optimizer, warmup_step
@@ -37,7 +38,6 @@ from utils.files import atomic_write_text, remove_stale_temps
 from utils.loss import DetectionLoss, build_loss
 
 LOGGER = logging.getLogger("mobile_yolo")
-NOMINAL_BATCH = 64  # YOLOv5: gradients accumulate until about 64 images contributed to an optimizer step
 
 
 class TrainError(ValueError):
@@ -140,11 +140,15 @@ class Trainer:
         self.hyp: Hyp = load_hyp(hyp_file)
         self._open_run_dir()
         self.batch = opt.batch_size // self.dist.world_size
-        self.accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
-        decay = self.hyp.weight_decay * opt.batch_size * self.accumulate / NOMINAL_BATCH
+        self._make_loaders()
+        self.schedule = choose_schedule(opt.recipe, len(self.dataset), opt.batch_size, len(self.train_loader), opt.epochs,
+                                        self.hyp.warmup_epochs, opt.close_mosaic)
+        if self.dist.main:
+            LOGGER.info(f"Schedule: {self.schedule.reason}")
+        self.accumulate = self.schedule.accumulate(opt.batch_size)
+        decay = self.hyp.weight_decay * opt.batch_size * self.accumulate / self.schedule.nominal_batch
         self.optimizer = smart_optimizer(self.model, opt.optimizer, self.hyp.lr0, self.hyp.momentum, decay)
         self.scheduler, self.lf = build_scheduler(self.optimizer, opt.epochs, self.hyp.lrf, opt.cos_lr)
-        self._make_loaders()
         self._check_anchors()
         self.loss: DetectionLoss = build_loss(self.model, self.hyp.as_dict(), opt.imgsz, opt.label_smoothing)
         self.ema = ModelEMA(self.model) if self.dist.main else None
@@ -210,7 +214,7 @@ class Trainer:
             self.restore(read_checkpoint(opt.resume))
         self.scheduler.last_epoch = self.start_epoch - 1
         nb = len(self.train_loader)
-        self.warmup_iters = max(round(self.hyp.warmup_epochs * nb), 100) if self.hyp.warmup_epochs > 0 else -1
+        self.warmup_iters = self.schedule.warmup_iters
         self.last_opt_step = self.start_epoch * nb - 1
         truncate_results(self.save_dir / "results.csv", self.start_epoch - 1, self.loss.names)
         self.stopper, t0 = EarlyStopping(opt.patience), time.time()
@@ -220,7 +224,7 @@ class Trainer:
         self.callbacks.run("on_train_start", trainer=self)
         epoch = self.start_epoch
         for epoch in range(self.start_epoch, opt.epochs):
-            if opt.close_mosaic and epoch == opt.epochs - opt.close_mosaic:
+            if self.schedule.close_mosaic and epoch == opt.epochs - self.schedule.close_mosaic:
                 self.dataset.close_mosaic()
             mloss = self.train_one_epoch(epoch)
             lrs = [g["lr"] for g in self.optimizer.param_groups]

@@ -1,0 +1,52 @@
+"""The training schedule: YOLOv5's for large datasets, one counted in optimizer steps for small ones, chosen and printed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_shapes_yaml
+from utils.engine.options import train_options
+from utils.engine.recipe import SMALL_DATASET, choose_schedule
+from utils.engine.trainer import DistInfo, Trainer
+
+
+def test_auto_picks_by_dataset_size() -> None:
+    small = choose_schedule("auto", 256, 16, 16, 3, 3.0, 0)
+    assert small.name == "small" and small.accumulate(16) == 1
+    assert small.warmup_iters == 5  # 10% of the 48 steps, rounded up (3 epochs of warm-up would be the whole run)
+    assert small.close_mosaic == 1
+    large = choose_schedule("auto", SMALL_DATASET, 16, 63, 100, 3.0, 0)
+    assert large.name == "yolov5" and large.accumulate(16) == 4 and large.warmup_iters == 189 and large.close_mosaic == 0
+
+
+def test_yolov5_recipe_is_yolov5s_exactly() -> None:
+    s = choose_schedule("yolov5", 256, 16, 16, 3, 3.0, 2)
+    assert (s.nominal_batch, s.accumulate(16), s.warmup_iters, s.close_mosaic) == (64, 4, 100, 2)
+    assert choose_schedule("yolov5", 256, 16, 16, 3, 0.0, 0).warmup_iters == -1
+
+
+def test_small_recipe_keeps_explicit_close_mosaic_and_long_warmups() -> None:
+    s = choose_schedule("small", 500, 8, 63, 100, 3.0, 7)
+    assert s.close_mosaic == 7 and s.warmup_iters == 189  # 3 epochs is well under 10% of 6300 steps
+    assert choose_schedule("small", 500, 8, 63, 2, 3.0, 0).close_mosaic == 0  # too short to spare a mosaic-free epoch
+
+
+def test_unknown_recipe_is_one_line() -> None:
+    with pytest.raises(ValueError, match="--recipe 'fast': choose one of auto, small, yolov5"):
+        choose_schedule("fast", 10, 1, 1, 1, 3.0, 0)
+
+
+def test_trainer_prints_and_uses_the_schedule(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tiny_shapes_yaml(tmp_path, n_train=16, n_val=4, seed=5)
+    opt = train_options(cfg="models/yolov5n.yaml", data=str(data), epochs=3, imgsz=64, batch_size=8, workers=0, noplots=True,
+                        noautoanchor=True, save_dir=str(tmp_path / "run"))
+    with caplog.at_level(logging.INFO, logger="mobile_yolo"):
+        trainer = Trainer(opt, torch.device("cpu"), DistInfo())
+    assert trainer.schedule.name == "small" and trainer.accumulate == 1
+    assert any("small-data schedule (16 training images < 1000)" in r.getMessage() for r in caplog.records)
+    opt.recipe, opt.save_dir = "yolov5", str(tmp_path / "run2")
+    assert Trainer(opt, torch.device("cpu"), DistInfo()).accumulate == 8

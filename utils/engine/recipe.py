@@ -1,0 +1,48 @@
+"""The training schedule: YOLOv5's (accumulate to a nominal batch of 64, warm-up >= 100 iterations) or, for small
+datasets, one counted in optimizer steps so that short runs on a few hundred images actually learn."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+RECIPES = ("auto", "small", "yolov5")
+SMALL_DATASET = 1000  # images; below this `--recipe auto` picks the small-data schedule
+YOLOV5_NOMINAL_BATCH = 64
+YOLOV5_MIN_WARMUP = 100  # iterations
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How gradients accumulate, how long the warm-up lasts and when mosaic stops; `reason` is the line train.py prints."""
+
+    name: str
+    nominal_batch: int
+    warmup_iters: int  # -1: no warm-up
+    close_mosaic: int  # epochs at the end trained without mosaic
+    reason: str
+
+    def accumulate(self, batch_size: int) -> int:
+        """Batches per optimizer step."""
+        return max(round(self.nominal_batch / batch_size), 1)
+
+
+def choose_schedule(recipe: str, n_images: int, batch_size: int, batches_per_epoch: int, epochs: int,
+                    warmup_epochs: float, close_mosaic: int) -> Schedule:
+    """The schedule for `recipe` ("auto" picks "small" below SMALL_DATASET images, else "yolov5")."""
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    if recipe == "auto":
+        recipe = "small" if n_images < SMALL_DATASET else "yolov5"
+    if recipe == "yolov5":
+        warmup = max(round(warmup_epochs * batches_per_epoch), YOLOV5_MIN_WARMUP) if warmup_epochs > 0 else -1
+        why = f"YOLOv5 schedule: nominal batch {YOLOV5_NOMINAL_BATCH}, warm-up {warmup} iterations"
+        return Schedule("yolov5", YOLOV5_NOMINAL_BATCH, warmup, close_mosaic, why)
+    total = batches_per_epoch * epochs
+    warmup = min(round(warmup_epochs * batches_per_epoch), math.ceil(0.1 * total)) if warmup_epochs > 0 else -1
+    closing = close_mosaic or (max(1, round(0.15 * epochs)) if epochs >= 3 else 0)
+    why = (f"small-data schedule ({n_images} training images < {SMALL_DATASET}): every batch of {batch_size} is an optimizer "
+           f"step ({batches_per_epoch}/epoch, {total} in all), warm-up {max(warmup, 0)} steps, mosaic off for the last "
+           f"{closing} epoch(s); --recipe yolov5 restores YOLOv5's (nominal batch {YOLOV5_NOMINAL_BATCH}, "
+           f">= {YOLOV5_MIN_WARMUP} warm-up iterations)")
+    return Schedule("small", batch_size, warmup, closing, why)
