@@ -50,3 +50,21 @@ def test_trainer_prints_and_uses_the_schedule(tmp_path: Path, caplog: pytest.Log
     assert any("small-data schedule (16 training images < 1000)" in r.getMessage() for r in caplog.records)
     opt.recipe, opt.save_dir = "yolov5", str(tmp_path / "run2")
     assert Trainer(opt, torch.device("cpu"), DistInfo()).accumulate == 8
+
+
+@pytest.mark.slow
+def test_readme_main_command_detects(tmp_path: Path) -> None:
+    """The README's first command (10 epochs at 320 on the embedded dataset) reaches mAP50 >= 0.5 (about 4 min on 2 cores)."""
+    import re
+
+    import train
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    args = re.search(r"python train\.py --cfg (\S+) --img (\d+) --epochs (\d+)", readme)
+    assert args is not None
+    best = train.run(cfg=args.group(1), imgsz=int(args.group(2)), epochs=int(args.group(3)), project=str(tmp_path), name="main",
+                     noplots=True)
+    rows = (best.parent.parent / "results.csv").read_text().splitlines()
+    header = [c.strip() for c in rows[0].split(",")]
+    last = dict(zip(header, (float(v) for v in rows[-1].split(","))))
+    assert last["metrics/mAP_0.5"] >= 0.5
