@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import time
 from pathlib import Path
@@ -45,14 +46,30 @@ def open_source(source: str, imgsz: tuple[int, int], stride: int, auto: bool, vi
     return LoadImages(source, img_size=imgsz, stride=stride, auto=auto)
 
 
-def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_conf: bool) -> None:
-    """Append `class cx cy w h [conf]` rows (normalised to the original image) to `file`."""
+def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_conf: bool, save_format: int = 0) -> None:
+    """Append `class box [conf]` rows to `file`, box normalised to the original image: cx cy w h (YOLO, save_format 0)
+    or x1 y1 x2 y2 (Pascal-VOC corners, save_format 1), as YOLOv5's --save-format."""
     gn = torch.tensor(shape)[[1, 0, 1, 0]]
     with file.open("a") as f:
-        for *xyxy, conf, cls in det.tolist():
-            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
-            row = (int(cls), *xywh, conf) if save_conf else (int(cls), *xywh)
+        for *xyxy, conf, cls in det[:, :6].tolist():
+            box = torch.tensor(xyxy).view(1, 4)
+            coords = ((xyxy2xywh(box) if save_format == 0 else box) / gn).view(-1).tolist()
+            row = (int(cls), *coords, conf) if save_conf else (int(cls), *coords)
             f.write(("%g " * len(row)).rstrip() % row + "\n")
+
+
+CSV_HEADER = ("Image Name", "Prediction", "Confidence")
+
+
+def write_csv_rows(det: torch.Tensor, image_name: str, names: list[str], file: Path) -> None:
+    """Append one `Image Name,Prediction,Confidence` row per detection to predictions.csv (header first), as YOLOv5's --save-csv."""
+    new = not file.exists()
+    with file.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(CSV_HEADER)
+        for *_, conf, cls in det[:, :6].tolist():
+            writer.writerow((image_name, names[int(cls)] if int(cls) < len(names) else str(int(cls)), f"{conf:.2f}"))
 
 
 def save_crops(det: torch.Tensor, im0: np.ndarray, names: list[str], crop_dir: Path, stem: str) -> None:
@@ -100,7 +117,9 @@ def _emit(det: torch.Tensor, im0: np.ndarray, p: Path, dataset: Any, save_dir: P
     is_image = p.suffix[1:].lower() not in VID_FORMATS and getattr(dataset, "mode", "image") == "image"
     stem = safe_component(p.stem if is_image else f"{p.stem}_{getattr(dataset, 'frame', 0)}")
     if opts["save_txt"]:
-        write_labels(det, im0.shape[:2], save_dir / "labels" / f"{stem}.txt", opts["save_conf"])
+        write_labels(det, im0.shape[:2], save_dir / "labels" / f"{stem}.txt", opts["save_conf"], opts["save_format"])
+    if opts["save_csv"]:
+        write_csv_rows(det, p.name if is_image else f"{p.name}:{getattr(dataset, 'frame', 0)}", names, save_dir / "predictions.csv")
     if opts["save_crop"]:
         save_crops(det, im0, names, save_dir / "crops", stem)
     style = {k: opts[k] for k in ("line_width", "hide_labels", "hide_conf")}
@@ -134,6 +153,8 @@ def run(
     device: str = "",
     view_img: bool = False,
     save_txt: bool = False,
+    save_format: int = 0,
+    save_csv: bool = False,
     save_conf: bool = False,
     save_crop: bool = False,
     nosave: bool = False,
@@ -152,7 +173,7 @@ def run(
     """Detect objects in `source`, save annotated media and labels under runs/detect/exp*; returns the run folder."""
     from utils.export.backend import DetectBackend
 
-    check_options(imgsz, conf_thres, iou_thres, max_det, vid_stride, line_thickness)
+    check_options(imgsz, conf_thres, iou_thres, max_det, vid_stride, line_thickness, save_format)
     dev = select_device(device)
     if half and dev.type != "cuda":
         LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
@@ -166,8 +187,8 @@ def run(
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     dataset = open_source(source, size, stride, bool(getattr(model, "pt", False)), vid_stride)
     sink, seen, times = VideoSink(), 0, np.zeros(3)
-    opts = dict(save_txt=save_txt, save_conf=save_conf, save_crop=save_crop, view_img=view_img, nosave=nosave,
-                line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
+    opts = dict(save_txt=save_txt, save_format=save_format, save_csv=save_csv, save_conf=save_conf, save_crop=save_crop,
+                view_img=view_img, nosave=nosave, line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
     for path, im, im0s, desc in dataset:
         if isinstance(path, str) and Path(path).suffix[1:].lower() in VID_FORMATS and (dataset.frame - 1) % max(vid_stride, 1):
             continue
@@ -189,14 +210,20 @@ def run(
     per_image = tuple(times / max(seen, 1) * 1e3)
     pre, inf, nms = per_image
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {inf:.1f}ms inference, {nms:.1f}ms NMS per image at shape (1, 3, {size[0]}, {size[1]})")
+    if save_csv:
+        LOGGER.info(f"CSV saved to {save_dir / 'predictions.csv'}")
     if save_txt or not nosave:
         n_labels = len(list((save_dir / "labels").glob("*.txt"))) if save_txt else 0
         LOGGER.info(f"Results saved to {save_dir}" + (f", {n_labels} labels in {save_dir / 'labels'}" if save_txt else ""))
     return save_dir
 
 
-def check_options(imgsz: Any, conf_thres: float, iou_thres: float, max_det: int, vid_stride: int, line_thickness: int) -> None:
+def check_options(
+    imgsz: Any, conf_thres: float, iou_thres: float, max_det: int, vid_stride: int, line_thickness: int, save_format: int = 0
+) -> None:
     """Reject values that cannot detect (one line naming the flag) before any folder is created."""
+    if save_format not in (0, 1):
+        raise ValueError(f"--save-format {save_format!r}: 0 (YOLO cx cy w h) or 1 (Pascal-VOC x1 y1 x2 y2)")
     check_img_size(imgsz)
     check_fraction("--conf-thres", conf_thres)
     check_fraction("--iou-thres", iou_thres)
@@ -218,6 +245,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="")
     p.add_argument("--view-img", action="store_true")
     p.add_argument("--save-txt", action="store_true")
+    p.add_argument("--save-format", type=int, default=0, choices=(0, 1),
+                   help="--save-txt boxes: 0 YOLO (cx cy w h), 1 Pascal-VOC (x1 y1 x2 y2)")
+    p.add_argument("--save-csv", action="store_true", help="save results to predictions.csv")
     p.add_argument("--save-conf", action="store_true")
     p.add_argument("--save-crop", action="store_true")
     p.add_argument("--nosave", action="store_true", help="do not save images/videos")

@@ -54,8 +54,10 @@ def test_val_detect_export_on_trained(trained: Path, tiny_data: Path, tmp_path: 
     val_images = yaml.safe_load(tiny_data.read_text())
     source = Path(val_images["path"]) / val_images["val"]
     out = detect.run(weights=str(trained), source=str(source), imgsz=(64, 64), conf_thres=0.001, project=str(tmp_path),
-                     name="det", save_txt=True, device="cpu")
+                     name="det", save_txt=True, save_csv=True, save_format=1, device="cpu")
     assert len(list(out.glob("*.jpg"))) == 8
+    n_boxes = sum(len(f.read_text().splitlines()) for f in (out / "labels").glob("*.txt"))
+    assert len((out / "predictions.csv").read_text().splitlines()) == n_boxes + 1  # header + one row per box
     files = export.run(weights=str(trained), include=["onnx"], imgsz=[64, 64], dynamic=True)  # dynamic: same rect batches as .pt
     onnx_file = Path(files[0])
     assert onnx_file.suffix == ".onnx" and onnx_file.exists()
