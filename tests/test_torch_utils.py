@@ -76,9 +76,9 @@ def test_optimizer_groups(tiny):
     bn = [m for m in tiny.modules() if isinstance(m, nn.BatchNorm2d)]
     biases = [p for n, p in tiny.named_parameters() if n.endswith(".bias")]
     weights = [p for p in tiny.parameters() if p.ndim > 1]
-    g0, g1, g2 = (g["params"] for g in opt.param_groups)
-    assert len(g0) == len(bn) and len(g1) == len(weights) and len(g2) == len(biases)
-    assert {id(p) for p in g0} == {id(m.weight) for m in bn}
+    g0, g1, g2 = (g["params"] for g in opt.param_groups)  # YOLOv5's order: biases, weights, norm weights
+    assert len(g2) == len(bn) and len(g1) == len(weights) and len(g0) == len(biases)
+    assert {id(p) for p in g2} == {id(m.weight) for m in bn}
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 5e-4, 0.0]
     assert sum(len(g) for g in (g0, g1, g2)) == len(list(tiny.parameters()))
     assert opt.param_groups[1]["nesterov"] and opt.param_groups[1]["momentum"] == 0.9
@@ -89,9 +89,9 @@ def test_optimizer_layerscale_and_norms_without_decay():
     m = Scaled()
     opt = smart_optimizer(m, "AdamW", lr=1e-3, momentum=0.9, decay=0.05)
     g0, g1, g2 = (g["params"] for g in opt.param_groups)
-    assert {id(p) for p in g0} == {id(m.bn.weight), id(m.gamma), id(m.norm.weight)}
+    assert {id(p) for p in g2} == {id(m.bn.weight), id(m.gamma), id(m.norm.weight)}
     assert {id(p) for p in g1} == {id(m.conv.weight), id(m.fc.weight)}
-    assert {id(p) for p in g2} == {id(m.bn.bias), id(m.norm.bias), id(m.fc.bias)}
+    assert {id(p) for p in g0} == {id(m.bn.bias), id(m.norm.bias), id(m.fc.bias)}
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[1]["weight_decay"] == 0.05
     assert opt.param_groups[0]["betas"] == (0.9, 0.999)
@@ -130,10 +130,10 @@ def test_warmup_start_and_end():
     opt = smart_optimizer(Scaled(), lr=HYP["lr0"], momentum=HYP["momentum"])
     _, lf = build_scheduler(opt, epochs=10, lrf=0.01)
     warmup_step(opt, ni=0, nw=100, epoch=0, lr_lambda=lf, hyp=HYP)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0, 0.0, 0.1])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.0, 0.0])  # the bias group (x/lr0) starts high
     assert all(g["momentum"] == pytest.approx(0.8) for g in opt.param_groups)
     warmup_step(opt, ni=50, nw=100, epoch=0, lr_lambda=lf, hyp=HYP)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.005, 0.055])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.055, 0.005, 0.005])
     warmup_step(opt, ni=100, nw=100, epoch=1, lr_lambda=lf, hyp=HYP)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01 * lf(1)] * 3)
     assert all(g["momentum"] == pytest.approx(0.937) for g in opt.param_groups)
@@ -221,3 +221,22 @@ def test_auto_batch_size_without_cuda(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="mobile_yolo"):
         assert auto_batch_size(tiny, imgsz=64, default=12) == 12
     assert "CUDA not available" in caplog.text
+
+
+def test_optimizer_state_saved_in_the_old_group_order_resumes():
+    """Checkpoints written before the groups took YOLOv5's order (norm, weight, bias) load with each buffer on its parameter."""
+    from utils.engine.torch_utils import GROUP_ORDER, optimizer_state_in_current_order
+
+    m = Scaled()
+    new = smart_optimizer(m, "SGD", lr=0.01, momentum=0.9, decay=1e-4)
+    groups = [dict(g) for g in reversed(new.param_groups)]  # the old order, same parameters within each group
+    old = torch.optim.SGD(groups, lr=0.01, momentum=0.9, nesterov=True)
+    for i, p in enumerate(m.parameters()):
+        p.grad = torch.full_like(p, float(i + 1))  # a different momentum buffer for every parameter
+    old.step()
+    new.load_state_dict(old.state_dict())  # loads without complaint (equal group sizes here), onto the wrong parameters
+    assert not all(torch.equal(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"]) for p in m.parameters())
+    new.load_state_dict(optimizer_state_in_current_order(old.state_dict(), None))
+    for p in m.parameters():
+        assert torch.equal(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])
+    assert optimizer_state_in_current_order(new.state_dict(), GROUP_ORDER)["param_groups"] == new.state_dict()["param_groups"]

@@ -19,6 +19,8 @@ from utils.device import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
+BIAS_GROUP = 0  # YOLOv5's parameter-group order: biases, decayed weights, norm weights
+GROUP_ORDER = "bias,weight,norm"  # recorded in checkpoints; older ones (no record) saved "norm,weight,bias"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,7 +66,10 @@ def _is_norm(module: nn.Module) -> bool:
 def smart_optimizer(
     model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.937, decay: float = 1e-5
 ) -> torch.optim.Optimizer:
-    """Optimizer with groups [0] norm weights + 1-D scales (no decay), [1] weights (decay), [2] biases (no decay)."""
+    """Optimizer with YOLOv5's groups: [0] biases (no decay), [1] weights (decay), [2] norm weights + 1-D scales (no decay).
+
+    The order is YOLOv5's, so results.csv's x/lr0..2 name the same groups (bias first) for tools that plot YOLOv5 runs.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
     no_decay, weights, biases = [], [], []
@@ -77,9 +82,9 @@ def smart_optimizer(
             else:
                 weights.append(p)
     groups = [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": weights, "weight_decay": decay},
         {"params": biases, "weight_decay": 0.0},
+        {"params": weights, "weight_decay": decay},
+        {"params": no_decay, "weight_decay": 0.0},
     ]
     if name == "SGD":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
@@ -88,7 +93,7 @@ def smart_optimizer(
     else:
         opt = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
     LOGGER.info(
-        f"optimizer: {name}(lr={lr}) with {len(no_decay)} no-decay weights, {len(weights)} weights (decay={decay}), {len(biases)} biases"
+        f"optimizer: {name}(lr={lr}) with {len(biases)} biases, {len(weights)} weights (decay={decay}), {len(no_decay)} no-decay weights"
     )
     return opt
 
@@ -115,7 +120,7 @@ def warmup_step(optimizer: torch.optim.Optimizer, ni: int, nw: int, epoch: int, 
     """Warm-up for iteration ni of nw: bias LR falls from warmup_bias_lr, other LRs rise from 0, momentum rises to hyp momentum."""
     xi = [0, max(nw, 1)]
     for j, group in enumerate(optimizer.param_groups):
-        start = float(hyp.get("warmup_bias_lr", 0.0)) if j == 2 else 0.0
+        start = float(hyp.get("warmup_bias_lr", 0.0)) if j == BIAS_GROUP else 0.0
         target = group.get("initial_lr", hyp["lr0"]) * lr_lambda(epoch)
         group["lr"] = float(np.interp(ni, xi, [start, target]))
         if "momentum" in group:
@@ -218,3 +223,10 @@ def _probe_batch(model: nn.Module, device: torch.device, imgsz: int, fraction: f
     batch = max(1, min(batch, 1024))
     LOGGER.info(f"AutoBatch: batch size {batch} for {fraction:.0%} of {free / 2**30:.1f} GiB free CUDA memory")
     return batch
+
+
+def optimizer_state_in_current_order(state: dict[str, Any], order: str | None) -> dict[str, Any]:
+    """An optimizer state_dict saved with another group order, rearranged to GROUP_ORDER (older checkpoints resume)."""
+    if order == GROUP_ORDER or not isinstance(state, dict) or len(state.get("param_groups", [])) != 3:
+        return state
+    return {**state, "param_groups": list(reversed(state["param_groups"]))}  # "norm,weight,bias" -> "bias,weight,norm"

@@ -31,7 +31,17 @@ from utils.engine.hyp import Hyp, default_hyp_file, load_hyp
 from utils.engine.recipe import choose_schedule
 from utils.engine.results import append_results, columns, truncate_results
 from utils.engine.tb_logger import TensorBoardLogger
-from utils.engine.torch_utils import ModelEMA, build_scheduler, check_finite_loss, freeze_layers, init_seeds, smart_optimizer, warmup_step
+from utils.engine.torch_utils import (
+    GROUP_ORDER,
+    ModelEMA,
+    build_scheduler,
+    check_finite_loss,
+    freeze_layers,
+    init_seeds,
+    optimizer_state_in_current_order,
+    smart_optimizer,
+    warmup_step,
+)
 from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult
 from utils.evaluation.validate import evaluate
 from utils.files import atomic_write_text, remove_stale_temps
@@ -333,8 +343,8 @@ class Trainer:
         assert self.ema is not None
         save_checkpoint(
             path, unwrap_model(self.model), names=self.names, ema=self.ema.ema.state_dict(), updates=self.ema.updates,
-            optimizer=self.optimizer.state_dict(), epoch=epoch, best_fitness=float(self.best_fitness), opt=plain_opt(self.opt),
-            hyp=self.hyp.as_dict(),
+            optimizer=self.optimizer.state_dict(), optimizer_groups=GROUP_ORDER, epoch=epoch, best_fitness=float(self.best_fitness),
+            opt=plain_opt(self.opt), hyp=self.hyp.as_dict(),
         )
         self.callbacks.run("on_model_save", trainer=self, path=path)
 
@@ -346,7 +356,8 @@ class Trainer:
             load_state(self.ema.ema, ckpt["ema"], path, "EMA weights")
             self.ema.updates = int(ckpt.get("updates", 0))
         if ckpt.get("optimizer"):
-            load_state(self.optimizer, ckpt["optimizer"], path, "optimizer state")
+            state = optimizer_state_in_current_order(ckpt["optimizer"], ckpt.get("optimizer_groups"))
+            load_state(self.optimizer, state, path, "optimizer state")
         self.start_epoch = int(ckpt.get("epoch", -1)) + 1
         if self.start_epoch >= self.opt.epochs:
             raise TrainError(f"{path}: training already finished ({self.start_epoch} epochs); nothing to resume")
