@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.boxes import scale_boxes, xyxy2xywh
+from utils.boxes import scale_boxes
 from utils.cli import check_fraction, check_img_size, check_int, error_boundary
 from utils.data.dataset_config import load_dataset_config
 from utils.data.images import VID_FORMATS
@@ -23,6 +22,7 @@ from utils.logs import set_logging
 from utils.nms import non_max_suppression
 from utils.paths import ROOT, increment_path
 from utils.plots import draw_detections
+from utils.predictions import write_csv_rows, write_labels
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -44,32 +44,6 @@ def open_source(source: str, imgsz: tuple[int, int], stride: int, auto: bool, vi
 
         return LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
     return LoadImages(source, img_size=imgsz, stride=stride, auto=auto)
-
-
-def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_conf: bool, save_format: int = 0) -> None:
-    """Append `class box [conf]` rows to `file`, box normalised to the original image: cx cy w h (YOLO, save_format 0)
-    or x1 y1 x2 y2 (Pascal-VOC corners, save_format 1), as YOLOv5's --save-format."""
-    gn = torch.tensor(shape)[[1, 0, 1, 0]]
-    with file.open("a") as f:
-        for *xyxy, conf, cls in det[:, :6].tolist():
-            box = torch.tensor(xyxy).view(1, 4)
-            coords = ((xyxy2xywh(box) if save_format == 0 else box) / gn).view(-1).tolist()
-            row = (int(cls), *coords, conf) if save_conf else (int(cls), *coords)
-            f.write(("%g " * len(row)).rstrip() % row + "\n")
-
-
-CSV_HEADER = ("Image Name", "Prediction", "Confidence")
-
-
-def write_csv_rows(det: torch.Tensor, image_name: str, names: list[str], file: Path) -> None:
-    """Append one `Image Name,Prediction,Confidence` row per detection to predictions.csv (header first), as YOLOv5's --save-csv."""
-    new = not file.exists()
-    with file.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(CSV_HEADER)
-        for *_, conf, cls in det[:, :6].tolist():
-            writer.writerow((image_name, names[int(cls)] if int(cls) < len(names) else str(int(cls)), f"{conf:.2f}"))
 
 
 def save_crops(det: torch.Tensor, im0: np.ndarray, names: list[str], crop_dir: Path, stem: str) -> None:

@@ -129,3 +129,12 @@ def test_benchmarks_train_throughput_times_the_trainer_step(tiny_data: Path) -> 
                                 "--train-batch", "8", "--train-batches", "2", "--workers", "0", "--device", "cpu"])
     row = benchmarks.train_throughput("models/yolov8n.yaml", opt)
     assert row["model"] == "yolov8n" and row["train_img_s"] > 0 and row["loader_only_img_s"] > 0
+
+
+def test_trainer_refuses_options_without_a_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.engine.trainer import TrainError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainError, match="save_dir"):
+        Trainer(train_options(cfg="models/yolov5n.yaml", epochs=1, imgsz=64), torch.device("cpu"))
+    assert not any(tmp_path.iterdir())  # nothing written into the working directory

@@ -108,3 +108,14 @@ def test_plot_results_bad_file(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="epoch"):
         plot_results(bad)
+
+
+def test_result_panels_follow_the_heads_loss_columns():
+    from utils.engine.results import columns
+    from utils.plots import result_panels
+
+    yolov5 = result_panels(columns(("box_loss", "obj_loss", "cls_loss")))
+    yolov8 = result_panels(columns(("box_loss", "cls_loss", "dfl_loss")))
+    assert yolov5[:5] == ["train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall"]
+    assert yolov8[5:] == ["val/box_loss", "val/cls_loss", "val/dfl_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
+    assert len(yolov8) == 10 and "train/obj_loss" not in yolov8

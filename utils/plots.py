@@ -145,10 +145,11 @@ def plot_labels(labels: np.ndarray, names: Names = (), save_path: Path | str = "
     return _save(fig, save_path, dpi=150)
 
 
-RESULT_PANELS = (
-    "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
-    "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
-)
+def result_panels(columns: Sequence[str]) -> list[str]:
+    """results.png panels in YOLOv5's order: train losses, P, R / val losses, mAP50, mAP50-95 (whatever the head's losses are)."""
+    train = [c for c in columns if c.startswith("train/")]
+    val = [c for c in columns if c.startswith("val/")]
+    return [*train, "metrics/precision", "metrics/recall", *val, "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
 
 
 def plot_results(csv_path: Path | str) -> Path:
@@ -164,8 +165,9 @@ def plot_results(csv_path: Path | str) -> Path:
     if "epoch" not in data.columns or data.empty:
         raise ValueError(f"{csv_path}: results csv has no 'epoch' column or no rows")
     x = data["epoch"].to_numpy()
-    fig, axes = _figure(2, 5, figsize=(12, 6))
-    for ax, col in zip(axes.ravel(), RESULT_PANELS):
+    panels = result_panels(list(data.columns))
+    fig, axes = _figure(2, len(panels) // 2, figsize=(12, 6))
+    for ax, col in zip(axes.ravel(), panels):
         ax.set_title(col, fontsize=10)
         if col not in data.columns:
             continue

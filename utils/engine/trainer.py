@@ -123,6 +123,8 @@ class Trainer:
     def __init__(
         self, opt: argparse.Namespace, device: torch.device, dist: DistInfo = DistInfo(), callbacks: Callbacks | None = None
     ) -> None:
+        if not str(getattr(opt, "save_dir", "") or ""):
+            raise TrainError("Trainer: options need a save_dir (train.py derives it from --project/--name)")
         self.opt, self.device, self.dist = opt, device, dist
         self.callbacks = callbacks or Callbacks()
         self.save_dir = Path(opt.save_dir)

@@ -23,6 +23,7 @@ from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult
 from utils.evaluation.report import plot_result, plot_val_batch
 from utils.files import safe_component
 from utils.nms import non_max_suppression
+from utils.predictions import write_labels
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -106,9 +107,10 @@ def _as_float(raw: Any) -> Any:
 
 
 def _nms(preds: Any, o: _Options) -> list[torch.Tensor]:
-    """Per-image (n, 6+) detections; `head` only when a head kind is known, so older non_max_suppression keeps working."""
-    extra: dict[str, Any] = {} if o.head_kind is None else {"head": o.head_kind}
-    return non_max_suppression(preds, o.conf_thres, o.iou_thres, multi_label=True, agnostic=o.single_cls, max_det=o.max_det, **extra)
+    """Per-image (n, 6+) detections, decoded by the model's head kind (anchor-based when the model names none)."""
+    return non_max_suppression(
+        preds, o.conf_thres, o.iou_thres, multi_label=True, agnostic=o.single_cls, max_det=o.max_det, head=o.head_kind
+    )
 
 
 def _to_original(
@@ -126,18 +128,6 @@ def _to_original(
         preds.append(predn)
         labels.append(torch.cat((lab[:, :1], tbox), 1))
     return preds, labels
-
-
-def write_txt(predn: torch.Tensor, save_conf: bool, shape: tuple[int, int], file: Path) -> None:
-    """Write `class cx cy w h [conf]` lines normalised to the (h, w) original image."""
-    gn = torch.tensor(shape, dtype=torch.float32)[[1, 0, 1, 0]]
-    lines = []
-    for row in predn[:, :6].tolist():
-        xywh = (xyxy2xywh(torch.tensor(row[:4]).view(1, 4)) / gn).view(-1).tolist()
-        values = (int(row[5]), *xywh, row[4]) if save_conf else (int(row[5]), *xywh)
-        lines.append(("%g " * len(values)).rstrip() % values)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text("".join(line + "\n" for line in lines))
 
 
 def json_records(predn: torch.Tensor, image_id: int) -> list[dict]:
@@ -170,7 +160,7 @@ def _run_batches(model: Any, loader: Any, evaluator: DetectionEvaluator, o: _Opt
         evaluator.update(predn, labelsn)
         for si, p in enumerate(predn):
             if o.save_txt:
-                write_txt(p, o.save_conf, shapes[si][0], o.save_dir / "labels" / f"{safe_component(Path(paths[si]).stem)}.txt")
+                write_labels(p, shapes[si][0], o.save_dir / "labels" / f"{safe_component(Path(paths[si]).stem)}.txt", o.save_conf)
             if o.save_json:
                 jdict.extend(json_records(p, image_ids.get(str(paths[si]), seen + si)))
         seen += len(predn)
