@@ -2,6 +2,7 @@
 
 python benchmarks.py --cfg models/yolov5s.yaml models/yolov5_mobilenetv4.yaml --imgsz 640
 python benchmarks.py --train-throughput --cfg models/yolov5_mobilenetv4.yaml --imgsz 320
+python benchmarks.py --loader --imgsz 640      # training loader images/s (mosaic), one process and one thread
 """
 
 from __future__ import annotations
@@ -154,6 +155,50 @@ def train_throughput(spec: str, opt: argparse.Namespace) -> dict[str, Any]:
             "workers": opt.workers, "train_img_s": round(train_s, 1), "loader_only_img_s": round(loader_s, 1)}
 
 
+def loader_dataset(opt: argparse.Namespace, tmp: Path) -> str:
+    """Training images for --loader: --data's train split, else generated photo-sized JPEGs (--loader-sides)."""
+    if opt.data:
+        from utils.data.dataset_config import load_dataset_config
+
+        train = load_dataset_config(opt.data)["train"]
+        return str(train[0] if isinstance(train, list) else train)
+    from utils.data.shapes_dataset import generate_shapes
+
+    lo, hi = opt.loader_sides
+    return str(generate_shapes(tmp / "loader", n_train=opt.loader_images, n_val=1, seed=0, sides=(lo, hi)) / "images" / "train")
+
+
+def loader_throughput(opt: argparse.Namespace) -> list[dict[str, Any]]:
+    """Images/s of the training loader's work (decode, mosaic, augmentation, collate) in this one process and thread:
+    what one DataLoader worker delivers, with the default hyps of the anchor-free and anchor-based heads."""
+    import time
+
+    import cv2
+    import numpy as np
+
+    from utils.data.datasets import LoadImagesAndLabels
+    from utils.engine.hyp import load_hyp
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = loader_dataset(opt, Path(tmp))
+        for hyp_file in ("hyp.scratch-af.yaml", "hyp.scratch-low.yaml"):
+            hyp = load_hyp(ROOT / "data/hyps" / hyp_file).as_dict()
+            ds = LoadImagesAndLabels(path, opt.imgsz[0], opt.train_batch, augment=True, hyp=hyp)
+            np.random.seed(0)
+            n, b = opt.train_batches * opt.train_batch, opt.train_batch
+            order = np.random.permutation(np.arange(n + b) % len(ds))
+            LoadImagesAndLabels.collate_fn([ds[int(i)] for i in order[:b]])  # warm-up batch
+            t0 = time.perf_counter()
+            for start in range(b, n + b, b):
+                LoadImagesAndLabels.collate_fn([ds[int(i)] for i in order[start:start + b]])
+            rows.append({"hyp": hyp_file, "images": len(ds), "imgsz": opt.imgsz[0], "batch": b, "batches": opt.train_batches,
+                         "loader_img_s": round(n / (time.perf_counter() - t0), 1)})
+    return rows
+
+
 def environment(opt: argparse.Namespace) -> str:
     """The line every table carries: device, threads, image size, batch."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -202,13 +247,18 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--train-batches", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--loader", action="store_true", help="measure the training loader alone (one process, one thread)")
+    p.add_argument("--loader-images", type=int, default=200, help="generated images for --loader without --data")
+    p.add_argument("--loader-sides", nargs=2, type=int, default=[480, 640], help="side range of those images, pixels")
     p.add_argument("--out", default=str(ROOT / "runs/benchmarks/benchmarks"))
     opt = p.parse_args(argv)
     opt.imgsz = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz[:2]
     opt.models = opt.weights + opt.cfg
     opt.weights_given = bool(opt.weights)
-    if not opt.models:
-        p.error("give --cfg and/or --weights")
+    if not opt.models and not opt.loader:
+        p.error("give --cfg and/or --weights (or --loader)")
+    if opt.loader_images < 1 or not 16 <= opt.loader_sides[0] <= opt.loader_sides[1]:
+        p.error("--loader-images must be >= 1 and --loader-sides two sizes 16 <= lo <= hi")
     return opt
 
 
@@ -217,6 +267,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     opt = parse_opt(argv)
     set_logging(verbose=False)
     check_img_size(opt.imgsz)
+    if opt.loader:
+        rows = loader_throughput(opt)
+        write_tables(rows, Path(opt.out + "_loader"), f"Training loader throughput: {environment(opt)}")
+        return rows
     if opt.train_throughput:
         rows = [train_throughput(m, opt) for m in opt.models]
         write_tables(rows, Path(opt.out + "_train"), f"Training throughput: {environment(opt)}")

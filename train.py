@@ -12,6 +12,7 @@ import torch
 from utils.cli import error_boundary
 from utils.device import select_device
 from utils.engine.callbacks import Callbacks
+from utils.engine.evolve import evolve
 from utils.engine.options import DEFAULT_CFG, check_options, resume_options, train_options, train_parser
 from utils.engine.torch_utils import NonFiniteLossError
 from utils.engine.trainer import DistInfo, Trainer, TrainError
@@ -40,20 +41,23 @@ def init_distributed(opt: argparse.Namespace, dist: DistInfo) -> torch.device:
 
 
 def main(opt: argparse.Namespace, callbacks: Callbacks | None = None, dist: DistInfo | None = None) -> Path:
-    """Resolve options, then train with the Trainer; returns the best (else last) checkpoint."""
+    """Resolve options, then train with the Trainer (returns the best, else last, checkpoint) or evolve (hyp_evolve.yaml)."""
     dist = dist or DistInfo.from_env()
     set_logging(rank=dist.rank)
-    check_options(opt)
+    check_options(opt, dist.world_size)
     if opt.resume:
         opt = resume_options(opt)
     else:
         opt.cfg = opt.cfg or ("" if opt.weights else DEFAULT_CFG)
-        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok).resolve())  # resume finds it from any cwd
+        project = Path(opt.project).parent / "evolve" if opt.evolve else Path(opt.project)  # runs/train -> runs/evolve
+        opt.save_dir = str(increment_path(project / opt.name, exist_ok=opt.exist_ok).resolve())  # resume finds it from any cwd
     if opt.batch_size == -1:
         from utils.engine.torch_utils import auto_batch_size
 
         opt.batch_size = auto_batch_size(opt)
     device = init_distributed(opt, dist)
+    if opt.evolve:
+        return evolve(opt, device, callbacks)
     try:
         return Trainer(opt, device, dist, callbacks).fit()
     finally:

@@ -285,6 +285,18 @@ def test_int8_quantized_model_runs_and_keeps_head_float(
     assert np.abs(y[..., 4:] - ref[..., 4:]).mean() < 0.5 * np.abs(other[..., 4:] - ref[..., 4:]).mean()
 
 
+def test_int8_of_dynamic_onnx_leaves_no_scratch_files(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's shape inference of a dynamic model writes scratch files beside its input and into the cwd: none may stay."""
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    out.mkdir()
+    cwd.mkdir()
+    fp32 = export.run(weights=ckpt, include=["onnx"], imgsz=64, dynamic=True, output=out / "fp32.onnx")[0]
+    images = sorted(_calibration_folder(tmp_path / "calib").iterdir())
+    monkeypatch.chdir(cwd)
+    quantize_onnx(fp32, out / "int8.onnx", images, 64, n_calib=4)
+    assert sorted(p.name for p in out.iterdir()) == ["fp32.onnx", "int8.onnx"] and not list(cwd.iterdir())
+
+
 @pytest.mark.slow
 def test_int8_export_via_cli_with_dataset_yaml(ckpt: Path, tmp_path: Path) -> None:
     calib = _calibration_folder(tmp_path / "images")

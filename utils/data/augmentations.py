@@ -7,6 +7,7 @@ re-seed np.random per worker so augmentations are reproducible for a fixed seed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -74,26 +75,89 @@ def _warp_boxes(boxes: np.ndarray, M: np.ndarray, perspective: bool, out_h: int,
     return new
 
 
+@dataclass(frozen=True)
+class Warp:
+    """One random affine/perspective transform from an input canvas to an (out_h, out_w) image."""
+
+    matrix: np.ndarray  # 3x3, input pixel -> output pixel
+    scale: float  # the random zoom, used to judge how much of a box survived
+    out_h: int
+    out_w: int
+    perspective: bool
+
+    @classmethod
+    def draw(cls, in_hw: tuple[int, int], border: tuple[int, int], degrees: float, translate: float, scale: float,
+             shear: float, perspective: float, rng: Rng | None = None) -> Warp:
+        """Draw the transform (the same random draws, in the same order, whatever the image content)."""
+        rng = np.random if rng is None else rng
+        out_h, out_w = in_hw[0] + 2 * border[0], in_hw[1] + 2 * border[1]
+        M, s = _warp_matrix(in_hw[0], in_hw[1], out_h, out_w, degrees, translate, scale, shear, perspective, rng)
+        return cls(M, s, out_h, out_w, bool(perspective))
+
+    def is_identity(self, in_hw: tuple[int, int]) -> bool:
+        """True when the output would be the input unchanged (no crop, no motion)."""
+        return (self.out_h, self.out_w) == in_hw and bool(np.allclose(self.matrix, np.eye(3)))
+
+    def source_region(self, in_hw: tuple[int, int], margin: int = 2) -> tuple[int, int, int, int]:
+        """(x1, y1, x2, y2) of the input that the output samples, with `margin` px for interpolation; may be empty."""
+        corners = np.array([[0, 0, 1], [self.out_w, 0, 1], [0, self.out_h, 1], [self.out_w, self.out_h, 1]], dtype=np.float64)
+        src = corners @ np.linalg.inv(self.matrix).T
+        w = src[:, 2:3]
+        if self.perspective and (w <= 0).any():  # the horizon is in view: the whole input may be sampled
+            return 0, 0, in_hw[1], in_hw[0]
+        xy = src[:, :2] / w
+        x1, y1 = (math.floor(v) - margin for v in xy.min(0))
+        x2, y2 = (math.ceil(v) + margin for v in xy.max(0))
+        return max(x1, 0), max(y1, 0), min(x2, in_hw[1]), min(y2, in_hw[0])
+
+    def on_pixel_grid(self, in_hw: tuple[int, int]) -> tuple[Warp, tuple[int, int, int, int]] | None:
+        """For a pure zoom and shift (no rotation, shear or perspective): the all but identical warp that resizes an
+        integer crop (x1, y1, x2, y2; it may reach past the input) to the output, so cv2.resize, about 3x cheaper than
+        warpAffine, can draw it; None for other warps or zooms so far out that the crop would be huge."""
+        M = self.matrix
+        if self.perspective or M[0, 1] != 0 or M[1, 0] != 0 or M[0, 0] <= 0 or M[1, 1] <= 0:
+            return None
+        cw, ch = max(1, round(self.out_w / M[0, 0])), max(1, round(self.out_h / M[1, 1]))
+        if cw > 2 * in_hw[1] or ch > 2 * in_hw[0]:
+            return None
+        fx, fy = self.out_w / cw, self.out_h / ch
+        x1 = round(-M[0, 2] / M[0, 0] + 0.5 - 0.5 / fx)  # where this warp samples output pixel 0
+        y1 = round(-M[1, 2] / M[1, 1] + 0.5 - 0.5 / fy)
+        # cv2.resize samples output pixel X at crop pixel (X + 0.5) / f - 0.5, i.e. X = f * (x - x1 + 0.5) - 0.5
+        snapped = np.array([[fx, 0, fx * (0.5 - x1) - 0.5], [0, fy, fy * (0.5 - y1) - 0.5], [0, 0, 1]], dtype=np.float64)
+        return Warp(snapped, self.scale, self.out_h, self.out_w, False), (x1, y1, x1 + cw, y1 + ch)
+
+    def apply_image(self, img: np.ndarray, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Warp `img`, which is the part of the input canvas whose top-left corner sits at `origin` (x, y)."""
+        M = self.matrix
+        if origin != (0, 0):
+            M = M @ np.array([[1, 0, origin[0]], [0, 1, origin[1]], [0, 0, 1]], dtype=np.float64)
+        size, fill = (self.out_w, self.out_h), (114, 114, 114)
+        if self.perspective:
+            return cv2.warpPerspective(img, M, dsize=size, borderValue=fill)
+        return cv2.warpAffine(img, M[:2], dsize=size, borderValue=fill)
+
+    def apply_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Warp (n, 5) [cls x1 y1 x2 y2] pixel labels; drop boxes that became too small, thin or mostly cropped."""
+        if not len(labels):
+            return labels
+        new = _warp_boxes(labels[:, 1:5], self.matrix, self.perspective, self.out_h, self.out_w)
+        keep = box_candidates(labels[:, 1:5].T * self.scale, new.T, area_thr=0.10)
+        labels = labels[keep]
+        labels[:, 1:5] = new[keep]
+        return labels
+
+
 def random_perspective(img: np.ndarray, targets: npt.ArrayLike = (), degrees: float = 10, translate: float = 0.1,
                        scale: float = 0.1, shear: float = 10, perspective: float = 0.0, border: tuple[int, int] = (0, 0),
                        rng: Rng | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Random affine/perspective warp; targets are (n, 5) [cls x1 y1 x2 y2] pixels; border < 0 crops (mosaic)."""
-    rng = np.random if rng is None else rng
     labels = np.asarray(targets, dtype=np.float32).reshape(-1, 5)
-    out_h, out_w = img.shape[0] + 2 * border[0], img.shape[1] + 2 * border[1]
-    M, s = _warp_matrix(img.shape[0], img.shape[1], out_h, out_w, degrees, translate, scale, shear, perspective, rng)
-    if border[0] or border[1] or not np.allclose(M, np.eye(3)):
-        fill = (114, 114, 114)
-        if perspective:
-            img = cv2.warpPerspective(img, M, dsize=(out_w, out_h), borderValue=fill)
-        else:
-            img = cv2.warpAffine(img, M[:2], dsize=(out_w, out_h), borderValue=fill)
-    if len(labels):
-        new = _warp_boxes(labels[:, 1:5], M, bool(perspective), out_h, out_w)
-        keep = box_candidates(labels[:, 1:5].T * s, new.T, area_thr=0.10)
-        labels = labels[keep]
-        labels[:, 1:5] = new[keep]
-    return img, labels
+    in_hw = (img.shape[0], img.shape[1])
+    warp = Warp.draw(in_hw, border, degrees, translate, scale, shear, perspective, rng)
+    if not warp.is_identity(in_hw):
+        img = warp.apply_image(img)
+    return img, warp.apply_labels(labels)
 
 
 def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray, labels2: np.ndarray,

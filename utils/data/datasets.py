@@ -10,8 +10,9 @@ import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -20,9 +21,9 @@ from tqdm import tqdm
 
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.data import disk_cache
-from utils.data.augmentations import augment_hsv, flip_labels, mixup, random_perspective
+from utils.data.augmentations import Warp, augment_hsv, flip_labels, mixup, random_perspective
 from utils.data.dataset_config import DatasetError
-from utils.data.images import IMG_FORMATS, ImageError, check_image_size, img_to_tensor_layout, letterbox, load_image, resize_long_side
+from utils.data.images import IMG_FORMATS, ImageError, check_image_size, jpeg_reduction, letterbox, load_image, resize_long_side
 from utils.data.labels import img2label_paths, read_label_file
 from utils.files import atomic_write_text
 
@@ -222,10 +223,10 @@ class LoadImagesAndLabels(Dataset):
         self.labels = [self.labels[i] for i in order]
         self.img_shapes = self.img_shapes[order]
 
-    def _decode(self, im_file: str) -> np.ndarray:
+    def _decode(self, im_file: str, reduce: int = 1) -> np.ndarray:
         """Decode one image from its source file (one-line DatasetError if it cannot be read)."""
         try:
-            return load_image(im_file)
+            return load_image(im_file, reduce)
         except ImageError as e:
             raise DatasetError(str(e)) from None
 
@@ -251,39 +252,74 @@ class LoadImagesAndLabels(Dataset):
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
         """BGR image with its long side resized to img_size -> (img, (h0, w0) original, (h, w) resized)."""
+        h0, w0 = (int(v) for v in self.img_shapes[i])
         cached = self.ims[i]
         if cached is not None:
-            h0, w0 = (int(v) for v in self.img_shapes[i])
             return cached, (h0, w0), (cached.shape[0], cached.shape[1])
-        im = disk_cache.load_entry(self.im_files[i], self._decode) if self.cache == "disk" else self._decode(self.im_files[i])
-        h0, w0 = im.shape[:2]
+        if self.cache == "disk":
+            im = disk_cache.load_entry(self.im_files[i], self._decode)
+        else:  # training never upsamples a big JPEG again, so it decodes at the smallest DCT scale that stays >= img_size
+            im = self._decode(self.im_files[i], jpeg_reduction(self.im_files[i], (h0, w0), self.img_size) if self.augment else 1)
         im = resize_long_side(im, self.img_size, self.augment)
         return im, (h0, w0), im.shape[:2]
+
+    def resized_shape(self, i: int) -> tuple[int, int]:
+        """(h, w) that load_image(i) returns, from the scanned size (nothing decoded; may be 1 px off after a reduced decode)."""
+        h0, w0 = self.img_shapes[i]
+        r = self.img_size / max(h0, w0)
+        return max(1, int(round(h0 * r))), max(1, int(round(w0 * r)))
 
     def _rand_index(self) -> int:
         return int(np.random.randint(0, len(self)))
 
     def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Four images tiled around a random centre on a 2s canvas, then warped/cropped to s -> (img, [cls x1 y1 x2 y2])."""
-        s = self.img_size
+        """Four images tiled around a random centre on a 2s canvas, warped/cropped to s -> (img, [cls x1 y1 x2 y2]).
+
+        Only the part of the canvas the warp samples is built, and images that fall wholly outside it are never
+        decoded. A pure zoom and shift (the default hyps) is drawn with cv2.resize on a pixel-aligned crop, moved by
+        under a pixel so labels and image still agree exactly; other warps use warpAffine/warpPerspective.
+        """
+        s, hyp = self.img_size, self.hyp
         yc, xc = (int(np.random.uniform(-b, 2 * s + b)) for b in self.mosaic_border)
-        canvas = np.full((2 * s, 2 * s, 3), 114, dtype=np.uint8)
-        all_labels = []
-        for k, idx in enumerate([index] + [self._rand_index() for _ in range(3)]):
+        indices = [index] + [self._rand_index() for _ in range(3)]
+        warp = Warp.draw((2 * s, 2 * s), self.mosaic_border, hyp["degrees"], hyp["translate"], hyp["scale"], hyp["shear"],
+                         hyp["perspective"])
+        grid = warp.on_pixel_grid((2 * s, 2 * s))
+        if grid is not None:
+            warp, rect = grid
+        else:
+            rect = warp.source_region((2 * s, 2 * s))
+        region, labels = self._mosaic_region(indices, (xc, yc), rect)
+        if grid is not None:
+            img = cv2.resize(region, (warp.out_w, warp.out_h), interpolation=cv2.INTER_LINEAR)
+        else:
+            img = warp.apply_image(region, origin=rect[:2])
+        return img, warp.apply_labels(labels)
+
+    def _mosaic_region(self, indices: list[int], centre: tuple[int, int],
+                       rect: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The rect (x1, y1, x2, y2) of the 2s mosaic canvas (grey beyond it) and the labels of the four images in canvas pixels."""
+        s, (xc, yc), (rx1, ry1, rx2, ry2) = self.img_size, centre, rect
+        region = np.full((max(ry2 - ry1, 1), max(rx2 - rx1, 1), 3), 114, dtype=np.uint8)
+        vx1, vy1, vx2, vy2 = max(rx1, 0), max(ry1, 0), min(rx2, 2 * s), min(ry2, 2 * s)  # the canvas part in view
+        all_labels = [np.zeros((0, 5), np.float32)]
+        for k, idx in enumerate(indices):
+            h, w = self.resized_shape(idx)
+            x1, y1 = (xc - w if k in (0, 2) else xc), (yc - h if k in (0, 1) else yc)
+            if x1 + w + 2 <= vx1 or x1 - 2 >= vx2 or y1 + h + 2 <= vy1 or y1 - 2 >= vy2:
+                continue  # out of sight: its boxes would all be cropped away too
             img, _, (h, w) = self.load_image(idx)
-            x1 = xc - w if k in (0, 2) else xc  # placement of the whole image (may hang off the canvas)
-            y1 = yc - h if k in (0, 1) else yc
-            cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x1 + w, 2 * s), min(y1 + h, 2 * s)
-            canvas[cy1:cy2, cx1:cx2] = img[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
+            x1, y1 = (xc - w if k in (0, 2) else xc), (yc - h if k in (0, 1) else yc)  # exact size, if a reduced decode differed
+            cx1, cy1, cx2, cy2 = max(x1, vx1), max(y1, vy1), min(x1 + w, vx2), min(y1 + h, vy2)
+            if cx2 > cx1 and cy2 > cy1:
+                region[cy1 - ry1:cy2 - ry1, cx1 - rx1:cx2 - rx1] = img[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
             lb = self.labels[idx].copy()
             if len(lb):
                 lb[:, 1:] = xywhn2xyxy(lb[:, 1:], w, h, x1, y1)
             all_labels.append(lb)
         labels = np.concatenate(all_labels, 0)
         labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
-        hyp = self.hyp
-        return random_perspective(canvas, labels, degrees=hyp["degrees"], translate=hyp["translate"], scale=hyp["scale"],
-                                  shear=hyp["shear"], perspective=hyp["perspective"], border=self.mosaic_border)
+        return region, labels
 
     def _load_letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple]:
         """Letterboxed image, pixel xyxy labels and the shapes tuple used to map predictions back."""
@@ -315,22 +351,33 @@ class LoadImagesAndLabels(Dataset):
         if self.augment:
             augment_hsv(img, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"])
             if np.random.random() < hyp["flipud"]:
-                img = np.flipud(img)
+                img = cv2.flip(img, 0)
                 flip_labels(labels, lr=False)
             if np.random.random() < hyp["fliplr"]:
-                img = np.fliplr(img)
+                img = cv2.flip(img, 1)
                 flip_labels(labels, lr=True)
         out = torch.zeros((len(labels), 6))
         out[:, 1:] = torch.from_numpy(labels)
-        return torch.from_numpy(img_to_tensor_layout(img)), out, self.im_files[index], shapes
+        rgb = torch.from_numpy(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))  # HWC: the CHW view below is channels-last in memory
+        return rgb.permute(2, 0, 1), out, self.im_files[index], shapes
 
     @staticmethod
     def collate_fn(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple]:
-        """Stack images and concatenate labels, writing each label's image index into column 0."""
+        """Stack images into one channels-last uint8 batch and concatenate labels, writing each one's image index into column 0."""
         imgs, labels, paths, shapes = zip(*batch)
-        for i, lb in enumerate(labels):
-            lb[:, 0] = i
-        return torch.stack(imgs, 0), torch.cat(labels, 0), paths, shapes
+        targets = torch.cat(labels, 0)
+        targets[:, 0] = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(lb) for lb in labels], dtype=torch.long))
+        return stack_channels_last(imgs), targets, paths, shapes
+
+
+def stack_channels_last(imgs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(C, H, W) images -> one (B, C, H, W) batch laid out channels-last, the layout the model trains fastest in
+    (one copy per image, none for the images the dataset already hands over as HWC views)."""
+    c, h, w = imgs[0].shape
+    out = torch.empty((len(imgs), h, w, c), dtype=imgs[0].dtype)
+    for i, im in enumerate(imgs):
+        out[i].copy_(im.permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -343,8 +390,17 @@ def seed_worker(worker_id: int) -> None:
 def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_size: int, stride: int, single_cls: bool = False,
                       hyp: dict | None = None, augment: bool = False, cache: str | None = None, pad: float = 0.0, rect: bool = False,
                       workers: int = 8, shuffle: bool = False, prefix: str = "", nc: int | None = None, seed: int = 0,
-                      rank: int = -1) -> tuple[DataLoader, LoadImagesAndLabels]:
-    """Build the dataset and a seeded DataLoader over it (DistributedSampler when rank != -1)."""
+                      rank: int = -1, quad: bool = False, image_weights: bool = False) -> tuple[DataLoader, LoadImagesAndLabels]:
+    """Build the dataset and a seeded DataLoader over it (DistributedSampler when rank != -1).
+
+    quad: YOLOv5's four-image collate (utils.data.quad). image_weights: an EpochWeightedSampler whose weights the
+    trainer sets each epoch (single process only).
+    """
+    from utils.data.image_weights import EpochWeightedSampler
+    from utils.data.quad import collate_quad
+
+    if image_weights and rank != -1:
+        raise DatasetError(f"{prefix}image_weights sampling is not supported with DDP (rank {rank})")
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING: rect=True is incompatible with shuffle, setting shuffle=False")
         shuffle = False
@@ -352,10 +408,14 @@ def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_s
                                   stride=int(stride), pad=pad, nc=nc, workers=workers, prefix=prefix)
     batch_size = min(batch_size, len(dataset))
     nw = max(0, min(os.cpu_count() or 1, batch_size if batch_size > 1 else 0, workers))
-    sampler: DistributedSampler | None = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    sampler: DistributedSampler | EpochWeightedSampler | None = None
+    if image_weights:
+        sampler = EpochWeightedSampler(len(dataset), seed)
+    elif rank != -1:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw, sampler=sampler,
-                        pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
+                        pin_memory=torch.cuda.is_available(), collate_fn=collate_quad if quad else LoadImagesAndLabels.collate_fn,
                         worker_init_fn=seed_worker, generator=generator, persistent_workers=False)
     return loader, dataset

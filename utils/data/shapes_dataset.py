@@ -15,6 +15,7 @@ import numpy as np
 LOGGER = logging.getLogger("mobile_yolo")
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
 BACKGROUND_FRACTION = 0.06  # share of images with no objects (empty label files)
+SIDES = (96, 192)  # image height/width range of the embedded dataset, pixels
 
 
 def _hsv_colour(rng: np.random.Generator, s: tuple[int, int], v: tuple[int, int]) -> tuple[int, int, int]:
@@ -76,9 +77,9 @@ def _overlaps(box: np.ndarray, boxes: list[np.ndarray], thr: float = 0.2) -> boo
     return False
 
 
-def _make_image(rng: np.random.Generator, nc: int) -> tuple[np.ndarray, list[str]]:
-    """One image and its YOLO label lines."""
-    h, w = int(rng.integers(96, 193)), int(rng.integers(96, 193))
+def _make_image(rng: np.random.Generator, nc: int, sides: tuple[int, int] = SIDES) -> tuple[np.ndarray, list[str]]:
+    """One image (height and width drawn from `sides`, inclusive) and its YOLO label lines."""
+    h, w = int(rng.integers(sides[0], sides[1] + 1)), int(rng.integers(sides[0], sides[1] + 1))
     img = _background(rng, h, w)
     n_obj = 0 if rng.random() < BACKGROUND_FRACTION else int(rng.integers(1, 7))
     boxes: list[np.ndarray] = []
@@ -101,12 +102,12 @@ def _make_image(rng: np.random.Generator, nc: int) -> tuple[np.ndarray, list[str
     return img, lines
 
 
-def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: int) -> None:
+def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: int, sides: tuple[int, int]) -> None:
     """Write n images and label files for one split."""
     (root / "images" / split).mkdir(parents=True)
     (root / "labels" / split).mkdir(parents=True)
     for i in range(n):
-        img, lines = _make_image(rng, nc)
+        img, lines = _make_image(rng, nc, sides)
         name = f"{split}_{i:05d}"
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
@@ -116,8 +117,12 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: i
 
 
 def generate_shapes(root: Union[str, Path], n_train: int = 256, n_val: int = 64, seed: int = 0,
-                    names: Sequence[str] = SHAPE_NAMES) -> Path:
-    """Create the shapes dataset at root (images/{train,val}, labels/{train,val}); built in a temp dir then renamed."""
+                    names: Sequence[str] = SHAPE_NAMES, sides: tuple[int, int] = SIDES) -> Path:
+    """Create the shapes dataset at root (images/{train,val}, labels/{train,val}); built in a temp dir then renamed.
+
+    `sides` bounds image heights and widths: the default keeps the embedded dataset small; benchmarks ask for
+    photo-sized images so that decoding costs what it does on real data.
+    """
     root = Path(root).resolve()
     if (root / "images" / "train").is_dir() and (root / "images" / "val").is_dir():
         return root
@@ -129,8 +134,8 @@ def generate_shapes(root: Union[str, Path], n_train: int = 256, n_val: int = 64,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         rng = np.random.default_rng(seed)
-        _write_split(tmp, "train", n_train, rng, len(names))
-        _write_split(tmp, "val", n_val, rng, len(names))
+        _write_split(tmp, "train", n_train, rng, len(names), sides)
+        _write_split(tmp, "val", n_val, rng, len(names), sides)
         if root.exists():
             root.rmdir()  # empty directory left by someone else
         os.replace(tmp, root)

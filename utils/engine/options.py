@@ -62,6 +62,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="auto", choices=RECIPES,
                    help="schedule: small (optimizer steps, for < 1000 images), yolov5 (nominal batch 64), auto picks by size")
     p.add_argument("--backbone-weights", default="", help="ImageNet backbone weights: file path or timm:<name>")
+    p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
+                   help="evolve hyperparameters for N generations (300 if N is omitted); results in <project>/../evolve/<name>")
+    p.add_argument("--image-weights", action="store_true", help="draw training images by weights from class rarity and per-class mAP")
+    p.add_argument("--quad", action="store_true", help="four-image collate: each 4 images become one of twice the size")
     return p
 
 
@@ -95,8 +99,8 @@ def _recorded_run_dir(path: Path, opt: dict) -> Path:
     return run_dir
 
 
-def check_options(opt: argparse.Namespace) -> None:
-    """Reject values that cannot train, before any folder is created (one line naming the flag)."""
+def check_options(opt: argparse.Namespace, world_size: int = 1) -> None:
+    """Reject values that cannot train, before any folder is created (one line naming the flag); world_size: DDP processes."""
     check_int("--epochs", opt.epochs)
     check_int("--batch-size", opt.batch_size, allow=(-1,))
     check_img_size(opt.imgsz)
@@ -105,5 +109,21 @@ def check_options(opt: argparse.Namespace) -> None:
     check_int("--close-mosaic", opt.close_mosaic, minimum=0)
     for i in opt.freeze:
         check_int("--freeze", i, minimum=0)
+    _check_sampling_flags(opt, world_size)
+
+
+def _check_sampling_flags(opt: argparse.Namespace, world_size: int) -> None:
+    """--evolve, --image-weights and --quad: the combinations that cannot work."""
+    if opt.evolve is not None:
+        check_int("--evolve", opt.evolve)
+        if opt.resume:
+            raise TrainError("--evolve cannot be combined with --resume; to continue an evolution, run the same command "
+                             "with --name <its folder> --exist-ok")
+    single = {"--evolve": opt.evolve is not None, "--image-weights": opt.image_weights}
+    for flag, on in single.items():
+        if on and world_size > 1:
+            raise TrainError(f"{flag} is not supported with DDP ({world_size} processes); run it in a single process")
+    if opt.image_weights and opt.rect:
+        raise TrainError("--image-weights cannot be combined with --rect (weighted draws mix images of different rectangular batches)")
 
 

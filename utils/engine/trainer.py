@@ -138,9 +138,12 @@ class Trainer:
     def setup(self) -> None:
         """Data, model, hyperparameters, run folder, optimizer, schedule, loaders, loss, EMA and DDP wrapping."""
         opt = self.opt
+        if opt.image_weights and self.dist.world_size > 1:
+            raise TrainError(f"--image-weights is not supported with DDP ({self.dist.world_size} processes); train in one process")
         self.data = load_dataset_config(opt.data)
         self.names: list[str] = ["item"] if opt.single_cls else [str(n) for n in self.data["names"]]
         self.nc = len(self.names)
+        self.maps = np.zeros(self.nc)  # per-class mAP50-95 of the last validation (--image-weights)
         init_seeds(opt.seed + 1 + max(self.dist.rank, 0), deterministic=True)
         self.model: Any = build_model(opt, self.nc, self.names, self.device)
         freeze = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
@@ -179,13 +182,16 @@ class Trainer:
     def _make_loaders(self) -> None:
         """Augmented training loader (per rank) and the rectangular validation loader (main rank)."""
         from utils.data.datasets import create_dataloader
+        from utils.data.image_weights import EpochWeightedSampler
 
         opt, nc = self.opt, int(self.data["nc"])
         self.train_loader, self.dataset = create_dataloader(
             self.data["train"], opt.imgsz, self.batch, self.gs, single_cls=opt.single_cls, hyp=self.hyp.as_dict(), augment=True,
             cache=opt.cache, rect=opt.rect, workers=opt.workers, shuffle=not opt.rect, prefix="train: ", nc=nc, seed=opt.seed,
-            rank=self.dist.local_rank,
+            rank=self.dist.local_rank, quad=opt.quad, image_weights=opt.image_weights,
         )
+        sampler = self.train_loader.sampler
+        self.image_sampler = sampler if isinstance(sampler, EpochWeightedSampler) else None
         self.val_loader = None
         if self.dist.main:
             self.val_loader = create_dataloader(
@@ -221,6 +227,8 @@ class Trainer:
     # ----- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> Path:
         """Train every epoch: train, validate the EMA, log results.csv, save last/best, early-stop; returns best.pt."""
+        from utils.data.image_weights import epoch_image_weights
+
         opt = self.opt
         if opt.resume:
             self.restore(read_checkpoint(opt.resume))
@@ -238,6 +246,8 @@ class Trainer:
         for epoch in range(self.start_epoch, opt.epochs):
             if self.schedule.close_mosaic and epoch == opt.epochs - self.schedule.close_mosaic:
                 self.dataset.close_mosaic()
+            if self.image_sampler is not None:  # --image-weights: favour rare and poorly detected classes this epoch
+                self.image_sampler.set_weights(epoch_image_weights(self.dataset.labels, self.nc, self.maps))
             mloss = self.train_one_epoch(epoch)
             lrs = [g["lr"] for g in self.optimizer.param_groups]
             self.scheduler.step()
@@ -278,6 +288,7 @@ class Trainer:
             imgs = _multi_scale(imgs, self.opt.imgsz, self.gs)
         with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
             loss, items = self.loss(self.model(imgs), targets.to(self.device))
+        loss = loss * 4 if self.opt.quad else loss  # --quad: a quarter as many images per batch (YOLOv5's factor)
         if self.dist.rank != -1:
             loss = loss * self.dist.world_size  # DDP averages gradients over processes
         check_finite_loss(loss, epoch, ni - epoch * len(self.train_loader))
@@ -323,7 +334,8 @@ class Trainer:
         final = epoch + 1 == opt.epochs or self.stopper.possible_stop
         assert self.ema is not None  # the main rank always keeps one
         if not opt.noval or final:
-            row = self.validate(self.ema.ema, plots=final and not opt.noplots).results_row()
+            result = self.validate(self.ema.ema, plots=final and not opt.noplots)
+            row, self.maps = result.results_row(), result.maps
         else:
             row = (0.0,) * (4 + len(self.loss.names))
         fit = 0.1 * row[2] + 0.9 * row[3]

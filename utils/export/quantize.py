@@ -8,11 +8,13 @@ neck, where the compute is, are quantised.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -53,6 +55,17 @@ def _name_unnamed_nodes(proto: Any) -> None:
                 name += "_"
             node.name = name
             used.add(name)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    """Run a block with `path` as the current directory (for libraries that write scratch files there)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _preprocess(src: Path, dst: Path) -> Path:
@@ -121,7 +134,9 @@ def quantize_onnx(
         images = sorted(random.Random(0).sample(images, n_calib))  # a fixed, spread-out subset
     work = Path(tempfile.mkdtemp(prefix="int8_"))
     try:
-        src = _preprocess(fp32_path, work / "pre.onnx")
+        shutil.copyfile(fp32_path, work / "fp32.onnx")
+        with _working_directory(work):  # ORT's shape inference of dynamic models leaves files beside its input and in the cwd
+            src = _preprocess(work / "fp32.onnx", work / "pre.onnx")
         proto = onnx.load(str(src))
         _name_unnamed_nodes(proto)
         named = work / "named.onnx"
@@ -133,11 +148,13 @@ def quantize_onnx(
             def get_next(self) -> dict | None:
                 return next(feeds, None)
 
-        quantize_static(
-            str(named), str(int8_path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=float_tail_nodes(proto),
-        )  # fmt: skip
+        with _working_directory(work):
+            quantize_static(
+                str(named), str(work / "int8.onnx"), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=float_tail_nodes(proto),
+            )  # fmt: skip
+        shutil.move(str(work / "int8.onnx"), str(int8_path))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return int8_path
