@@ -381,10 +381,22 @@ def stack_channels_last(imgs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in each loader worker from torch's per-worker seed (distinct, reproducible augmentation)."""
+    """Seed numpy and random in each loader worker from torch's per-worker seed (distinct, reproducible augmentation).
+
+    OpenCV's thread count is left alone: cv2.setNumThreads in a forked worker hangs once the parent has used OpenCV's
+    thread pool (tests/test_training_flags.py caught it).
+    """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def restarted(loader: DataLoader) -> DataLoader:
+    """The same loader (dataset, sampler, batching) with fresh workers, which see changes made to the dataset since
+    (close_mosaic): persistent workers keep the copy they started with."""
+    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn,
+                      generator=loader.generator, persistent_workers=loader.persistent_workers)
 
 
 def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_size: int, stride: int, single_cls: bool = False,
@@ -417,5 +429,5 @@ def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_s
     generator.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw, sampler=sampler,
                         pin_memory=torch.cuda.is_available(), collate_fn=collate_quad if quad else LoadImagesAndLabels.collate_fn,
-                        worker_init_fn=seed_worker, generator=generator, persistent_workers=False)
+                        worker_init_fn=seed_worker, generator=generator, persistent_workers=nw > 0)
     return loader, dataset

@@ -64,11 +64,12 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def smart_optimizer(
-    model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.937, decay: float = 1e-5
+    model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.937, decay: float = 1e-5, fused: bool = False
 ) -> torch.optim.Optimizer:
     """Optimizer with YOLOv5's groups: [0] biases (no decay), [1] weights (decay), [2] norm weights + 1-D scales (no decay).
 
     The order is YOLOv5's, so results.csv's x/lr0..2 name the same groups (bias first) for tools that plot YOLOv5 runs.
+    fused: one kernel per step for all parameters (worth it on CUDA; on the CPU it measured no faster than the default).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
@@ -87,11 +88,11 @@ def smart_optimizer(
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if name == "SGD":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=fused or None)
     elif name == "Adam":
-        opt = torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999))
+        opt = torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999), fused=fused or None)
     else:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=fused or None)
     LOGGER.info(
         f"optimizer: {name}(lr={lr}) with {len(biases)} biases, {len(weights)} weights (decay={decay}), {len(no_decay)} no-decay weights"
     )
