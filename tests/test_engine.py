@@ -138,3 +138,31 @@ def test_trainer_refuses_options_without_a_run_folder(tmp_path: Path, monkeypatc
     with pytest.raises(TrainError, match="save_dir"):
         Trainer(train_options(cfg="models/yolov5n.yaml", epochs=1, imgsz=64), torch.device("cpu"))
     assert not any(tmp_path.iterdir())  # nothing written into the working directory
+
+
+def test_trainer_model_is_channels_last_and_steps_like_the_plain_layout(tiny_data: Path, tmp_path: Path) -> None:
+    """The Trainer trains in channels-last memory; the loss of one step matches the contiguous layout's."""
+    opt = train_options(cfg="models/yolov8n.yaml", data=str(tiny_data), epochs=1, imgsz=64, batch_size=8, workers=0, noplots=True,
+                        noautoanchor=True, save_dir=str(tmp_path / "run"))
+    trainer = Trainer(opt, torch.device("cpu"), DistInfo())
+    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    imgs, targets, _, _ = next(iter(trainer.train_loader))
+    assert imgs.is_contiguous(memory_format=torch.channels_last)
+    x = imgs.float() / 255
+    trainer.model.train()
+    with torch.no_grad():
+        a = trainer.loss(trainer.model(x), targets)[1]
+        b = trainer.loss(trainer.model.to(memory_format=torch.contiguous_format)(x.contiguous()), targets)[1]
+    # same sums in another order: float32 rounding grows with the depth of the network, a few ulps per layer
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_flag_trains(tiny_data: Path, tmp_path: Path) -> None:
+    """--compile: the training forward runs through torch.compile (needs a C++ compiler on the CPU; minutes on 2 cores)."""
+    opt = train_options(cfg="models/yolov8n.yaml", data=str(tiny_data), epochs=1, imgsz=64, batch_size=8, workers=0, noplots=True,
+                        noautoanchor=True, compile=True, save_dir=str(tmp_path / "run"))
+    trainer = Trainer(opt, torch.device("cpu"), DistInfo())
+    assert trainer.forward is not trainer.model
+    assert trainer.fit().exists()

@@ -35,6 +35,17 @@ def test_small_recipe_keeps_explicit_close_mosaic_and_long_warmups() -> None:
     assert choose_schedule("small", 500, 8, 63, 2, 3.0, 0).close_mosaic == 0  # too short to spare a mosaic-free epoch
 
 
+def test_small_recipe_scales_augmentation_with_the_number_of_steps() -> None:
+    hyp = {"hsv_s": 0.7, "scale": 0.5, "translate": 0.1, "fliplr": 0.5, "mosaic": 1.0, "lr0": 0.01}
+    short = choose_schedule("small", 256, 16, 16, 10, 3.0, 0)  # 160 steps: the floor
+    mid = choose_schedule("small", 500, 16, 32, 25, 3.0, 0)  # 800 steps: sqrt(800 / 3000) = 0.52
+    full = choose_schedule("small", 500, 16, 32, 100, 3.0, 0)  # 3200 steps
+    assert (short.augmentation, mid.augmentation, full.augmentation) == (0.5, 0.52, 1.0)
+    assert short.augment_hyp(hyp) == {"hsv_s": 0.35, "scale": 0.25, "translate": 0.05, "fliplr": 0.5, "mosaic": 1.0, "lr0": 0.01}
+    assert "augmentation x0.5" in short.reason
+    assert choose_schedule("yolov5", 256, 16, 16, 10, 3.0, 0).augment_hyp(hyp) == hyp  # YOLOv5's recipe: the hyp file as is
+
+
 def test_unknown_recipe_is_one_line() -> None:
     with pytest.raises(ValueError, match="--recipe 'fast': choose one of auto, small, yolov5"):
         choose_schedule("fast", 10, 1, 1, 1, 3.0, 0)
@@ -47,6 +58,7 @@ def test_trainer_prints_and_uses_the_schedule(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.INFO, logger="mobile_yolo"):
         trainer = Trainer(opt, torch.device("cpu"), DistInfo())
     assert trainer.schedule.name == "small" and trainer.accumulate == 1
+    assert trainer.dataset.hyp["scale"] == 0.5 * trainer.hyp.scale  # 6 steps: the weakest augmentation
     assert any("small-data schedule (16 training images < 1000)" in r.getMessage() for r in caplog.records)
     opt.recipe, opt.save_dir = "yolov5", str(tmp_path / "run2")
     assert Trainer(opt, torch.device("cpu"), DistInfo()).accumulate == 8

@@ -66,6 +66,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="evolve hyperparameters for N generations (300 if N is omitted); results in <project>/../evolve/<name>")
     p.add_argument("--image-weights", action="store_true", help="draw training images by weights from class rarity and per-class mAP")
     p.add_argument("--quad", action="store_true", help="four-image collate: each 4 images become one of twice the size")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass (slow first steps, then faster)")
     return p
 
 

@@ -10,6 +10,9 @@ RECIPES = ("auto", "small", "yolov5")
 SMALL_DATASET = 1000  # images; below this `--recipe auto` picks the small-data schedule
 YOLOV5_NOMINAL_BATCH = 64
 YOLOV5_MIN_WARMUP = 100  # iterations
+FULL_AUGMENTATION_STEPS = 3000  # optimizer steps from which the small-data schedule keeps the hyp file's augmentation
+MIN_AUGMENTATION = 0.5  # the weakest it scales augmentation to, for the shortest runs
+SCALED_AUGMENTATION = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "mixup")
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,11 @@ class Schedule:
     warmup_iters: int  # -1: no warm-up
     close_mosaic: int  # epochs at the end trained without mosaic
     reason: str
+    augmentation: float = 1.0  # factor on the colour and geometry augmentation gains of the hyp file
+
+    def augment_hyp(self, hyp: dict[str, float]) -> dict[str, float]:
+        """The hyp with its colour/geometry augmentation gains scaled by `augmentation` (flips and mosaic unchanged)."""
+        return {k: v * self.augmentation if k in SCALED_AUGMENTATION else v for k, v in hyp.items()}
 
     def accumulate(self, batch_size: int) -> int:
         """Batches per optimizer step."""
@@ -41,8 +49,10 @@ def choose_schedule(recipe: str, n_images: int, batch_size: int, batches_per_epo
     total = batches_per_epoch * epochs
     warmup = min(round(warmup_epochs * batches_per_epoch), math.ceil(0.1 * total)) if warmup_epochs > 0 else -1
     closing = close_mosaic or (max(1, round(0.15 * epochs)) if epochs >= 3 else 0)
+    # few steps cannot fit heavily distorted images: weaker augmentation, rising as sqrt(steps) to full at FULL_AUGMENTATION_STEPS
+    strength = round(min(1.0, max(MIN_AUGMENTATION, math.sqrt(total / FULL_AUGMENTATION_STEPS))), 2)
     why = (f"small-data schedule ({n_images} training images < {SMALL_DATASET}): every batch of {batch_size} is an optimizer "
-           f"step ({batches_per_epoch}/epoch, {total} in all), warm-up {max(warmup, 0)} steps, mosaic off for the last "
-           f"{closing} epoch(s); --recipe yolov5 restores YOLOv5's (nominal batch {YOLOV5_NOMINAL_BATCH}, "
-           f">= {YOLOV5_MIN_WARMUP} warm-up iterations)")
-    return Schedule("small", batch_size, warmup, closing, why)
+           f"step ({batches_per_epoch}/epoch, {total} in all), warm-up {max(warmup, 0)} steps, augmentation x{strength:g}, "
+           f"mosaic off for the last {closing} epoch(s); --recipe yolov5 restores YOLOv5's (nominal batch {YOLOV5_NOMINAL_BATCH}, "
+           f">= {YOLOV5_MIN_WARMUP} warm-up iterations, the hyp file's augmentation)")
+    return Schedule("small", batch_size, warmup, closing, why, strength)

@@ -162,6 +162,7 @@ class Trainer:
                                         self.hyp.warmup_epochs, opt.close_mosaic)
         if self.dist.main:
             LOGGER.info(f"Schedule: {self.schedule.reason}")
+        self.dataset.hyp = self.schedule.augment_hyp(self.dataset.hyp)  # before any worker starts with its copy
         self.accumulate = self.schedule.accumulate(opt.batch_size)
         decay = self.hyp.weight_decay * opt.batch_size * self.accumulate / self.schedule.nominal_batch
         self.optimizer = smart_optimizer(self.model, opt.optimizer, self.hyp.lr0, self.hyp.momentum, decay,
@@ -172,6 +173,7 @@ class Trainer:
         self.ema = ModelEMA(self.model) if self.dist.main else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
         self._wrap_distributed()
+        self.forward = torch.compile(self.model) if opt.compile else self.model  # the same module and weights, compiled
 
     def _open_run_dir(self) -> None:
         """Create the run folder only once data and model loaded (bad input leaves no folder): weights/, opt.yaml, hyp.yaml."""
@@ -297,7 +299,7 @@ class Trainer:
         if self.opt.multi_scale:
             imgs = _multi_scale(imgs, self.opt.imgsz, self.gs)
         with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
-            loss, items = self.loss(self.model(imgs), targets.to(self.device))
+            loss, items = self.loss(self.forward(imgs), targets.to(self.device))
         loss = loss * 4 if self.opt.quad else loss  # --quad: a quarter as many images per batch (YOLOv5's factor)
         if self.dist.rank != -1:
             loss = loss * self.dist.world_size  # DDP averages gradients over processes
