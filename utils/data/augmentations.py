@@ -148,6 +148,14 @@ class Warp:
         return labels
 
 
+def keep_visible_boxes(labels: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Clip (n, 5) [cls x1 y1 x2 y2] labels, already in output pixels, to the output; drop those left too small or thin."""
+    before = labels[:, 1:5].T.copy()
+    labels[:, [1, 3]] = labels[:, [1, 3]].clip(0, out_w)
+    labels[:, [2, 4]] = labels[:, [2, 4]].clip(0, out_h)
+    return labels[box_candidates(before, labels[:, 1:5].T, area_thr=0.10)]
+
+
 def random_perspective(img: np.ndarray, targets: npt.ArrayLike = (), degrees: float = 10, translate: float = 0.1,
                        scale: float = 0.1, shear: float = 10, perspective: float = 0.0, border: tuple[int, int] = (0, 0),
                        rng: Rng | None = None) -> tuple[np.ndarray, np.ndarray]:

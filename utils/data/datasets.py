@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.data import disk_cache
-from utils.data.augmentations import Warp, augment_hsv, flip_labels, mixup, random_perspective
+from utils.data.augmentations import Warp, augment_hsv, flip_labels, keep_visible_boxes, mixup, random_perspective
 from utils.data.dataset_config import DatasetError
 from utils.data.images import IMG_FORMATS, ImageError, check_image_size, jpeg_reduction, letterbox, load_image, resize_long_side
 from utils.data.labels import img2label_paths, read_label_file
@@ -286,15 +286,51 @@ class LoadImagesAndLabels(Dataset):
                          hyp["perspective"])
         grid = warp.on_pixel_grid((2 * s, 2 * s))
         if grid is not None:
-            warp, rect = grid
-        else:
-            rect = warp.source_region((2 * s, 2 * s))
+            return self._mosaic_by_tiles(indices, (xc, yc), grid[0], grid[1][:2])
+        rect = warp.source_region((2 * s, 2 * s))
         region, labels = self._mosaic_region(indices, (xc, yc), rect)
-        if grid is not None:
-            img = cv2.resize(region, (warp.out_w, warp.out_h), interpolation=cv2.INTER_LINEAR)
-        else:
-            img = warp.apply_image(region, origin=rect[:2])
-        return img, warp.apply_labels(labels)
+        return warp.apply_image(region, origin=rect[:2]), warp.apply_labels(labels)
+
+    def _mosaic_by_tiles(self, indices: list[int], centre: tuple[int, int], warp: Warp,
+                         origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The mosaic under a zoom-and-shift warp, drawn tile by tile: each image's visible part is resized once, from
+        the decoded file straight to its place in the output (no resize to img_size first, no canvas), and its labels
+        follow that exact mapping."""
+        s, (xc, yc), (gx, gy) = self.img_size, centre, origin
+        fx, fy = warp.matrix[0, 0], warp.matrix[1, 1]  # canvas pixel -> output pixel: X = fx * (x - gx)
+        out = np.full((warp.out_h, warp.out_w, 3), 114, dtype=np.uint8)
+        all_labels = [np.zeros((0, 5), np.float32)]
+        for k, idx in enumerate(indices):
+            h, w = self.resized_shape(idx)
+            x1, y1 = (xc - w if k in (0, 2) else xc), (yc - h if k in (0, 1) else yc)
+            ox0, ox1 = (min(max(round(fx * (v - gx)), 0), warp.out_w) for v in (max(x1, 0), min(x1 + w, 2 * s)))
+            oy0, oy1 = (min(max(round(fy * (v - gy)), 0), warp.out_h) for v in (max(y1, 0), min(y1 + h, 2 * s)))
+            if ox1 <= ox0 or oy1 <= oy0:
+                continue  # out of sight: never decoded, and its boxes would all be cropped away
+            src = self._tile_source(idx, max(fx, fy))
+            sy, sx = src.shape[0] / h, src.shape[1] / w  # source pixels per pixel of the img_size-resized tile
+            px0, px1 = _source_span(ox0, ox1, fx, gx - x1, sx, src.shape[1])
+            py0, py1 = _source_span(oy0, oy1, fy, gy - y1, sy, src.shape[0])
+            out[oy0:oy1, ox0:ox1] = cv2.resize(src[py0:py1, px0:px1], (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_LINEAR)
+            lb = self.labels[idx].copy()
+            if len(lb):  # tile pixels -> output pixels through the crop that was actually resized
+                lb[:, 1:] = xywhn2xyxy(lb[:, 1:], w, h)
+                lb[:, [1, 3]] = lb[:, [1, 3]].clip(max(-x1, 0), min(2 * s - x1, w))  # the canvas edges crop the tile
+                lb[:, [2, 4]] = lb[:, [2, 4]].clip(max(-y1, 0), min(2 * s - y1, h))
+                lb[:, [1, 3]] = ox0 + (lb[:, [1, 3]] * sx - px0) * (ox1 - ox0) / (px1 - px0)
+                lb[:, [2, 4]] = oy0 + (lb[:, [2, 4]] * sy - py0) * (oy1 - oy0) / (py1 - py0)
+            all_labels.append(lb)
+        return out, keep_visible_boxes(np.concatenate(all_labels, 0), warp.out_h, warp.out_w)
+
+    def _tile_source(self, i: int, zoom: float) -> np.ndarray:
+        """Image i as decoded (cached, or from a JPEG at the smallest DCT scale that still covers img_size x zoom)."""
+        cached = self.ims[i]
+        if cached is not None:
+            return cached
+        if self.cache == "disk":
+            return disk_cache.load_entry(self.im_files[i], self._decode)
+        h0, w0 = (int(v) for v in self.img_shapes[i])
+        return self._decode(self.im_files[i], jpeg_reduction(self.im_files[i], (h0, w0), math.ceil(self.img_size * zoom)))
 
     def _mosaic_region(self, indices: list[int], centre: tuple[int, int],
                        rect: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -378,6 +414,13 @@ def stack_channels_last(imgs: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, im in enumerate(imgs):
         out[i].copy_(im.permute(1, 2, 0))
     return out.permute(0, 3, 1, 2)
+
+
+def _source_span(o0: int, o1: int, f: float, shift: float, scale: float, size: int) -> tuple[int, int]:
+    """Whole source pixels [p0, p1) of one tile axis that output pixels [o0, o1) show (output = f * (tile + shift)... inverted)."""
+    p0 = min(max(round((o0 / f + shift) * scale), 0), size - 1)
+    p1 = min(max(round((o1 / f + shift) * scale), p0 + 1), size)
+    return p0, p1
 
 
 def seed_worker(worker_id: int) -> None:
