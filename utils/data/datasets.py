@@ -275,9 +275,9 @@ class LoadImagesAndLabels(Dataset):
     def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Four images tiled around a random centre on a 2s canvas, warped/cropped to s -> (img, [cls x1 y1 x2 y2]).
 
-        Only the part of the canvas the warp samples is built, and images that fall wholly outside it are never
-        decoded. A pure zoom and shift (the default hyps) is drawn with cv2.resize on a pixel-aligned crop, moved by
-        under a pixel so labels and image still agree exactly; other warps use warpAffine/warpPerspective.
+        The canvas itself is never built whole and images that fall wholly out of view are never decoded. A pure zoom
+        and shift (the default hyps) is snapped to whole canvas pixels (it moves by under one) and drawn tile by tile
+        with cv2.resize; other warps build only the part of the canvas they sample and use warpAffine/warpPerspective.
         """
         s, hyp = self.img_size, self.hyp
         yc, xc = (int(np.random.uniform(-b, 2 * s + b)) for b in self.mosaic_border)
@@ -417,7 +417,8 @@ def stack_channels_last(imgs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _source_span(o0: int, o1: int, f: float, shift: float, scale: float, size: int) -> tuple[int, int]:
-    """Whole source pixels [p0, p1) of one tile axis that output pixels [o0, o1) show (output = f * (tile + shift)... inverted)."""
+    """Whole source pixels [p0, p1) that output pixels [o0, o1) show on one axis, where output = f * (tile - shift) and
+    source = tile * scale; rounding to whole pixels is why labels are mapped through the span actually resized."""
     p0 = min(max(round((o0 / f + shift) * scale), 0), size - 1)
     p1 = min(max(round((o1 / f + shift) * scale), p0 + 1), size)
     return p0, p1
