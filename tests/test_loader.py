@@ -85,7 +85,9 @@ def test_zoom_shift_mosaic_matches_the_whole_canvas_warp(photo_dir: Path) -> Non
         assert _matched(labels, ref_labels, 1.0) >= min(len(labels), len(ref_labels)) - 1
         a = img[2:-2, 2:-2].astype(np.int16)
         offsets = {(dy, dx): float(np.abs(a - ref_img[2 + dy:126 + dy, 2 + dx:126 + dx]).mean()) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
-        assert min(offsets, key=offsets.__getitem__) == (0, 0) and offsets[(0, 0)] < 4.0, (seed, offsets)
+        # the images carry Gaussian noise of std 8 levels (shapes_dataset); interpolating it once rather than twice
+        # smooths it differently: the mean difference stays well under that std (3.7 at most over 60 seeds here)
+        assert min(offsets, key=offsets.__getitem__) == (0, 0) and offsets[(0, 0)] < 0.6 * 8.0, (seed, offsets)
 
 
 def test_mosaic_skips_images_out_of_sight(photo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
