@@ -22,13 +22,16 @@ from utils.logs import set_logging
 from utils.nms import non_max_suppression
 from utils.paths import ROOT, increment_path
 from utils.plots import draw_detections
-from utils.predictions import write_csv_rows, write_labels
+from utils.predictions import describe, save_crops, write_csv_rows, write_labels
 
 LOGGER = logging.getLogger("mobile_yolo")
 
 
 def default_source() -> str:
-    """The embedded dataset's validation images (generated on first use)."""
+    """data/images (the shipped sample images), as in YOLOv5; without it, the embedded dataset's validation images."""
+    samples = ROOT / "data" / "images"
+    if samples.is_dir() and any(samples.iterdir()):
+        return str(samples)
     data = load_dataset_config(None)
     val = data["val"]
     return str(val[0] if isinstance(val, list) else val)
@@ -44,25 +47,6 @@ def open_source(source: str, imgsz: tuple[int, int], stride: int, auto: bool, vi
 
         return LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
     return LoadImages(source, img_size=imgsz, stride=stride, auto=auto)
-
-
-def save_crops(det: torch.Tensor, im0: np.ndarray, names: list[str], crop_dir: Path, stem: str) -> None:
-    """Save each detection's box region as crops/<class>/<stem>_<i>.jpg (class names made safe folder names)."""
-    h, w = im0.shape[:2]
-    for i, (*xyxy, _, cls) in enumerate(det.tolist()):
-        x1, y1, x2, y2 = (int(max(0, min(v, lim))) for v, lim in zip(xyxy, (w, h, w, h)))
-        if x2 > x1 and y2 > y1:
-            out = crop_dir / safe_component(names[int(cls)]) / f"{safe_component(stem)}_{i}.jpg"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(out), im0[y1:y2, x1:x2])
-
-
-def describe(det: torch.Tensor, names: list[str]) -> str:
-    """'2 circles, 1 square' style counts per class."""
-    if not len(det):
-        return "(no detections)"
-    counts = det[:, 5].int().bincount()
-    return ", ".join(f"{n} {names[c]}{'s' * (n > 1)}" for c, n in enumerate(counts.tolist()) if n)
 
 
 class VideoSink:
@@ -210,7 +194,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     """YOLOv5's detect.py flags."""
     p = argparse.ArgumentParser(description="Detect objects with a trained or exported model")
     p.add_argument("--weights", nargs="+", default=[str(ROOT / "runs/train/exp/weights/best.pt")], help="model path(s)")
-    p.add_argument("--source", default=None, help="file/dir/glob/video/list.txt/webcam index/URL (default: embedded dataset)")
+    p.add_argument("--source", default=None, help="file/dir/glob/video/list.txt/webcam index/URL (default: data/images)")
     p.add_argument("--data", default=None, help="dataset yaml (class names fallback)")
     p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference size h,w")
     p.add_argument("--conf-thres", type=float, default=0.25)

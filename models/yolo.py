@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python models/yolo.py --cfg yolov5s.yaml` as in YOLOv5: layer table, summary, one forward pass
+    # Runs models.info and exits before the rest of this file executes as __main__ (it would register Detect twice).
+    import sys
+    from pathlib import Path as _Path
+
+    _models_dir = _Path(__file__).resolve().parent
+    _root = str(_models_dir.parent)  # on sys.path instead of models/ (the script's folder), so `models.*` imports resolve
+    if sys.path and _Path(sys.path[0] or ".").resolve() == _models_dir:
+        sys.path[0] = _root
+    else:  # e.g. python -P, which does not prepend the script's folder
+        sys.path.insert(0, _root)
+    from models.info import main as _info_main
+
+    raise SystemExit(_info_main(layer_table=True))
+
 import copy
 import logging
 import math

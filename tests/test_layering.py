@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "val", "detect", "export", "benchmarks")
+SCRIPTS = ("train", "val", "detect", "export", "benchmarks", "hubconf")
 
 
 def _module_name(path: Path) -> str:
@@ -103,6 +103,7 @@ STAGE_DEPENDENCIES = {
     "evaluation": set(),
     "export": {"data"},
     "engine": {"data", "loss", "evaluation"},
+    "inference": {"data", "export"},
 }
 
 

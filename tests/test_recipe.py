@@ -80,3 +80,23 @@ def test_readme_main_command_detects(tmp_path: Path) -> None:
     header = [c.strip() for c in rows[0].split(",")]
     last = dict(zip(header, (float(v) for v in rows[-1].split(","))))
     assert last["metrics/mAP_0.5"] >= 0.5
+    assert_finds_sample_objects(best)
+
+
+def assert_finds_sample_objects(weights: Path) -> None:
+    """Through the Python API, the trained detector finds at least half of the objects drawn in data/images (IoU 0.5, right class)."""
+    from scripts.make_sample_images import SAMPLES, draw_sample
+    from utils.boxes import box_iou, xywhn2xyxy
+    from utils.inference.hub import load_custom
+
+    model = load_custom(weights, device="cpu", verbose=False)
+    root = Path(__file__).resolve().parents[1] / "data" / "images"
+    results = model([root / s.name for s in SAMPLES], size=320)
+    found = total = 0
+    for sample, pred in zip(SAMPLES, results.xyxy):
+        labels = torch.tensor([[float(v) for v in line.split()] for line in draw_sample(sample)[1]])
+        truth = xywhn2xyxy(labels[:, 1:], w=sample.width, h=sample.height)
+        iou = box_iou(truth, pred[:, :4]) * (labels[:, :1] == pred[:, 5][None])
+        found += int((iou.max(1).values >= 0.5).sum()) if len(pred) else 0
+        total += len(labels)
+    assert found >= total / 2, f"{found} of {total} sample objects found"

@@ -1,13 +1,16 @@
-"""Detections written as text, as YOLOv5's detect.py and val.py write them: YOLO/Pascal-VOC label rows and predictions.csv."""
+"""Detections written out as YOLOv5's detect.py writes them: label rows, predictions.csv, box crops and count summaries."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 
 from utils.boxes import xyxy2xywh
+from utils.files import safe_component
 
 
 def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_conf: bool, save_format: int = 0) -> None:
@@ -35,3 +38,35 @@ def write_csv_rows(det: torch.Tensor, image_name: str, names: list[str], file: P
             writer.writerow(CSV_HEADER)
         for *_, conf, cls in det[:, :6].tolist():
             writer.writerow((image_name, names[int(cls)] if int(cls) < len(names) else str(int(cls)), f"{conf:.2f}"))
+
+
+def box_crops(det: torch.Tensor, im0: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(row index, pixels) of each (n, 6) pixel-xyxy detection clipped to the image; boxes with no area are left out."""
+    h, w = im0.shape[:2]
+    crops = []
+    for i, (*xyxy, _, _) in enumerate(det[:, :6].tolist()):
+        x1, y1, x2, y2 = (int(max(0, min(v, lim))) for v, lim in zip(xyxy, (w, h, w, h)))
+        if x2 > x1 and y2 > y1:
+            crops.append((i, im0[y1:y2, x1:x2]))
+    return crops
+
+
+def save_crops(det: torch.Tensor, im0: np.ndarray, names: list[str], crop_dir: Path, stem: str) -> list[Path]:
+    """Save each detection's box region as crops/<class>/<stem>_<i>.jpg (class names made safe folder names)."""
+    written = []
+    for i, crop in box_crops(det, im0):
+        cls = int(det[i, 5])
+        out = crop_dir / safe_component(names[cls] if cls < len(names) else str(cls)) / f"{safe_component(stem)}_{i}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out), crop):
+            raise ValueError(f"{out}: could not write crop")
+        written.append(out)
+    return written
+
+
+def describe(det: torch.Tensor, names: list[str]) -> str:
+    """'2 circles, 1 square' style counts per class."""
+    if not len(det):
+        return "(no detections)"
+    counts = det[:, 5].int().bincount()
+    return ", ".join(f"{n} {names[c] if c < len(names) else c}{'s' * (n > 1)}" for c, n in enumerate(counts.tolist()) if n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -65,18 +66,50 @@ def _pil_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def _read_pil(path: Path) -> np.ndarray | None:
-    """Decode with PIL, applying EXIF orientation; None if PIL cannot handle it."""
+def pil_to_bgr(im: Image.Image) -> np.ndarray:
+    """An upright (EXIF orientation applied) HxWx3 BGR uint8 array of a PIL image of any mode or bit depth."""
+    return _to_bgr3(_to_uint8(_pil_array(ImageOps.exif_transpose(im))), rgb=True)
+
+
+def array_to_bgr(arr: np.ndarray, channel_order: str = "bgr") -> np.ndarray:
+    """HxW, HxWxC or CxHxW (C <= 4) array of any dtype -> HxWx3 BGR uint8; `channel_order` says what the colour channels are."""
+    if channel_order not in ("bgr", "rgb"):
+        raise ValueError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
+    if arr.ndim == 3 and arr.shape[0] <= 4 < arr.shape[2]:
+        arr = arr.transpose(1, 2, 0)  # CHW -> HWC
+    if arr.ndim not in (2, 3) or arr.size == 0 or (arr.ndim == 3 and arr.shape[2] > 4):
+        raise ImageError(f"numpy image must be HxW, HxWxC or CxHxW with C <= 4 channels, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ImageError(f"numpy image must hold numbers, got dtype {arr.dtype}")
+    return _to_bgr3(_to_uint8(np.asarray(arr)), rgb=channel_order == "rgb")
+
+
+def _read_pil(path: Union[Path, io.BytesIO]) -> np.ndarray | None:
+    """Decode a file (or in-memory bytes) with PIL, applying EXIF orientation; None if PIL cannot handle it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                arr = _pil_array(im)
+                return pil_to_bgr(im)
     except Exception:
         return None
-    return _to_bgr3(_to_uint8(arr), rgb=True)
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """Decode an encoded image held in memory (e.g. downloaded) like load_image decodes a file; ImageError names `name`."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: image is over the limit of {MAX_IMAGE_PIXELS:,} pixels (utils.data.images.MAX_IMAGE_PIXELS)") from None
+    except Exception:
+        raise ImageError(f"{name}: cannot decode image (corrupt, truncated or unsupported format)") from None
+    _check_pixels(name, w, h)
+    img = _read_pil(io.BytesIO(data))
+    if img is None or img.size == 0:
+        raise ImageError(f"{name}: cannot decode image (corrupt, truncated or unsupported format)")
+    return img
 
 
 def _read_cv2(path: Path) -> np.ndarray | None:

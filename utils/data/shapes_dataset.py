@@ -25,8 +25,8 @@ def _hsv_colour(rng: np.random.Generator, s: tuple[int, int], v: tuple[int, int]
     return b, g, r
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Dull, noisy background with lines and soft blobs that are not objects."""
+def _background(rng: np.random.Generator, h: int, w: int, noise: float = 8.0) -> np.ndarray:
+    """Dull background with lines and soft blobs that are not objects, plus Gaussian pixel noise of std `noise`."""
     img: np.ndarray = np.empty((h, w, 3), np.uint8)
     img[:] = _hsv_colour(rng, (0, 60), (40, 120))
     for _ in range(int(rng.integers(2, 7))):  # thin clutter lines
@@ -38,8 +38,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         axes = (int(rng.integers(8, w // 3)), int(rng.integers(8, h // 3)))
         cv2.ellipse(img, c, axes, float(rng.uniform(0, 180)), 0, 360, _hsv_colour(rng, (0, 60), (30, 130)), -1)
     img = cv2.GaussianBlur(img, (5, 5), 0)
-    noise = rng.normal(0.0, 8.0, img.shape)
-    return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    return np.clip(img.astype(np.float32) + rng.normal(0.0, noise, img.shape), 0, 255).astype(np.uint8)
 
 
 def _shape_points(rng: np.random.Generator, cls: int, x1: int, y1: int, size_w: int, size_h: int) -> np.ndarray:
@@ -77,17 +76,24 @@ def _overlaps(box: np.ndarray, boxes: list[np.ndarray], thr: float = 0.2) -> boo
     return False
 
 
-def _make_image(rng: np.random.Generator, nc: int, sides: tuple[int, int] = SIDES) -> tuple[np.ndarray, list[str]]:
-    """One image (height and width drawn from `sides`, inclusive) and its YOLO label lines."""
-    h, w = int(rng.integers(sides[0], sides[1] + 1)), int(rng.integers(sides[0], sides[1] + 1))
-    img = _background(rng, h, w)
-    n_obj = 0 if rng.random() < BACKGROUND_FRACTION else int(rng.integers(1, 7))
+def draw_scene(rng: np.random.Generator, h: int, w: int, nc: int, n_objects: int | None = None, min_object: int = 14,
+               max_fraction: float = 0.45, noise: float = 8.0) -> tuple[np.ndarray, list[str]]:
+    """Draw an h x w cluttered background and shapes that barely overlap (_overlaps); returns (BGR image, YOLO label lines).
+
+    Public so that other scenes (the sample images in data/images/) come from the generator the detector trained on.
+    n_objects None draws the count as the embedded dataset does (a background image now and then, else 1-6); a given
+    count is attempted, and fewer are placed when the 4 x n_objects placement attempts run out. Object sides are drawn
+    from [min_object, max_fraction x the short side); `noise` is the background's pixel-noise standard deviation.
+    """
+    img = _background(rng, h, w, noise)
+    if n_objects is None:
+        n_objects = 0 if rng.random() < BACKGROUND_FRACTION else int(rng.integers(1, 7))
     boxes: list[np.ndarray] = []
     lines = []
-    for _ in range(n_obj * 4):  # placement attempts
-        if len(boxes) == n_obj:
+    for _ in range(n_objects * 4):  # placement attempts
+        if len(boxes) == n_objects:
             break
-        size = int(rng.integers(14, max(15, int(0.45 * min(h, w)))))
+        size = int(rng.integers(min_object, max(min_object + 1, int(max_fraction * min(h, w)))))
         bw, bh = (size, size) if rng.random() < 0.5 else (size, int(size * rng.uniform(0.6, 1.6)))
         bw, bh = min(bw, w - 2), min(bh, h - 2)
         x1, y1 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
@@ -100,6 +106,12 @@ def _make_image(rng: np.random.Generator, nc: int, sides: tuple[int, int] = SIDE
         cx, cy, bw_n, bh_n = (b[0] + b[2]) / 2 / w, (b[1] + b[3]) / 2 / h, (b[2] - b[0]) / w, (b[3] - b[1]) / h
         lines.append(f"{cls} {cx:.6f} {cy:.6f} {bw_n:.6f} {bh_n:.6f}")
     return img, lines
+
+
+def _make_image(rng: np.random.Generator, nc: int, sides: tuple[int, int] = SIDES) -> tuple[np.ndarray, list[str]]:
+    """One image (height and width drawn from `sides`, inclusive) and its YOLO label lines."""
+    h, w = int(rng.integers(sides[0], sides[1] + 1)), int(rng.integers(sides[0], sides[1] + 1))
+    return draw_scene(rng, h, w, nc)
 
 
 def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: int, sides: tuple[int, int]) -> None:

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 from models.head import head_class
+from models.yolo import DetectionModel
 from utils.device import select_device
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -58,18 +59,23 @@ class DetectBackend(nn.Module):
     That output is decoded by `non_max_suppression(..., head=backend.head_kind)` whatever the format.
     """
 
-    def __init__(self, weights: Union[str, Path], device: Union[str, torch.device] = "cpu", fp16: bool = False, data: Any = None) -> None:
+    def __init__(
+        self, weights: Union[str, Path, nn.Module], device: Union[str, torch.device] = "cpu", fp16: bool = False, data: Any = None
+    ) -> None:
         super().__init__()
-        self.weights = Path(weights[0] if isinstance(weights, (list, tuple)) else weights)
+        module = weights if isinstance(weights, nn.Module) else None  # a DetectionModel built in memory (torch.hub configs)
+        if isinstance(weights, (list, tuple)):
+            weights = weights[0]
+        self.weights = Path("model.pt") if isinstance(weights, nn.Module) else Path(weights)
         self.device = select_device(device)
         self.fp16 = bool(fp16) and self.device.type == "cuda"
-        self.format = self._detect_format(self.weights)
+        self.format = "pt" if module is not None else self._detect_format(self.weights)
         self.pt, self.jit, self.onnx, self.xml = (self.format == f for f in ("pt", "torchscript", "onnx", "openvino"))
         self.input_shape: tuple[int, ...] | None = None  # fixed (B,3,H,W) of static exports
         self.dynamic = True
         self._in_dtype = np.float16 if self.fp16 else np.float32
         self._warned_augment = False
-        meta = getattr(self, f"_load_{self.format}")()
+        meta = self._load_module(module) if module is not None else getattr(self, f"_load_{self.format}")()
         self.stride = int(meta.get("stride") or 32)
         self.names = _names_from(meta.get("names")) or _names_from_data(data) or []
         self.head_kind = _head_kind(meta.get("head"), self.weights)
@@ -95,7 +101,13 @@ class DetectBackend(nn.Module):
     def _load_pt(self) -> dict:
         from utils.checkpoint import load_model
 
-        model = load_model(self.weights, device=self.device).fuse()
+        return self._load_module(load_model(self.weights, device=self.device))
+
+    def _load_module(self, model: nn.Module) -> dict:
+        """Run a DetectionModel in its inference form: eval, fused (Conv+BN folded, re-parameterised), on the device."""
+        if not isinstance(model, DetectionModel):
+            raise TypeError(f"DetectBackend runs a DetectionModel or a weights path, got {type(model).__name__}")
+        model = model.to(self.device).eval().fuse()
         self.model = model.half() if self.fp16 else model.float()
         return {"stride": int(max(int(model.stride.max()), 32)), "names": list(model.names), "head": model.head_kind}
 
@@ -169,6 +181,16 @@ class DetectBackend(nn.Module):
         x = im.detach().cpu().numpy().astype(self._in_dtype, copy=False)
         y = self.session.run(None, {self._input_name: x})[0] if self.onnx else next(iter(self.compiled(x).values()))
         return torch.from_numpy(np.asarray(y)).to(self.device)
+
+    @property
+    def fixed_imgsz(self) -> tuple[int, int] | None:
+        """The (h, w) an export runs at only (static ONNX/OpenVINO inputs, TorchScript traced without --dynamic); None: any."""
+        if self.input_shape is not None:
+            return int(self.input_shape[2]), int(self.input_shape[3])
+        imgsz = self.metadata.get("imgsz")
+        if self.jit and not self.metadata.get("dynamic") and isinstance(imgsz, (list, tuple)) and len(imgsz) == 2:
+            return int(imgsz[0]), int(imgsz[1])
+        return None
 
     def warmup(self, imgsz: tuple[int, int, int, int] = (1, 3, 640, 640)) -> None:
         """One dummy forward pass (the exported input shape wins over imgsz for static models)."""

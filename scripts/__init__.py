@@ -1,0 +1,1 @@
+"""Maintenance and benchmark scripts; a package so that tests can import them (scripts.make_sample_images)."""

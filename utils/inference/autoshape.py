@@ -1,0 +1,114 @@
+"""AutoShape: call a detector on anything image-like and get Detections back (YOLOv5's torch.hub model interface)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.boxes import scale_boxes
+from utils.cli import check_fraction, check_img_size, check_int
+from utils.data.images import img_to_tensor_layout, letterbox
+from utils.export.backend import DetectBackend
+from utils.inference.inputs import load_inputs
+from utils.inference.results import Detections
+from utils.nms import non_max_suppression
+
+
+def batch_shape(shapes: list[tuple[int, int]], size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Smallest stride-multiple (h, w) holding every image scaled to fit `size` (YOLOv5's shared batch shape)."""
+    scaled = [(h * min(size[0] / h, size[1] / w), w * min(size[0] / h, size[1] / w)) for h, w in shapes]
+    h, w = max(s[0] for s in scaled), max(s[1] for s in scaled)
+    return int(np.ceil(round(h) / stride) * stride), int(np.ceil(round(w) / stride) * stride)
+
+
+class AutoShape(nn.Module):
+    """Wraps a DetectBackend: images of any kind in, letterboxed batch, inference, NMS, boxes back in each image's pixels.
+
+    A torch.Tensor batch (B, 3, H, W, floats 0-1) is passed straight to the model and its raw output returned, so the
+    wrapper can be traced. Filtering is set by attributes, as in YOLOv5: conf, iou, classes, agnostic, multi_label,
+    max_det; `amp` runs CUDA inference under autocast; `channel_order` says what numpy arrays hold ("bgr" as OpenCV
+    reads them, or "rgb").
+    """
+
+    def __init__(self, model: DetectBackend) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.conf = 0.25  # NMS confidence threshold
+        self.iou = 0.45  # NMS IoU threshold
+        self.classes: list[int] | None = None  # keep only these class indices
+        self.agnostic = False  # NMS across classes
+        self.multi_label = False  # one box per class above conf
+        self.max_det = 1000  # boxes per image
+        self.amp = False  # autocast on CUDA
+        self.channel_order = "bgr"
+
+    @property
+    def names(self) -> list[str]:
+        """Class names of the wrapped model."""
+        return self.model.names
+
+    @property
+    def stride(self) -> int:
+        """Largest stride of the wrapped model."""
+        return self.model.stride
+
+    @property
+    def pt(self) -> bool:
+        """True when a PyTorch model (not an exported file) runs underneath."""
+        return self.model.pt
+
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else self.model.device
+
+    def _autocast(self, device: torch.device) -> Any:
+        return torch.autocast(device_type=device.type, enabled=bool(self.amp) and device.type == "cuda")
+
+    def forward(self, ims: Any, size: Union[int, tuple[int, int], list[int]] = 640, augment: bool = False,
+                profile: bool = False) -> Any:
+        """Detections for a path, folder, glob, URL, array, PIL image or list of them; the raw output for a tensor batch."""
+        device = self._device()
+        if isinstance(ims, torch.Tensor):
+            x = ims[None] if ims.ndim == 3 else ims
+            with self._autocast(device):
+                return self.model(x.to(device), augment=augment)
+        self._check_options()
+        with torch.inference_mode():
+            return self._detect(ims, size, augment, device, profile)
+
+    def _check_options(self) -> None:
+        """The filtering attributes, checked like the detect.py flags they mirror."""
+        check_fraction("conf", self.conf)
+        check_fraction("iou", self.iou)
+        check_int("max_det", self.max_det)
+
+    def _clock(self, device: torch.device, profile: bool) -> float:
+        if profile and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _detect(self, ims: Any, size: Any, augment: bool, device: torch.device, profile: bool) -> Detections:
+        t0 = self._clock(device, profile)
+        inputs = load_inputs(ims, self.channel_order)
+        sizes = check_img_size([size, size] if isinstance(size, int) else list(size), flag="size")
+        hw = (int(sizes[0]), int(sizes[-1]))
+        shape = self.model.fixed_imgsz or batch_shape([im.image.shape[:2] for im in inputs], hw, self.stride)
+        batch = np.stack([img_to_tensor_layout(letterbox(im.image, shape, auto=False)[0]) for im in inputs])
+        x = torch.from_numpy(batch).to(device)
+        x = (x.half() if self.model.fp16 else x.float()) / 255
+        t1 = self._clock(device, profile)
+        with self._autocast(device):
+            pred = self.model(x, augment=augment)
+        t2 = self._clock(device, profile)
+        dets = non_max_suppression(pred, self.conf, self.iou, self.classes, self.agnostic, self.multi_label,
+                                   max_det=self.max_det, head=self.model.head_kind)
+        for det, im in zip(dets, inputs):
+            det[:, :4] = scale_boxes((x.shape[2], x.shape[3]), det[:, :4], (im.image.shape[0], im.image.shape[1]))
+        t3 = self._clock(device, profile)
+        per_image = tuple((b - a) * 1e3 / len(inputs) for a, b in ((t0, t1), (t1, t2), (t2, t3)))
+        return Detections([im.image for im in inputs], dets, [im.name for im in inputs], self.names,
+                          (per_image[0], per_image[1], per_image[2]), tuple(x.shape))

@@ -1,0 +1,106 @@
+"""Everything the Python API accepts as images -> named upright BGR uint8 arrays (files, folders, globs, URLs, arrays, PIL)."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from utils.data.images import IMG_FORMATS, ImageError, array_to_bgr, decode_image_bytes, load_image, pil_to_bgr
+from utils.data.sources import expand_source
+from utils.files import safe_component
+
+URL_TIMEOUT = 10.0  # seconds to connect and between reads
+MAX_DOWNLOAD_BYTES = 64 << 20  # an image URL larger than this is refused rather than held in memory
+SAVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # names kept as given; others are saved as .jpg
+ACCEPTED = "a file, folder, glob or http(s) URL (str or Path), a numpy HxWx3 array, a PIL image, or a list of those"
+ImageSource = Union[str, Path, np.ndarray, Image.Image]
+
+
+@dataclass
+class NamedImage:
+    """One input image: the file name results are saved under and its pixels (HxWx3 BGR uint8, upright)."""
+
+    name: str
+    image: np.ndarray
+
+
+def is_url(text: str) -> bool:
+    """True for http:// and https:// addresses (the only schemes downloaded)."""
+    return urllib.parse.urlsplit(text).scheme.lower() in ("http", "https")
+
+
+def read_url(url: str, timeout: float = URL_TIMEOUT) -> np.ndarray:
+    """Download and decode one image URL; offline or failing, one ImageError line naming the URL and the reason."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            data = r.read(MAX_DOWNLOAD_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"{url}: cannot download image (HTTP {e.code} {e.reason})") from None
+    except (urllib.error.URLError, socket.timeout, TimeoutError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ImageError(f"{url}: cannot download image ({str(reason).splitlines()[0] or type(e).__name__}); "
+                         "check the network or pass a local file") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ImageError(f"{url}: image download is over {MAX_DOWNLOAD_BYTES >> 20} MB, refused")
+    return decode_image_bytes(data, url)
+
+
+def _paths(text: str) -> list[str]:
+    """Image files a path, folder or glob names; videos are refused (they are detect.py's job)."""
+    files = expand_source(text)
+    videos = [f for f in files if f.rsplit(".", 1)[-1].lower() not in IMG_FORMATS]
+    if videos:
+        raise ImageError(f"{videos[0]}: videos are not read by the Python API; run detect.py --source on them")
+    if not files:
+        raise ImageError(f"{text}: no images found (supported: {', '.join(IMG_FORMATS)})")
+    return files
+
+
+def _expand(item: Any, index: int, channel_order: str) -> list[tuple[str, np.ndarray]]:
+    """(suggested name, BGR image) pairs for one input item."""
+    if isinstance(item, (str, Path)):
+        text = str(item)
+        if is_url(text):
+            name = Path(urllib.parse.urlsplit(text).path).name or f"image{index}.jpg"
+            return [(name, read_url(text))]
+        return [(Path(f).name, load_image(f)) for f in _paths(text)]
+    if isinstance(item, np.ndarray):
+        return [(f"image{index}.jpg", array_to_bgr(item, channel_order))]
+    if isinstance(item, Image.Image):
+        filename = getattr(item, "filename", "") or ""
+        return [(Path(filename).name or f"image{index}.jpg", pil_to_bgr(item))]
+    raise TypeError(f"cannot read {type(item).__name__} as an image; accepted: {ACCEPTED}")
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Names safe as one path component and distinct (a repeated name gets _2, _3, ...), with an image suffix."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        p = Path(safe_component(name, fallback="image.jpg"))
+        stem, suffix = p.stem, p.suffix if p.suffix.lower() in SAVE_SUFFIXES else ".jpg"
+        candidate, k = f"{stem}{suffix}", 1
+        while candidate.lower() in seen:
+            k += 1
+            candidate = f"{stem}_{k}{suffix}"
+        seen.add(candidate.lower())
+        out.append(candidate)
+    return out
+
+
+def load_inputs(ims: Any, channel_order: str = "bgr") -> list[NamedImage]:
+    """Read one input or a list of inputs (a folder or glob counts as its images) into named BGR images."""
+    items = list(ims) if isinstance(ims, (list, tuple)) else [ims]
+    pairs = [pair for i, item in enumerate(items) for pair in _expand(item, i, channel_order)]
+    if not pairs:
+        raise ImageError("no images given")
+    names = _unique_names([name for name, _ in pairs])
+    return [NamedImage(name, image) for name, (_, image) in zip(names, pairs)]
