@@ -400,3 +400,7 @@ def test_readme_example_runs_as_written(tmp_path: Path, weights: dict[str, Path]
     assert "image 1/3: 720x1280" in out.stdout and "image 2/3: 1080x810" in out.stdout and "xmin" in out.stdout
     saved = sorted(p.name for p in (tmp_path / "runs" / "detect" / "exp").iterdir())
     assert saved == ["image1.jpg", "shapes_street.jpg", "shapes_street_2.jpg"]
+
+
+def test_detect_py_defaults_to_the_sample_images() -> None:
+    assert Path(detect.default_source()) == ROOT / "data" / "images"
