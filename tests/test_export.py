@@ -22,6 +22,7 @@ from models.registry import get_module
 from models.yolo import DetectionModel
 from tests.conftest import calibrate_bn, random_images, rounding_tol
 from utils.checkpoint import save_checkpoint
+from utils.export.exporter import output_path
 from utils.export.formats import ExportError, export_onnx_model
 from utils.export.quantize import QuantizeError, _letterboxed_chw, float_tail_nodes, quantize_onnx
 
@@ -235,13 +236,13 @@ def test_openvino_export_matches_pytorch(ckpt: Path, tmp_path: Path) -> None:
 
 def test_output_path_rules(tmp_path: Path) -> None:
     base = tmp_path / "best"
-    assert export.output_path(base, "onnx", False) == tmp_path / "best.onnx"
-    assert export.output_path(base, "torchscript", True) == tmp_path / "best.torchscript"
-    assert export.output_path(base, "openvino", False) == tmp_path / "best_openvino_model"
-    assert export.output_path(base, "onnx", True) == tmp_path / "best_int8.onnx"
-    assert export.output_path(base, "openvino", True) == tmp_path / "best_int8_openvino_model"
-    assert export.output_path(base, "onnx", True, tmp_path / "x.onnx") == tmp_path / "x.onnx"
-    assert export.output_path(base, "openvino", False, tmp_path / "x.onnx") == tmp_path / "x_openvino_model"
+    assert output_path(base, "onnx", False) == tmp_path / "best.onnx"
+    assert output_path(base, "torchscript", True) == tmp_path / "best.torchscript"
+    assert output_path(base, "openvino", False) == tmp_path / "best_openvino_model"
+    assert output_path(base, "onnx", True) == tmp_path / "best_int8.onnx"
+    assert output_path(base, "openvino", True) == tmp_path / "best_int8_openvino_model"
+    assert output_path(base, "onnx", True, tmp_path / "x.onnx") == tmp_path / "x.onnx"
+    assert output_path(base, "openvino", False, tmp_path / "x.onnx") == tmp_path / "x_openvino_model"
 
 
 def _noise_images(folder: Path, n: int = 8, seed: int = 0) -> list[Path]:

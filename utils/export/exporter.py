@@ -1,0 +1,179 @@
+"""Export a fused detector to the deployment formats (ONNX, TorchScript, OpenVINO), the engine behind export.py."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from utils.checkpoint import load_model
+from utils.cli import check_int
+from utils.device import select_device
+from utils.export.formats import (
+    ExportError,
+    atomic_path,
+    check_export_imgsz,
+    export_metadata,
+    export_onnx_model,
+    export_openvino_model,
+    export_torchscript_model,
+)
+from utils.paths import ROOT
+
+LOGGER = logging.getLogger("mobile_yolo")
+FORMATS = ("onnx", "torchscript", "openvino")
+
+
+def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[torch.nn.Module, Path]:
+    """The model to export (checkpoint or random-weight config) and the default output base path."""
+    from models.parse import ModelConfigError
+    from models.yolo import DetectionModel
+
+    if weights:
+        return load_model(weights, device=device), Path(weights).with_suffix("")
+    if not cfg:
+        raise ExportError("give --weights (a .pt checkpoint) or --cfg (a model yaml)")
+    try:
+        model = DetectionModel(cfg)
+    except (ModelConfigError, FileNotFoundError) as e:
+        raise ExportError(str(e)) from None
+    return model.to(device).eval(), ROOT / "runs" / "export" / Path(str(cfg)).stem
+
+
+def output_path(base: Path, fmt: str, int8: bool, override: Union[str, Path, None] = None) -> Path:
+    """Where format `fmt` goes: best.pt -> best.onnx / best.torchscript / best_openvino_model (with _int8 when quantised)."""
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript", "openvino": "_openvino_model"}[fmt]
+    tag = "_int8" if int8 and fmt in ("onnx", "openvino") else ""
+    if override is not None:
+        out = Path(override)
+        if (fmt == "openvino" and out.name.endswith(suffix)) or (fmt != "openvino" and out.suffix == suffix):
+            return out
+        base, tag = out.parent / (out.stem if out.suffix in (".onnx", ".torchscript", ".pt") else out.name), ""
+    return base.parent / f"{base.name}{tag}{suffix}"
+
+
+def _check_options(include: list[str], half: bool, device: torch.device, int8: bool, data: Any) -> list[str]:
+    """Validate the format list and flag combinations; return the formats lower-cased in order."""
+    fmts = [f.lower() for f in include]
+    unknown = [f for f in fmts if f not in FORMATS]
+    if unknown:
+        raise ExportError(f"unknown --include format(s) {unknown}; known formats: {', '.join(FORMATS)}")
+    if half and device.type != "cuda":
+        raise ExportError("--half needs a CUDA device (use --device 0)")
+    if int8 and not data:
+        raise ExportError("--int8 needs calibration images: pass --data (dataset yaml or image folder)")
+    if int8 and half:
+        raise ExportError("--int8 and --half are mutually exclusive")
+    return list(dict.fromkeys(fmts))
+
+
+def _export_onnx_family(model: Any, fmts: list[str], base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> dict[str, Path]:
+    """ONNX and OpenVINO share one fp32 (or int8) ONNX graph; OpenVINO converts from it."""
+    from utils.export.quantize import calibration_images, quantize_onnx
+
+    out: dict[str, Path] = {}
+    images = calibration_images(opt["data"], limit=opt["n_calib"]) if opt["int8"] else []
+    work = Path(tempfile.mkdtemp(prefix="export_"))
+    try:
+        onnx_file = export_onnx_model(model, work / "model.onnx", opt["imgsz"], opt["batch_size"], opt["dynamic"], opt["opset"],
+                                      opt["simplify"], meta)  # fmt: skip
+        if opt["int8"]:
+            LOGGER.info(f"INT8 calibration on {len(images)} images")
+            onnx_file = quantize_onnx(onnx_file, work / "model_int8.onnx", images, opt["imgsz"], n_calib=opt["n_calib"])
+            _copy_metadata(onnx_file, meta)
+        if "onnx" in fmts:
+            dst = output_path(base, "onnx", opt["int8"], opt["output"])
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(onnx_file, tmp)
+            out["onnx"] = dst
+        if "openvino" in fmts:
+            dst = output_path(base, "openvino", opt["int8"], opt["output"])
+            out["openvino"] = export_openvino_model(onnx_file, dst, meta, half=opt["half"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _copy_metadata(onnx_file: Path, meta: dict[str, Any]) -> None:
+    """Re-attach the metadata props (quantisation drops them) and re-check the model."""
+    import onnx
+
+    from utils.export.formats import set_onnx_metadata
+
+    proto = onnx.load(str(onnx_file))
+    set_onnx_metadata(proto, {**meta, "int8": True})
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(onnx_file))
+
+
+def export_model(
+    weights: Any = None,
+    cfg: Any = None,
+    include: Union[list[str], tuple[str, ...]] = ("onnx",),
+    imgsz: Union[int, list[int], tuple[int, ...]] = (640, 640),
+    batch_size: int = 1,
+    device: str = "cpu",
+    half: bool = False,
+    dynamic: bool = False,
+    simplify: bool = False,
+    opset: int = 17,
+    int8: bool = False,
+    data: Any = None,
+    n_calib: int = 300,
+    output: Any = None,
+) -> list[Path]:
+    """Export the model to every format in `include`; returns the written paths in that order."""
+    check_int("--batch-size", batch_size)
+    check_int("--n-calib", n_calib)
+    dev = select_device(device)
+    fmts = _check_options(list(include), half, dev, int8, data)
+    model, base = _build_model(weights, cfg, dev)
+    model = model.eval().fuse()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    size = check_export_imgsz(imgsz, int(max(int(model.stride.max()), 32)))
+    model = model.half() if half else model.float()
+    with torch.no_grad():
+        im = torch.zeros(batch_size, 3, *size, device=dev, dtype=torch.float16 if half else torch.float32)
+        for _ in range(2):
+            y = model(im)[0]  # dry run: builds nothing lazily but catches shape errors before tracing
+    LOGGER.info(f"PyTorch: starting from {weights or cfg} with output shape {tuple(y.shape)}")
+    meta = export_metadata(model, size, batch_size, dynamic, half)
+    opt = dict(imgsz=size, batch_size=batch_size, dynamic=dynamic, opset=opset, simplify=simplify, int8=int8, data=data,
+               n_calib=n_calib, output=output, half=half)  # fmt: skip
+    written: dict[str, Path] = {}
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if "onnx" in fmts or "openvino" in fmts:
+        written.update(_export_onnx_family(model, fmts, base, opt, meta))
+        timings.update(dict.fromkeys(written, time.perf_counter() - t0))
+    if "torchscript" in fmts:
+        t1 = time.perf_counter()
+        written["torchscript"] = export_torchscript_model(model, output_path(base, "torchscript", int8, output), size, batch_size, meta)
+        timings["torchscript"] = time.perf_counter() - t1
+    files = [written[f] for f in fmts]
+    _summary(files, [timings[f] for f in fmts], size)
+    return files
+
+
+def _size_mb(path: Path) -> float:
+    """Size of a file or of all files in a folder, in MB."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def _summary(files: list[Path], seconds: list[float], size: tuple[int, int]) -> None:
+    """Print what was written and how to use it."""
+    lines = ["", "Export complete:"]
+    lines += [f"  {p}  ({_size_mb(p):.1f} MB, {s:.1f}s)" for p, s in zip(files, seconds)]
+    if files:
+        lines += [
+            f"Detect:   python detect.py --weights {files[0]} --imgsz {size[0]} {size[1]}",
+            f"Validate: python val.py --weights {files[0]} --imgsz {max(size)}",
+        ]
+    print("\n".join(lines))
