@@ -11,6 +11,8 @@ from typing import Any, Union
 
 import torch
 
+from models.parse import ModelConfigError
+from models.yolo import DetectionModel
 from utils.checkpoint import load_model
 from utils.cli import check_int
 from utils.device import select_device
@@ -29,11 +31,8 @@ LOGGER = logging.getLogger("mobile_yolo")
 FORMATS = ("onnx", "torchscript", "openvino")
 
 
-def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[torch.nn.Module, Path]:
+def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[DetectionModel, Path]:
     """The model to export (checkpoint or random-weight config) and the default output base path."""
-    from models.parse import ModelConfigError
-    from models.yolo import DetectionModel
-
     if weights:
         return load_model(weights, device=device), Path(weights).with_suffix("")
     if not cfg:
