@@ -37,6 +37,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=str, default=None, help="dataset yaml or image folder for INT8 calibration")
     p.add_argument("--n-calib", type=int, default=300, help="number of INT8 calibration images")
     p.add_argument("--output", type=str, default=None, help="output path (default: next to the weights)")
+    p.add_argument("--nms", action="store_true", help="ONNX/TorchScript/OpenVINO: NMS inside the graph, final (B, topk-all, 6) boxes")
+    p.add_argument("--conf-thres", type=float, default=0.25, help="--nms confidence threshold")
+    p.add_argument("--iou-thres", type=float, default=0.45, help="--nms IoU threshold")
+    p.add_argument("--topk-per-class", type=int, default=100, help="--nms boxes kept per class and image")
+    p.add_argument("--topk-all", type=int, default=100, help="--nms boxes kept per image (the output's second dimension)")
+    p.add_argument("--agnostic-nms", action="store_true", help="--nms across classes")
     return p.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ from models.head import head_class
 LOGGER = logging.getLogger("mobile_yolo")
 
 Prediction = Union[torch.Tensor, Sequence]
+END2END = "end2end"  # the layout of exports with NMS inside (export.py --nms): (B, topk, 6) final rows, zero-padded
 
 
 def _check_args(conf_thres: float, iou_thres: float, max_det: int) -> None:
@@ -64,10 +65,13 @@ def non_max_suppression(
     """Filter by confidence and suppress overlaps per class; one (n, 6 + nm) [x1, y1, x2, y2, conf, cls, extras] per image.
 
     `head` names the output layout (a head kind: "anchor_based", YOLOv5's (B, N, 5+nc), when None); the head's own
-    split_output turns it into boxes, final class scores and `nm` extra values per box (mask coefficients).
+    split_output turns it into boxes, final class scores and `nm` extra values per box (mask coefficients). END2END
+    output was suppressed inside the exported graph: only the confidence, class and max_det filters apply.
     """
     _check_args(conf_thres, iou_thres, max_det)
     prediction = _unwrap(prediction)
+    if head == END2END:
+        return filter_final(prediction, conf_thres, classes, max_det)
     # Work in float32: fp16 cannot represent the class offsets (cls * max_wh) exactly.
     boxes, scores, extras = head_class(head or "anchor_based").split_output(prediction.detach().float(), nm)
     bs, nc = boxes.shape[0], scores.shape[-1]
@@ -88,4 +92,17 @@ def non_max_suppression(
         output.append(x[keep].to(prediction.dtype))
     if time.time() - t0 > time_limit:  # warn only: dropping images would silently corrupt validation
         LOGGER.warning(f"WARNING: NMS took {time.time() - t0:.3f}s for {bs} images (soft limit {time_limit:.3f}s)")
+    return output
+
+
+def filter_final(prediction: torch.Tensor, conf_thres: float, classes: Sequence[int] | None, max_det: int) -> list[torch.Tensor]:
+    """(B, K, 6) already-suppressed rows (zero rows are padding) -> per image the rows above conf_thres, of `classes`."""
+    if prediction.shape[-1] != 6:
+        raise ValueError(f"non_max_suppression: an end-to-end output has 6 values per row, got shape {tuple(prediction.shape)}")
+    output = []
+    for x in prediction.detach():
+        keep = x[:, 4] > conf_thres
+        if classes is not None:
+            keep &= (x[:, 5:6] == torch.tensor(list(classes), device=x.device, dtype=x.dtype)).any(1)
+        output.append(x[keep][:max_det])
     return output

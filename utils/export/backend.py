@@ -16,6 +16,7 @@ from torch import nn
 from models.head import head_class
 from models.yolo import DetectionModel
 from utils.device import select_device
+from utils.nms import END2END
 
 LOGGER = logging.getLogger("mobile_yolo")
 SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml"
@@ -79,6 +80,8 @@ class DetectBackend(nn.Module):
         self.stride = int(meta.get("stride") or 32)
         self.names = _names_from(meta.get("names")) or _names_from_data(data) or []
         self.head_kind = _head_kind(meta.get("head"), self.weights)
+        if meta.get("nms"):  # NMS inside the graph (export.py --nms): the output is final detections
+            self.head_kind = END2END
         self.metadata = meta
 
     @staticmethod
@@ -119,6 +122,8 @@ class DetectBackend(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"{self.weights}: not a readable TorchScript file ({str(e).splitlines()[0][:160]})") from None
         meta = json.loads(extra["config.txt"]) if extra["config.txt"] else {}
+        if meta.get("nms") and meta.get("imgsz") and meta.get("batch"):  # traced NMS loops over the traced batch: keep it
+            self._set_shape([int(meta["batch"]), 3, *map(int, meta["imgsz"])])
         self.model = (model.half() if self.fp16 else model.float()).eval()
         if meta.get("half"):
             self.model, self.fp16 = self.model.half(), True
@@ -151,9 +156,13 @@ class DetectBackend(nn.Module):
         core = ov.Core()
         model = core.read_model(str(xml))
         self._set_shape([d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()])
-        self.compiled = core.compile_model(model, "CPU")
         meta_file = xml.parent / OPENVINO_METADATA
-        return yaml.safe_load(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        meta = yaml.safe_load(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        meta = meta if isinstance(meta, dict) else {}
+        # An fp32 export runs in f32: on CPUs with bf16 units OpenVINO's default would silently compute it in bf16
+        config = {} if meta.get("half") else {"INFERENCE_PRECISION_HINT": "f32"}
+        self.compiled = core.compile_model(model, "CPU", config)
+        return meta
 
     def _set_shape(self, shape: Any) -> None:
         """Record a fully static (B,3,H,W) input shape; symbolic dims make the model dynamic."""
@@ -168,8 +177,6 @@ class DetectBackend(nn.Module):
         if augment and not self._warned_augment:
             LOGGER.warning(f"WARNING: test-time augmentation needs a .pt model; running {self.format} without it")
             self._warned_augment = True
-        if self.jit:
-            return self.model(im.half() if self.fp16 else im.float())
         if self.input_shape is not None and im.shape[0] != self.input_shape[0]:
             if self.input_shape[0] != 1:
                 raise ValueError(f"{self.weights}: exported for batch {self.input_shape[0]}, got batch {im.shape[0]}")
@@ -178,6 +185,8 @@ class DetectBackend(nn.Module):
             h, w = self.input_shape[2:]
             got = f"{im.shape[2]}x{im.shape[3]}"
             raise ValueError(f"{self.weights}: exported for {h}x{w} images, got {got}; re-export or use --imgsz {h} {w}")
+        if self.jit:
+            return self.model(im.half() if self.fp16 else im.float())
         x = im.detach().cpu().numpy().astype(self._in_dtype, copy=False)
         y = self.session.run(None, {self._input_name: x})[0] if self.onnx else next(iter(self.compiled(x).values()))
         return torch.from_numpy(np.asarray(y)).to(self.device)

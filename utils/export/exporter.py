@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Union
 
@@ -16,6 +17,7 @@ from models.yolo import DetectionModel
 from utils.checkpoint import load_model
 from utils.cli import check_int
 from utils.device import select_device
+from utils.export.end2end import NMSSettings
 from utils.export.formats import (
     ExportError,
     atomic_path,
@@ -80,7 +82,7 @@ def _export_onnx_family(model: Any, fmts: list[str], base: Path, opt: dict[str, 
     work = Path(tempfile.mkdtemp(prefix="export_"))
     try:
         onnx_file = export_onnx_model(model, work / "model.onnx", opt["imgsz"], opt["batch_size"], opt["dynamic"], opt["opset"],
-                                      opt["simplify"], meta)  # fmt: skip
+                                      opt["simplify"], meta, nms=opt["nms"])  # fmt: skip
         if opt["int8"]:
             LOGGER.info(f"INT8 calibration on {len(images)} images")
             onnx_file = quantize_onnx(onnx_file, work / "model_int8.onnx", images, opt["imgsz"], n_calib=opt["n_calib"])
@@ -125,10 +127,25 @@ def export_model(
     data: Any = None,
     n_calib: int = 300,
     output: Any = None,
+    nms: bool = False,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    topk_per_class: int = 100,
+    topk_all: int = 100,
+    agnostic_nms: bool = False,
 ) -> list[Path]:
-    """Export the model to every format in `include`; returns the written paths in that order."""
+    """Export the model to every format in `include`; returns the written paths in that order.
+
+    With `nms` the exported graph ends in NMS (conf_thres, iou_thres, topk_per_class, topk_all, agnostic_nms) and
+    returns (B, topk_all, 6) final detections.
+    """
     check_int("--batch-size", batch_size)
     check_int("--n-calib", n_calib)
+    settings = NMSSettings(conf_thres, iou_thres, topk_per_class, topk_all, agnostic_nms) if nms else None
+    if settings is not None:
+        settings.check()
+        if int8:
+            raise ExportError("--nms cannot be combined with --int8 yet: quantise the plain model and run NMS outside it")
     dev = select_device(device)
     fmts = _check_options(list(include), half, dev, int8, data)
     model, base = _build_model(weights, cfg, dev)
@@ -143,8 +160,10 @@ def export_model(
             y = model(im)[0]  # dry run: builds nothing lazily but catches shape errors before tracing
     LOGGER.info(f"PyTorch: starting from {weights or cfg} with output shape {tuple(y.shape)}")
     meta = export_metadata(model, size, batch_size, dynamic, half)
+    if settings is not None:
+        meta["nms"] = asdict(settings)
     opt = dict(imgsz=size, batch_size=batch_size, dynamic=dynamic, opset=opset, simplify=simplify, int8=int8, data=data,
-               n_calib=n_calib, output=output, half=half)  # fmt: skip
+               n_calib=n_calib, output=output, half=half, nms=settings)  # fmt: skip
     written: dict[str, Path] = {}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -153,7 +172,8 @@ def export_model(
         timings.update(dict.fromkeys(written, time.perf_counter() - t0))
     if "torchscript" in fmts:
         t1 = time.perf_counter()
-        written["torchscript"] = export_torchscript_model(model, output_path(base, "torchscript", int8, output), size, batch_size, meta)
+        written["torchscript"] = export_torchscript_model(model, output_path(base, "torchscript", int8, output), size, batch_size, meta,
+                                                          nms=settings)
         timings["torchscript"] = time.perf_counter() - t1
     files = [written[f] for f in fmts]
     _summary(files, [timings[f] for f in fmts], size)

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from utils.cli import check_img_size
+from utils.export.end2end import End2End, NMSSettings
 from utils.files import remove_stale_temps
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -42,6 +43,11 @@ class ExportModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)[0]
+
+
+def export_wrapper(model: nn.Module, nms: NMSSettings | None = None) -> nn.Module:
+    """What gets traced: the head's decoded output, or with `nms` the final (B, topk_all, 6) detections."""
+    return End2End(model, nms) if nms is not None else ExportModel(model)
 
 
 def check_export_imgsz(imgsz: Union[int, list[int], tuple[int, ...]], stride: int) -> tuple[int, int]:
@@ -129,14 +135,19 @@ def export_onnx_model(
     opset: int = 17,
     simplify: bool = False,
     metadata: dict[str, Any] | None = None,
+    nms: NMSSettings | None = None,
 ) -> Path:
-    """Trace an eval (fused) DetectionModel to ONNX (input 'images', output 'output0'), add metadata, check it."""
+    """Trace an eval (fused) DetectionModel to ONNX (input 'images', output 'output0'), add metadata, check it.
+
+    With `nms` the graph ends in NonMaxSuppression and top-k: output0 is (B, topk_all, 6) final detections.
+    """
     import onnx
 
-    wrapper = ExportModel(model)
+    wrapper = export_wrapper(model, nms)
     im = _dummy_input(model, imgsz, batch_size)
     anchor_axis = int(getattr(getattr(model, "head", None), "anchor_axis", 1))
-    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", anchor_axis: "anchors"}} if dynamic else None
+    out_axes = {0: "batch"} if nms else {0: "batch", anchor_axis: "anchors"}
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: out_axes} if dynamic else None
     meta = metadata or export_metadata(model, imgsz, batch_size, dynamic, im.dtype == torch.float16)
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -184,10 +195,11 @@ def simplify_onnx(proto: Any) -> Any:
 
 
 def export_torchscript_model(
-    model: nn.Module, out: Union[str, Path], imgsz: tuple[int, int], batch_size: int = 1, metadata: dict[str, Any] | None = None
+    model: nn.Module, out: Union[str, Path], imgsz: tuple[int, int], batch_size: int = 1, metadata: dict[str, Any] | None = None,
+    nms: NMSSettings | None = None,
 ) -> Path:
-    """Trace to TorchScript with the metadata JSON in the archive's extra file config.txt."""
-    wrapper = ExportModel(model)
+    """Trace to TorchScript with the metadata JSON in the archive's extra file config.txt (NMS inside with `nms`)."""
+    wrapper = export_wrapper(model, nms)
     im = _dummy_input(model, imgsz, batch_size)
     meta = metadata or export_metadata(model, imgsz, batch_size, False, im.dtype == torch.float16)
     out = Path(out)
