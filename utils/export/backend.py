@@ -6,7 +6,7 @@ import ast
 import json
 import logging
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from utils.device import select_device
 from utils.nms import END2END
 
 LOGGER = logging.getLogger("mobile_yolo")
-SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml"
+SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml, NCNN *_ncnn_model/ or .param"
 
 
 def _names_from(value: Any) -> list[str] | None:
@@ -76,6 +76,7 @@ class DetectBackend(nn.Module):
         self.dynamic = True
         self._in_dtype = np.float16 if self.fp16 else np.float32
         self._warned_augment = False
+        self._run: Callable[[np.ndarray], np.ndarray]  # numpy runtimes (ONNX Runtime, OpenVINO, NCNN): batch in, output out
         meta = self._load_module(module) if module is not None else getattr(self, f"_load_{self.format}")()
         self.stride = int(meta.get("stride") or 32)
         self.names = _names_from(meta.get("names")) or _names_from_data(data) or []
@@ -95,6 +96,8 @@ class DetectBackend(nn.Module):
             return "onnx"
         if w.suffix == ".xml" or w.name.endswith("_openvino_model"):
             return "openvino"
+        if w.suffix == ".param" or w.name.endswith("_ncnn_model"):
+            return "ncnn"
         raise ValueError(f"{w}: unsupported weights format '{w.suffix or w.name}'; supported: {SUPPORTED}")
 
     def _require_file(self) -> None:
@@ -143,6 +146,7 @@ class DetectBackend(nn.Module):
         inp = self.session.get_inputs()[0]
         self._input_name, self._in_dtype = inp.name, np.float16 if "float16" in inp.type else np.float32
         self._set_shape(inp.shape)
+        self._run = lambda x: self.session.run(None, {self._input_name: x})[0]
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def _load_openvino(self) -> dict:
@@ -162,7 +166,16 @@ class DetectBackend(nn.Module):
         # An fp32 export runs in f32: on CPUs with bf16 units OpenVINO's default would silently compute it in bf16
         config = {} if meta.get("half") else {"INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = core.compile_model(model, "CPU", config)
+        self._run = lambda x: next(iter(self.compiled(x).values()))
         return meta
+
+    def _load_ncnn(self) -> dict:
+        from utils.export.ncnn import NcnnRunner
+
+        runner = NcnnRunner(self.weights)
+        self._set_shape(runner.input_shape or ())
+        self._run = runner
+        return runner.metadata
 
     def _set_shape(self, shape: Any) -> None:
         """Record a fully static (B,3,H,W) input shape; symbolic dims make the model dynamic."""
@@ -188,8 +201,7 @@ class DetectBackend(nn.Module):
         if self.jit:
             return self.model(im.half() if self.fp16 else im.float())
         x = im.detach().cpu().numpy().astype(self._in_dtype, copy=False)
-        y = self.session.run(None, {self._input_name: x})[0] if self.onnx else next(iter(self.compiled(x).values()))
-        return torch.from_numpy(np.asarray(y)).to(self.device)
+        return torch.from_numpy(np.asarray(self._run(x))).to(self.device)
 
     @property
     def fixed_imgsz(self) -> tuple[int, int] | None:

@@ -30,7 +30,8 @@ from utils.export.formats import (
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("mobile_yolo")
-FORMATS = ("onnx", "torchscript", "openvino")
+FORMATS = ("onnx", "torchscript", "openvino", "ncnn")
+NMS_FORMATS = ("onnx", "torchscript", "openvino")  # formats whose graph can hold NMS (export.py --nms)
 
 
 def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[DetectionModel, Path]:
@@ -48,11 +49,12 @@ def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[Detectio
 
 def output_path(base: Path, fmt: str, int8: bool, override: Union[str, Path, None] = None) -> Path:
     """Where format `fmt` goes: best.pt -> best.onnx / best.torchscript / best_openvino_model (with _int8 when quantised)."""
-    suffix = {"onnx": ".onnx", "torchscript": ".torchscript", "openvino": "_openvino_model"}[fmt]
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript", "openvino": "_openvino_model", "ncnn": "_ncnn_model"}[fmt]
     tag = "_int8" if int8 and fmt in ("onnx", "openvino") else ""
     if override is not None:
         out = Path(override)
-        if (fmt == "openvino" and out.name.endswith(suffix)) or (fmt != "openvino" and out.suffix == suffix):
+        folder = fmt in ("openvino", "ncnn")
+        if (folder and out.name.endswith(suffix)) or (not folder and out.suffix == suffix):
             return out
         base, tag = out.parent / (out.stem if out.suffix in (".onnx", ".torchscript", ".pt") else out.name), ""
     return base.parent / f"{base.name}{tag}{suffix}"
@@ -148,6 +150,10 @@ def export_model(
             raise ExportError("--nms cannot be combined with --int8 yet: quantise the plain model and run NMS outside it")
     dev = select_device(device)
     fmts = _check_options(list(include), half, dev, int8, data)
+    plain_only = [f for f in fmts if f not in NMS_FORMATS and (settings is not None or int8)]
+    if plain_only:
+        raise ExportError(f"--{'nms' if settings is not None else 'int8'} is not available for {', '.join(plain_only)} "
+                          f"(only {', '.join(NMS_FORMATS if settings is not None else ('onnx', 'openvino'))})")
     model, base = _build_model(weights, cfg, dev)
     model = model.eval().fuse()
     for p in model.parameters():
@@ -170,6 +176,12 @@ def export_model(
     if "onnx" in fmts or "openvino" in fmts:
         written.update(_export_onnx_family(model, fmts, base, opt, meta))
         timings.update(dict.fromkeys(written, time.perf_counter() - t0))
+    if "ncnn" in fmts:
+        from utils.export.ncnn import export_ncnn
+
+        t1 = time.perf_counter()
+        written["ncnn"] = export_ncnn(model, output_path(base, "ncnn", int8, output), size, batch_size, meta)
+        timings["ncnn"] = time.perf_counter() - t1
     if "torchscript" in fmts:
         t1 = time.perf_counter()
         written["torchscript"] = export_torchscript_model(model, output_path(base, "torchscript", int8, output), size, batch_size, meta,

@@ -86,7 +86,7 @@ def is_export_folder(path: Path) -> bool:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return False
     ours = isinstance(meta, dict) and meta.get("description") == EXPORT_DESCRIPTION
-    return ours and all(p.is_file() and not p.is_symlink() and p.suffix in (".xml", ".bin", ".yaml") for p in entries)
+    return ours and all(p.is_file() and not p.is_symlink() and p.suffix in (".xml", ".bin", ".yaml", ".param") for p in entries)
 
 
 @contextlib.contextmanager
