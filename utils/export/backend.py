@@ -19,7 +19,8 @@ from utils.device import select_device
 from utils.nms import END2END
 
 LOGGER = logging.getLogger("mobile_yolo")
-SUPPORTED = "PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml, NCNN *_ncnn_model/ or .param"
+SUPPORTED = ("PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml, NCNN *_ncnn_model/ or .param, "
+             "TFLite .tflite")
 
 
 def _names_from(value: Any) -> list[str] | None:
@@ -98,6 +99,10 @@ class DetectBackend(nn.Module):
             return "openvino"
         if w.suffix == ".param" or w.name.endswith("_ncnn_model"):
             return "ncnn"
+        if w.suffix == ".tflite":
+            return "tflite"
+        if w.suffix == ".mlpackage":
+            raise ValueError(f"{w}: Core ML models run only on Apple systems (the Core ML runtime); run the .onnx or .tflite here")
         raise ValueError(f"{w}: unsupported weights format '{w.suffix or w.name}'; supported: {SUPPORTED}")
 
     def _require_file(self) -> None:
@@ -168,6 +173,15 @@ class DetectBackend(nn.Module):
         self.compiled = core.compile_model(model, "CPU", config)
         self._run = lambda x: next(iter(self.compiled(x).values()))
         return meta
+
+    def _load_tflite(self) -> dict:
+        from utils.export.tflite import TfliteRunner
+
+        self._require_file()
+        runner = TfliteRunner(self.weights)
+        self._set_shape(runner.input_shape)
+        self._run = runner
+        return runner.metadata
 
     def _load_ncnn(self) -> dict:
         from utils.export.ncnn import NcnnRunner

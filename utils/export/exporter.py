@@ -30,8 +30,10 @@ from utils.export.formats import (
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("mobile_yolo")
-FORMATS = ("onnx", "torchscript", "openvino", "ncnn")
+FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")
 NMS_FORMATS = ("onnx", "torchscript", "openvino")  # formats whose graph can hold NMS (export.py --nms)
+INT8_FORMATS = ("onnx", "openvino", "coreml")  # TFLite INT8 is refused: its quantiser collapses box sizes (README)
+CPU_HALF_FORMATS = ("tflite", "coreml")  # fp16 weights written from the fp32 model, no CUDA needed
 
 
 def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[DetectionModel, Path]:
@@ -49,14 +51,15 @@ def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[Detectio
 
 def output_path(base: Path, fmt: str, int8: bool, override: Union[str, Path, None] = None) -> Path:
     """Where format `fmt` goes: best.pt -> best.onnx / best.torchscript / best_openvino_model (with _int8 when quantised)."""
-    suffix = {"onnx": ".onnx", "torchscript": ".torchscript", "openvino": "_openvino_model", "ncnn": "_ncnn_model"}[fmt]
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript", "openvino": "_openvino_model", "ncnn": "_ncnn_model",
+              "tflite": ".tflite", "coreml": ".mlpackage"}[fmt]
     tag = "_int8" if int8 and fmt in ("onnx", "openvino") else ""
     if override is not None:
         out = Path(override)
-        folder = fmt in ("openvino", "ncnn")
+        folder = fmt in ("openvino", "ncnn", "coreml")
         if (folder and out.name.endswith(suffix)) or (not folder and out.suffix == suffix):
             return out
-        base, tag = out.parent / (out.stem if out.suffix in (".onnx", ".torchscript", ".pt") else out.name), ""
+        base, tag = out.parent / (out.stem if out.suffix in (".onnx", ".torchscript", ".pt", ".tflite", ".mlpackage") else out.name), ""
     return base.parent / f"{base.name}{tag}{suffix}"
 
 
@@ -66,8 +69,8 @@ def _check_options(include: list[str], half: bool, device: torch.device, int8: b
     unknown = [f for f in fmts if f not in FORMATS]
     if unknown:
         raise ExportError(f"unknown --include format(s) {unknown}; known formats: {', '.join(FORMATS)}")
-    if half and device.type != "cuda":
-        raise ExportError("--half needs a CUDA device (use --device 0)")
+    if half and device.type != "cuda" and not set(fmts) <= set(CPU_HALF_FORMATS):
+        raise ExportError(f"--half needs a CUDA device (use --device 0), except for {' and '.join(CPU_HALF_FORMATS)} alone")
     if int8 and not data:
         raise ExportError("--int8 needs calibration images: pass --data (dataset yaml or image folder)")
     if int8 and half:
@@ -114,6 +117,37 @@ def _copy_metadata(onnx_file: Path, meta: dict[str, Any]) -> None:
     onnx.save(proto, str(onnx_file))
 
 
+def _export_torchscript(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
+    out = output_path(base, "torchscript", opt["int8"], opt["output"])
+    return export_torchscript_model(model, out, opt["imgsz"], opt["batch_size"], meta, nms=opt["nms"])
+
+
+def _export_ncnn(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
+    from utils.export.ncnn import export_ncnn
+
+    return export_ncnn(model, output_path(base, "ncnn", False, opt["output"]), opt["imgsz"], opt["batch_size"], meta)
+
+
+def _export_tflite(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """best_float32.tflite (best_float16.tflite with --half), converted through ONNX and onnx2tf in subprocesses."""
+    from utils.export.tflite import export_tflite
+
+    quant = "fp16" if opt["half"] else "fp32"
+    out = output_path(base, "tflite", False, opt["output"])
+    out = out.with_name(f"{out.stem}_{'float16' if opt['half'] else 'float32'}.tflite") if opt["output"] is None else out
+    return export_tflite(model, out, opt["imgsz"], meta, quant=quant)
+
+
+def _export_coreml(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
+    from utils.export.coreml import export_coreml
+
+    out = output_path(base, "coreml", opt["int8"], opt["output"])
+    return export_coreml(model, out, opt["imgsz"], meta, half=opt["half"], int8=opt["int8"])
+
+
+SINGLE_EXPORTERS = {"torchscript": _export_torchscript, "ncnn": _export_ncnn, "tflite": _export_tflite, "coreml": _export_coreml}
+
+
 def export_model(
     weights: Any = None,
     cfg: Any = None,
@@ -150,18 +184,18 @@ def export_model(
             raise ExportError("--nms cannot be combined with --int8 yet: quantise the plain model and run NMS outside it")
     dev = select_device(device)
     fmts = _check_options(list(include), half, dev, int8, data)
-    plain_only = [f for f in fmts if f not in NMS_FORMATS and (settings is not None or int8)]
-    if plain_only:
-        raise ExportError(f"--{'nms' if settings is not None else 'int8'} is not available for {', '.join(plain_only)} "
-                          f"(only {', '.join(NMS_FORMATS if settings is not None else ('onnx', 'openvino'))})")
+    for flag, on, able in (("--nms", settings is not None, NMS_FORMATS), ("--int8", int8, INT8_FORMATS)):
+        unable = [f for f in fmts if on and f not in able]
+        if unable:
+            raise ExportError(f"{flag} is not available for {', '.join(unable)} (only {', '.join(able)})")
     model, base = _build_model(weights, cfg, dev)
     model = model.eval().fuse()
     for p in model.parameters():
         p.requires_grad_(False)
     size = check_export_imgsz(imgsz, int(max(int(model.stride.max()), 32)))
-    model = model.half() if half else model.float()
+    model = model.half() if half and dev.type == "cuda" else model.float()
     with torch.no_grad():
-        im = torch.zeros(batch_size, 3, *size, device=dev, dtype=torch.float16 if half else torch.float32)
+        im = torch.zeros(batch_size, 3, *size, device=dev, dtype=next(model.parameters()).dtype)
         for _ in range(2):
             y = model(im)[0]  # dry run: builds nothing lazily but catches shape errors before tracing
     LOGGER.info(f"PyTorch: starting from {weights or cfg} with output shape {tuple(y.shape)}")
@@ -176,17 +210,10 @@ def export_model(
     if "onnx" in fmts or "openvino" in fmts:
         written.update(_export_onnx_family(model, fmts, base, opt, meta))
         timings.update(dict.fromkeys(written, time.perf_counter() - t0))
-    if "ncnn" in fmts:
-        from utils.export.ncnn import export_ncnn
-
+    for fmt in (f for f in fmts if f in SINGLE_EXPORTERS):
         t1 = time.perf_counter()
-        written["ncnn"] = export_ncnn(model, output_path(base, "ncnn", int8, output), size, batch_size, meta)
-        timings["ncnn"] = time.perf_counter() - t1
-    if "torchscript" in fmts:
-        t1 = time.perf_counter()
-        written["torchscript"] = export_torchscript_model(model, output_path(base, "torchscript", int8, output), size, batch_size, meta,
-                                                          nms=settings)
-        timings["torchscript"] = time.perf_counter() - t1
+        written[fmt] = SINGLE_EXPORTERS[fmt](model, base, opt, meta)
+        timings[fmt] = time.perf_counter() - t1
     files = [written[f] for f in fmts]
     _summary(files, [timings[f] for f in fmts], size)
     return files

@@ -1,0 +1,112 @@
+"""Core ML export (utils/export/coreml.py): conversion, input/output spec and metadata; predictions only on macOS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_export import make_checkpoint
+from utils.checkpoint import load_model
+from utils.export.formats import ExportError, export_metadata
+
+coreml = pytest.importorskip("utils.export.coreml")
+IMGSZ = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def ct() -> object:
+    try:
+        return coreml.import_coremltools()
+    except ExportError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, ct: object) -> dict:
+    """A yolov5n checkpoint's fused model exported to best.mlpackage (float32)."""
+    root = tmp_path_factory.mktemp("coreml")
+    ckpt = make_checkpoint(root / "best.pt")
+    model = load_model(ckpt).fuse()
+    meta = export_metadata(model, IMGSZ, 1, False, False)
+    path = coreml.export_coreml(model, root / "best.mlpackage", IMGSZ, meta)
+    x = torch.rand(1, 3, *IMGSZ, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)[0].numpy()
+    return {"path": path, "meta": meta, "model": model, "x": x, "ref": ref, "root": root}
+
+
+def test_spec_has_image_input_output_and_metadata(exported: dict, ct: object) -> None:
+    spec = ct.utils.load_spec(str(exported["path"]))  # type: ignore[attr-defined]
+    (inp,) = spec.description.input
+    assert inp.name == "images" and inp.type.WhichOneof("Type") == "imageType"
+    assert (inp.type.imageType.height, inp.type.imageType.width) == IMGSZ
+    assert inp.type.imageType.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB  # type: ignore[attr-defined]
+    (out,) = spec.description.output
+    assert out.name == "output0" and list(out.type.multiArrayType.shape) == list(exported["ref"].shape)
+    meta = coreml.coreml_metadata(exported["path"])
+    assert meta["names"] == ["a", "b", "c"] and meta["imgsz"] == list(IMGSZ) and meta["head"] == "anchor_based"
+    assert meta["stride"] == exported["meta"]["stride"] and meta["half"] is False
+
+
+def test_image_scale_is_one_over_255(exported: dict, ct: object) -> None:
+    """The ImageType preprocessing (a mul by float32(1/255) in the ML Program) turns 0-255 pixels into [0, 1] inputs."""
+    spec = ct.utils.load_spec(str(exported["path"]))  # type: ignore[attr-defined]
+    assert f"values: {np.float32(1 / 255):.9g}" in str(spec.mlProgram)
+
+
+@pytest.mark.parametrize("kw", [{"half": True}, {"int8": True}])
+def test_half_and_int8_weights_convert(exported: dict, kw: dict) -> None:
+    name = "best_half.mlpackage" if kw.get("half") else "best_int8.mlpackage"
+    path = coreml.export_coreml(exported["model"], exported["root"] / name, IMGSZ, exported["meta"], **kw)
+    assert path.is_dir()
+    meta = coreml.coreml_metadata(path)
+    assert meta["half"] is bool(kw.get("half")) and meta["int8"] is bool(kw.get("int8"))
+
+
+def test_nms_pipeline_not_implemented_is_one_line(exported: dict) -> None:
+    with pytest.raises(ExportError, match="nms") as e:
+        coreml.export_coreml(exported["model"], exported["root"] / "nms.mlpackage", IMGSZ, exported["meta"], nms=True)
+    assert "\n" not in str(e.value)
+
+
+def test_predictions_match_pytorch(exported: dict, ct: object) -> None:
+    """Only where the Core ML runtime exists (macOS): float32 predictions close to PyTorch."""
+    ok, why = coreml.coreml_can_predict()
+    if not ok:
+        pytest.skip(why)
+    from PIL import Image
+
+    from tests.test_export import assert_close_predictions, checkpoint_tol  # noqa: F401
+
+    x = (exported["x"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    mlmodel = ct.models.MLModel(str(exported["path"]))  # type: ignore[attr-defined]
+    y = mlmodel.predict({"images": Image.fromarray(x)})["output0"]
+    ref_x = torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        ref = exported["model"](ref_x)[0].numpy()
+    assert np.abs(y - ref).max() < 1e-2 * max(1.0, np.abs(ref).max())
+
+
+def test_missing_coremltools_names_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "coremltools", None)
+    with pytest.raises(ExportError, match="pip install coremltools") as e:
+        coreml.import_coremltools()
+    assert "\n" not in str(e.value)
+
+
+def test_export_py_writes_mlpackage_and_backend_refuses_in_one_line(tmp_path: Path) -> None:
+    """export.py --include coreml writes best.mlpackage; detect/val on Linux get one line naming the Apple-only runtime."""
+    from utils.export.backend import DetectBackend
+    from utils.export.exporter import export_model
+
+    ckpt = make_checkpoint(tmp_path / "best.pt")
+    (path,) = export_model(weights=ckpt, include=["coreml"], imgsz=64)
+    assert path == tmp_path / "best.mlpackage" and coreml.coreml_metadata(path)["names"] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="Core ML models run only on Apple systems") as e:
+        DetectBackend(path)
+    assert "\n" not in str(e.value)

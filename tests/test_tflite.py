@@ -1,0 +1,160 @@
+"""TFLite export (utils/export/tflite.py): float32 / float16 / INT8 files match PyTorch within precision-derived bounds."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import random_images
+from tests.test_export import assert_close_predictions, checkpoint_tol, make_checkpoint
+from utils.checkpoint import load_model
+from utils.export.formats import ExportError, export_metadata
+from utils.export.tflite import TfliteRunner, export_tflite, read_tflite_metadata, tflite_filename
+
+# find_spec, not import: TensorFlow in the pytest process would crash a later triton import (LLVM options clash)
+CONVERTER = all(importlib.util.find_spec(m) for m in ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "onnxslim"))
+RUNTIME = importlib.util.find_spec("ai_edge_litert") is not None
+needs_converter = pytest.mark.skipif(not (CONVERTER and RUNTIME), reason="needs the optional TFLite packages (requirements-export.txt)")
+IMGSZ = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def tflite_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """yolov5n checkpoint, its fused model, and its float32 / float16 / int8 exports (built once: ~20 s each)."""
+    root = tmp_path_factory.mktemp("tflite")
+    ckpt = make_checkpoint(root / "best.pt")
+    model = load_model(ckpt).fuse()
+    meta = export_metadata(model, IMGSZ, 1, False, False)
+    calib = [random_images((3, *IMGSZ), seed=100 + i, normalise=False).numpy() for i in range(8)]
+    files = {q: export_tflite(model, root / tflite_filename("best", q), IMGSZ, meta, q, calib) for q in ("fp32", "fp16", "int8")}
+    x = random_images((2, 3, *IMGSZ), seed=1, normalise=False)
+    with torch.no_grad():
+        ref = model(x)[0].numpy()
+    return {"ckpt": ckpt, "model": model, "files": files, "x": x.numpy(), "ref": ref, "meta": meta}
+
+
+def _conv_layers(model: nn.Module) -> int:
+    """Number of conv/linear layers of the fused model (L in the tolerance derivations)."""
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
+@needs_converter
+def test_float32_matches_pytorch_and_keeps_metadata(tflite_setup: dict) -> None:
+    """Same float32 graph with other kernels: only rounding differs, so checkpoint_tol (eps32-derived, conftest) applies."""
+    s = tflite_setup
+    runner = TfliteRunner(s["files"]["fp32"])
+    assert runner.input_shape == (1, 3, *IMGSZ)
+    assert runner.input["dtype"] == np.float32
+    y = runner(s["x"])  # batch 2 through a batch-1 model: run image by image
+    assert y.shape == s["ref"].shape
+    assert_close_predictions(y, s["ref"], checkpoint_tol(s["ckpt"]))
+    meta = read_tflite_metadata(s["files"]["fp32"])
+    assert meta == runner.metadata
+    assert meta["names"] == ["a", "b", "c"] and meta["imgsz"] == list(IMGSZ) and meta["stride"] == s["meta"]["stride"]
+    assert meta["quant"] == "fp32" and meta["head"] == "anchor_based" and meta["output_shape"] == [1, *s["ref"].shape[1:]]
+
+
+@needs_converter
+def test_float16_within_weight_rounding_bound(tflite_setup: dict) -> None:
+    """float16 weights, float32 compute on CPU.
+
+    Derivation: rounding a weight to float16 changes it by at most eps16/2 relative, so each layer's output moves by at
+    most ~eps16/2 of its scale (typically eps16/sqrt(12*n) as the errors of a length-n dot product partly cancel); with
+    BN-calibrated gains ~1 the L layers' errors add at most linearly: eps16/2 * L, doubled for margin = eps16 * L
+    (yolov5n: L ~ 60 -> ~0.06; measured 0.008 of the box scale, 0.005 on scores). A wrong layout or a dropped layer is
+    whole pixels / 0.1 scores.
+    """
+    s = tflite_setup
+    runner = TfliteRunner(s["files"]["fp16"])
+    tol = torch.finfo(torch.float16).eps * _conv_layers(s["model"])
+    assert runner.metadata["quant"] == "fp16"
+    assert_close_predictions(runner(s["x"]), s["ref"], tol)
+    assert s["files"]["fp16"].stat().st_size < 0.6 * s["files"]["fp32"].stat().st_size  # weights stored as float16
+
+
+def _int8_scores(runner: TfliteRunner, s: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    """INT8 and PyTorch score columns and the output quantisation step."""
+    y = runner(s["x"])
+    assert y.shape == s["ref"].shape and y.dtype == np.float32
+    step = float(runner.output["quantization"][0])
+    return y[..., 4:], s["ref"][..., 4:], step
+
+
+@needs_converter
+def test_int8_runner_quantises_io_and_scores_agree(tflite_setup: dict) -> None:
+    """Full-integer model: int8 input/output handled by the runner; scores within stated multiples of the output step.
+
+    Bound: the output shares one int8 scale `step` (boxes are normalised to [0, 1] before the concat so that it is ~1/255
+    of a few image sizes); each score carries step/2 output rounding plus int8 activation error propagated through the
+    network. Stated (measured: mean 0.56 step, max 4.8 step on noise images): mean error < step, max error < 8 step.
+    """
+    s = tflite_setup
+    runner = TfliteRunner(s["files"]["int8"])
+    assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
+    scale, zero = runner.input["quantization"]
+    assert abs(scale - 1 / 255) < 1e-3 / 255 and zero == -128  # calibration images span [0, 1]
+    y, ref, step = _int8_scores(runner, s)
+    err = np.abs(y - ref)
+    assert err.mean() < step, f"mean score error {err.mean():.3f} (step {step:.3f})"
+    assert err.max() < 8 * step, f"max score error {err.max():.3f} (step {step:.3f})"
+
+
+@needs_converter
+@pytest.mark.xfail(strict=True, reason="known defect: INT8 wh of the stride-16/32 levels collapse to 0 (scale shared via slices)")
+def test_int8_boxes_agree(tflite_setup: dict) -> None:
+    """INT8 box sizes should agree within a few output steps of the normalised box scale (not yet: see xfail reason)."""
+    s = tflite_setup
+    runner = TfliteRunner(s["files"]["int8"])
+    y, ref = runner(s["x"]), s["ref"]
+    step_px = float(runner.output["quantization"][0]) * max(IMGSZ)
+    assert np.abs(y[..., :4] - ref[..., :4]).max() < 8 * step_px
+
+
+def test_int8_without_calibration_is_one_line_error(tmp_path: Path) -> None:
+    """INT8 needs representative images; the error says so before any conversion starts."""
+    meta = {"head": "anchor_based"}
+    with pytest.raises(ExportError, match="calibration") as e:
+        export_tflite(nn.Identity(), tmp_path / "best_int8.tflite", IMGSZ, meta, "int8", None)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_quant_and_calibration_shape_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="quant"):
+        export_tflite(nn.Identity(), tmp_path / "x.tflite", IMGSZ, {}, "int4")
+    with pytest.raises(ExportError, match="calibration images must be"):
+        export_tflite(nn.Identity(), tmp_path / "x.tflite", IMGSZ, {}, "int8", [np.zeros((3, 32, 32), np.float32)])
+
+
+def test_missing_converter_names_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx2tf" else real(name, *a))
+    with pytest.raises(ExportError, match="pip install .*onnx2tf") as e:
+        export_tflite(nn.Identity(), tmp_path / "x.tflite", IMGSZ, {}, "fp32")
+    assert "\n" not in str(e.value) and "onnx2tf" in str(e.value).split(":")[0]
+    assert not (tmp_path / "x.tflite").exists()
+
+
+def test_file_names() -> None:
+    names = [tflite_filename("best", q) for q in ("fp32", "fp16", "int8")]
+    assert names == ["best_float32.tflite", "best_float16.tflite", "best_int8.tflite"]
+
+
+@needs_converter
+def test_export_py_and_backend_run_tflite(tflite_setup: dict, tmp_path: Path) -> None:
+    """export.py --include tflite writes best_float32.tflite next to the weights and DetectBackend runs it like the .pt."""
+    from utils.export.backend import DetectBackend
+    from utils.export.exporter import export_model
+
+    ckpt = Path(tflite_setup["ckpt"])
+    (path,) = export_model(weights=ckpt, include=["tflite"], imgsz=list(IMGSZ), output=tmp_path / "m.tflite")
+    backend = DetectBackend(path)
+    assert backend.format == "tflite" and backend.fixed_imgsz == IMGSZ and backend.names == DetectBackend(ckpt).names
+    out = backend(torch.from_numpy(tflite_setup["x"])).numpy()
+    assert_close_predictions(out, tflite_setup["ref"], checkpoint_tol(ckpt))
+    with pytest.raises(ExportError, match="--int8 is not available for tflite"):
+        export_model(weights=ckpt, include=["tflite"], imgsz=64, int8=True, data=tmp_path)

@@ -1,0 +1,115 @@
+"""Core ML export (.mlpackage, ML Program) of a fused DetectionModel via coremltools from a torch.export ExportedProgram.
+
+torch.export, not torch.jit.trace: coremltools 9.0 fails on the traced aten::Int of the anchor-free head and of
+MobileNetV4 attention blocks under NumPy 2 ("only 0-dimensional arrays can be converted to Python scalars").
+
+The input is an RGB ImageType scaled by 1/255 (so Core ML feeds the [0, 1] tensor our models take); the output
+'output0' is the head's decoded export layout; the metadata dict is stored in the model's user-defined metadata
+(strings; lists/dicts as JSON). Conversion works on Linux; predictions need the Core ML runtime (macOS only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from utils.export.formats import INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path
+
+INSTALL_HINT = "pip install coremltools==9.0"
+
+
+@contextlib.contextmanager
+def _tensorflow_hidden() -> Iterator[None]:
+    """Keep coremltools from importing TensorFlow (unused here; TF then a triton import abort the process on LLVM options)."""
+    hide = "tensorflow" not in sys.modules
+    if hide:
+        sys.modules["tensorflow"] = None  # type: ignore[assignment]  # import tensorflow -> ImportError
+    try:
+        yield
+    finally:
+        if hide and sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+
+
+def import_coremltools() -> Any:
+    """The coremltools package, or a one-line ExportError naming the pip command."""
+    with _tensorflow_hidden():
+        try:
+            import coremltools
+        except ImportError:
+            raise ExportError(f"Core ML export needs coremltools: {INSTALL_HINT}") from None
+    return coremltools
+
+
+def _metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
+    """Core ML user-defined metadata is str -> str: strings as they are, everything else as JSON."""
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def export_coreml(
+    model: nn.Module,
+    out: Union[str, Path],
+    imgsz: tuple[int, int],
+    metadata: dict[str, Any],
+    half: bool = False,
+    int8: bool = False,
+    nms: bool = False,
+) -> Path:
+    """Write `out` (e.g. best.mlpackage): ML Program, RGB image input 'images' scaled 1/255, output 'output0', metadata."""
+    if nms:
+        raise ExportError("Core ML export with nms=True (model + NonMaximumSuppression pipeline) is not implemented yet")
+    ct = import_coremltools()
+    im = torch.zeros(1, 3, *imgsz, dtype=torch.float32)
+    wrapper = ExportModel(copy.deepcopy(model).float().cpu())  # coremltools converts a float32 CPU trace
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings, coremltools' untested-torch-version warning
+        program = torch.export.export(wrapper, (im,)).run_decompositions({})
+        image = ct.ImageType(name=INPUT_NAME, shape=tuple(im.shape), scale=1 / 255, bias=[0.0, 0.0, 0.0], color_layout=ct.colorlayout.RGB)
+        precision = ct.precision.FLOAT16 if half else ct.precision.FLOAT32
+        mlmodel = ct.convert(
+            program, inputs=[image], outputs=[ct.TensorType(name=OUTPUT_NAME)], convert_to="mlprogram",
+            compute_precision=precision, minimum_deployment_target=ct.target.iOS15,
+        )  # fmt: skip
+        if int8:
+            mlmodel = _int8_weights(ct, mlmodel)
+    mlmodel.short_description = str(metadata.get("description", "mobile_yolo detector"))
+    mlmodel.user_defined_metadata.update(_metadata_strings({**metadata, "half": half, "int8": int8}))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        mlmodel.save(str(tmp))
+    return out
+
+
+def _int8_weights(ct: Any, mlmodel: Any) -> Any:
+    """Weights linearly quantised to int8 (symmetric, per channel); activations keep the model's float precision."""
+    config = ct.optimize.coreml.OptimizationConfig(global_config=ct.optimize.coreml.OpLinearQuantizerConfig(mode="linear_symmetric"))
+    return ct.optimize.coreml.linear_quantize_weights(mlmodel, config=config)
+
+
+def coreml_metadata(path: Union[str, Path]) -> dict[str, Any]:
+    """The user-defined metadata of a saved .mlpackage, JSON values decoded (readable on any OS)."""
+    ct = import_coremltools()
+    spec = ct.utils.load_spec(str(path))
+    meta: dict[str, Any] = {}
+    for k, v in spec.description.metadata.userDefined.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:
+            meta[k] = v
+    return meta
+
+
+def coreml_can_predict() -> tuple[bool, str]:
+    """Whether this machine can run Core ML predictions, and why not (the runtime exists on macOS only)."""
+    if sys.platform != "darwin":
+        return False, f"Core ML predictions need macOS (the Core ML runtime); this is {sys.platform}"
+    return True, ""

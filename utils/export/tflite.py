@@ -1,0 +1,331 @@
+"""TFLite export (float32, float16, full-integer INT8) via ONNX -> onnx2tf (TF SavedModel) -> TFLiteConverter, and a runner.
+
+Path: the fused model is written to ONNX by formats.export_onnx_model, constant-folded with onnxslim (onnx2tf cannot
+convert the head's grid subgraph otherwise), given a final Mul that divides box coordinates by the input width/height
+(so boxes and scores share one [0, 1] range and survive a single INT8 output scale, as in YOLOv5's TF export), then
+converted to an NHWC SavedModel by onnx2tf in a subprocess and to a .tflite flatbuffer by tf.lite.TFLiteConverter.
+The metadata JSON is stored inside the flatbuffer as the Model.metadata entry "mobile_yolo"; TfliteRunner reads it with
+the flatbuffers package only, takes NCHW float [0, 1] batches and returns the PyTorch layout in pixels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from torch import nn
+
+from utils.export.formats import ExportError, atomic_path, export_onnx_model
+
+QUANT_SUFFIX = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+METADATA_KEY = "mobile_yolo"  # name of our Model.metadata entry in the flatbuffer
+INSTALL_HINT = "pip install tensorflow==2.21.0 tf-keras==2.21.0 onnx2tf==1.28.8 onnx-graphsurgeon sng4onnx sne4onnx psutil onnxslim"
+RUNTIME_HINT = "pip install ai-edge-litert"
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf reads this from its cwd, else downloads it
+
+
+def tflite_filename(stem: str, quant: str) -> str:
+    """YOLOv5/YOLOv8-style file name, e.g. best_float32.tflite, best_float16.tflite, best_int8.tflite."""
+    if quant not in QUANT_SUFFIX:
+        raise ExportError(f"TFLite quant must be one of {sorted(QUANT_SUFFIX)}, got {quant!r}")
+    return f"{stem}_{QUANT_SUFFIX[quant]}.tflite"
+
+
+def check_tflite_export_packages() -> None:
+    """Raise a one-line ExportError naming the pip command when a converter package is missing."""
+    missing = [m for m in ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "onnxslim") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"TFLite export needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
+def _channel_axis(metadata: dict[str, Any]) -> int:
+    """Axis of the head output that runs over box/score channels: 1 for anchor-free (B, 4+nc, N), else 2 (B, N, 5+nc)."""
+    return 1 if metadata.get("head") == "anchor_free" else 2
+
+
+def _normalize_boxes_onnx(src: Path, dst: Path, imgsz: tuple[int, int], channel_axis: int) -> list[int]:
+    """Constant-fold `src` and scale its box channels by [1/w, 1/h, 1/w, 1/h] (boxes in [0, 1]); returns the output shape.
+
+    The scale is applied before the head's last channel Concat (see _scale_concat_inputs), not after it: in an INT8 model
+    a Concat of pixel boxes and [0, 1] scores shares one quantisation scale, which would round every score to zero.
+    """
+    import onnx
+    import onnxslim
+
+    proto = onnx.shape_inference.infer_shapes(onnxslim.slim(onnx.load(str(src))))
+    out = proto.graph.output[0]
+    shape = [d.dim_value for d in out.type.tensor_type.shape.dim]
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ExportError(f"TFLite export needs a static 3-D head output, got {shape} (export without --dynamic)")
+    h, w = imgsz
+    scale = np.ones(shape[channel_axis], dtype=np.float32)
+    scale[:4] = [1.0 / w, 1.0 / h, 1.0 / w, 1.0 / h]
+    _scale_channels(proto, out.name, scale, channel_axis - 3)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(dst))
+    return shape
+
+
+def _tensor_shapes(proto: Any) -> dict[str, list[int]]:
+    """Static shapes of the graph's tensors (inputs, outputs, shape-inferred intermediates)."""
+    infos = [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in infos}
+
+
+def _scale_channels(proto: Any, name: str, scale: np.ndarray, axis: int) -> None:
+    """Multiply tensor `name` by `scale` along `axis` (negative), pushed back through Reshape and Concat nodes.
+
+    Walks from the output towards the head: a Reshape that keeps the channel axis (same size, counted from the end) and a
+    Concat over another axis pass the scale to their inputs; a Concat over the channel axis splits it among its inputs.
+    Anywhere else a Mul by the scale is inserted after the producing node.
+    """
+    from onnx import helper
+
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    shapes = _tensor_shapes(proto)
+    node, shape = producers.get(name), shapes.get(name, [])
+    if np.all(scale == 1) or node is None:
+        return
+    src_shape = shapes.get(node.input[0], []) if node.input else []
+    if node.op_type == "Reshape" and len(src_shape) >= -axis and src_shape[axis] == len(scale):
+        _scale_channels(proto, node.input[0], scale, axis)
+        return
+    if node.op_type == "Concat" and len(shape) >= -axis:
+        cat_axis = next(a.i for a in node.attribute if a.name == "axis") % len(shape)
+        sizes = [shapes.get(i, [0] * len(shape))[cat_axis] for i in node.input]
+        if cat_axis != len(shape) + axis:
+            for inp in node.input:
+                _scale_channels(proto, inp, scale, axis)
+            return
+        if sum(sizes) == len(scale) and all(sizes):
+            offsets = np.cumsum([0, *sizes])
+            for i, inp in enumerate(node.input):
+                _scale_channels(proto, inp, scale[offsets[i] : offsets[i + 1]], axis)
+            return
+    bshape = [1] * max(len(shape), -axis)
+    bshape[axis] = len(scale)
+    raw, const = f"{name}_pixels", f"{name}_box_scale"
+    node.output[:] = [raw if o == name else o for o in node.output]
+    proto.graph.initializer.append(helper.make_tensor(const, 1, bshape, scale.tolist()))  # 1: FLOAT
+    index = list(proto.graph.node).index(node)
+    proto.graph.node.insert(index + 1, helper.make_node("Mul", [raw, const], [name], name=f"{name}_normalize"))
+
+
+def _nhwc_batches(calibration: Sequence[np.ndarray] | None, imgsz: tuple[int, int]) -> list[np.ndarray]:
+    """Calibration images (each (3, H, W) or (B, 3, H, W), float [0, 1] at the export size) as single NHWC float32 images."""
+    images: list[np.ndarray] = []
+    for arr in calibration or []:
+        a = np.asarray(arr, dtype=np.float32)
+        a = a[None] if a.ndim == 3 else a
+        if a.ndim != 4 or a.shape[1] != 3 or tuple(a.shape[2:]) != tuple(imgsz):
+            raise ExportError(f"TFLite calibration images must be (3, {imgsz[0]}, {imgsz[1]}) float arrays, got {a.shape}")
+        images.extend(a.transpose(0, 2, 3, 1)[:, None])
+    return images
+
+
+def _write_onnx2tf_sample(folder: Path, images: list[np.ndarray]) -> None:
+    """Write the 20x128x128x3 sample onnx2tf validates with (our images, else fixed noise) so it never downloads one."""
+    sample = np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32)
+    if images:
+        from PIL import Image
+
+        picks = [(images[i % len(images)][0] * 255).round().astype(np.uint8) for i in range(20)]
+        sample = np.stack([np.asarray(Image.fromarray(p).resize((128, 128)), np.float32) / 255 for p in picks])
+    np.save(folder / ONNX2TF_SAMPLE, sample.astype(np.float32))
+
+
+def _run_onnx2tf(onnx_path: Path, saved_model: Path, workdir: Path) -> None:
+    """Convert ONNX to an NHWC TF SavedModel with onnx2tf in a subprocess (it sets process-wide TF/Keras state)."""
+    cmd = [sys.executable, "-m", "onnx2tf", "-i", str(onnx_path), "-o", str(saved_model), "-osd", "-nuo", "-v", "error"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
+    r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not (saved_model / "saved_model.pb").is_file():
+        lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if "Error" in ln or "ERROR" in ln]
+        raise ExportError(f"onnx2tf could not convert {onnx_path.name}: {lines[-1] if lines else f'exit code {r.returncode}'}")
+
+
+def _convert_saved_model(saved_model: Path, quant: str, images: list[np.ndarray]) -> bytes:
+    """TFLite flatbuffer of a SavedModel: float32, float16 weights, or full-integer INT8 (int8 input and output)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if quant == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quant == "int8":
+
+        def representative() -> Iterator[list[np.ndarray]]:
+            yield from ([im] for im in images)
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return bytes(converter.convert())
+
+
+def add_tflite_metadata(model: bytes, metadata: dict[str, Any]) -> bytes:
+    """Return `model` with `metadata` (JSON) stored as the flatbuffer's Model.metadata entry "mobile_yolo"."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    obj = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    obj.buffers.append(buf)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_KEY, len(obj.buffers) - 1
+    obj.metadata = [m for m in (obj.metadata or []) if m.name != METADATA_KEY.encode()] + [entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
+
+
+def read_tflite_metadata(path: Union[str, Path]) -> dict[str, Any]:
+    """The "mobile_yolo" metadata dict of a .tflite file ({} if absent), read with the flatbuffers package only."""
+    from flatbuffers import encode, number_types, packer, table
+
+    data = bytearray(Path(path).read_bytes())
+    model = table.Table(data, encode.Get(packer.uoffset, data, 0))
+
+    def tables(tab: table.Table, field: int) -> list[table.Table]:
+        o = tab.Offset(4 + 2 * field)  # vtable slot of schema field `field`
+        start = tab.Vector(o) if o else 0
+        return [table.Table(data, tab.Indirect(start + 4 * i)) for i in range(tab.VectorLen(o) if o else 0)]
+
+    buffers = tables(model, 4)  # Model.buffers
+    for entry in tables(model, 6):  # Model.metadata: (name: string, buffer: uint)
+        o = entry.Offset(4)
+        if not o or entry.String(o + entry.Pos) != METADATA_KEY.encode():
+            continue
+        b = entry.Offset(6)
+        buf = buffers[entry.Get(number_types.Uint32Flags, b + entry.Pos) if b else 0]
+        d = buf.Offset(4)  # Buffer.data: [ubyte]
+        raw = buf.GetVectorAsNumpy(number_types.Uint8Flags, d).tobytes() if d else b""
+        meta = json.loads(raw.decode()) if raw else {}
+        return meta if isinstance(meta, dict) else {}
+    return {}
+
+
+def export_tflite(
+    onnx_or_model: Union[str, Path, nn.Module],
+    out: Union[str, Path],
+    imgsz: tuple[int, int],
+    metadata: dict[str, Any],
+    quant: str = "fp32",
+    calibration: Sequence[np.ndarray] | None = None,
+) -> Path:
+    """Write one .tflite file (`out`, e.g. best_float32.tflite) from a fused model or its static ONNX; metadata inside."""
+    tflite_filename("best", quant)  # validates quant
+    images = _nhwc_batches(calibration, imgsz)
+    if quant == "int8" and not images:
+        raise ExportError("TFLite INT8 export needs calibration images (representative data); pass some images")
+    check_tflite_export_packages()
+    out = Path(out)
+    axis = _channel_axis(metadata)
+    with tempfile.TemporaryDirectory(prefix="tflite_") as work_s, atomic_path(out) as tmp:
+        work = Path(work_s)
+        src = Path(onnx_or_model) if not isinstance(onnx_or_model, nn.Module) else None
+        if src is None:
+            src = export_onnx_model(onnx_or_model, work / "model.onnx", imgsz, metadata=metadata)  # type: ignore[arg-type]
+        shape = _normalize_boxes_onnx(src, work / "normalized.onnx", imgsz, axis)
+        _write_onnx2tf_sample(work, images)
+        _run_onnx2tf(work / "normalized.onnx", work / "saved_model", work)
+        meta = {**metadata, "format": "tflite", "quant": quant, "output_shape": shape, "box_scale": [imgsz[1], imgsz[0]]}
+        _run_tflite_converter(work, quant, images, meta, tmp)
+    return out
+
+
+def _run_tflite_converter(work: Path, quant: str, images: list[np.ndarray], meta: dict[str, Any], dst: Path) -> None:
+    """Run TFLiteConverter + metadata in a subprocess: TensorFlow in this process would crash a later triton import (LLVM)."""
+    np.save(work / "calibration.npy", np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.float32))
+    (work / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "utils.export.tflite", str(work.resolve()), quant, str(dst.resolve())]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not dst.is_file():
+        lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        raise ExportError(f"TFLiteConverter failed ({quant}): {lines[-1] if lines else f'exit code {r.returncode}'}")
+
+
+def _converter_main(argv: list[str]) -> None:
+    """Subprocess entry: <workdir> <quant> <out.tflite>; reads saved_model/, calibration.npy and metadata.json there."""
+    work, quant, dst = Path(argv[0]), argv[1], Path(argv[2])
+    images = list(np.load(work / "calibration.npy")[:, None])
+    meta = json.loads((work / "metadata.json").read_text(encoding="utf-8"))
+    dst.write_bytes(add_tflite_metadata(_convert_saved_model(work / "saved_model", quant, images), meta))
+
+
+def _interpreter_class() -> Any:
+    """LiteRT's Interpreter (ai-edge-litert), else tensorflow.lite's, else a one-line ExportError with the hint."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf
+
+        return tf.lite.Interpreter
+    except ImportError:
+        raise ExportError(f"TFLite inference needs the LiteRT interpreter: {RUNTIME_HINT}") from None
+
+
+class TfliteRunner:
+    """Run an exported .tflite on NCHW float [0, 1] batches; returns the PyTorch head layout with boxes in pixels."""
+
+    def __init__(self, path: Union[str, Path], num_threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = read_tflite_metadata(self.path)
+        self.interpreter = _interpreter_class()(model_path=str(self.path), num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        b, h, w, c = (int(v) for v in self.input["shape"])
+        self.input_shape = (b, c, h, w)  # NCHW, as the PyTorch model and the other backends take it
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Predictions for a (B, 3, H, W) float batch, B a multiple of the model's batch size."""
+        x = np.asarray(x, dtype=np.float32)
+        b = self.input_shape[0]
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape[1:] or x.shape[0] % b:
+            raise ValueError(f"TFLite model takes (k*{b}, {', '.join(map(str, self.input_shape[1:]))}) batches, got {x.shape}")
+        return np.concatenate([self._run(x[i : i + b]) for i in range(0, x.shape[0], b)])
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """One model-sized batch: NHWC, (de)quantise int tensors, restore the ONNX layout, boxes back to pixels."""
+        x = x.transpose(0, 2, 3, 1)
+        dtype = self.input["dtype"]
+        if np.issubdtype(dtype, np.integer):
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        self.interpreter.set_tensor(self.input["index"], x.astype(dtype))
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])
+        if np.issubdtype(y.dtype, np.integer):
+            scale, zero = self.output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        y = y.astype(np.float32)
+        shape = tuple(self.metadata.get("output_shape", y.shape))
+        if y.shape != shape and y.ndim == 3 and y.transpose(0, 2, 1).shape == shape:
+            y = y.transpose(0, 2, 1)  # onnx2tf may keep a 3-D output channels-last
+        w, h = self.metadata.get("box_scale", (1, 1))
+        axis = _channel_axis(self.metadata)
+        scale_v = np.ones(y.shape[axis], dtype=np.float32)
+        scale_v[:4] = [w, h, w, h]
+        return y * (scale_v[None, None, :] if axis == 2 else scale_v[None, :, None])
+
+
+if __name__ == "__main__":
+    _converter_main(sys.argv[1:])
