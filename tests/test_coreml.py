@@ -99,7 +99,7 @@ def test_missing_coremltools_names_pip_command(monkeypatch: pytest.MonkeyPatch) 
     assert "\n" not in str(e.value)
 
 
-def test_export_py_writes_mlpackage_and_backend_refuses_in_one_line(tmp_path: Path) -> None:
+def test_export_py_writes_mlpackage_and_backend_refuses_in_one_line(tmp_path: Path, ct: object) -> None:
     """export.py --include coreml writes best.mlpackage; detect/val on Linux get one line naming the Apple-only runtime."""
     from utils.export.backend import DetectBackend
     from utils.export.exporter import export_model

@@ -1,8 +1,13 @@
 """Post-training static INT8 quantisation of an exported ONNX detector with ONNX Runtime (QDQ, per-channel weights).
 
-The Detect head's final 1x1 convs and every node after them (sigmoid, grid/anchor decode, reshapes, concat) stay in
-float: their outputs are pixel coordinates and probabilities whose ranges differ by orders of magnitude inside one
-tensor, so one int8 scale per tensor would wipe out either the small scores or the box precision. The backbone and
+Defaults are chosen from measurements on x86 (AVX-512 VNNI), see scripts/int8_report.py: uint8 activations with int8
+weights (U8S8) let ONNX Runtime fuse every DequantizeLinear->Conv->QuantizeLinear group into QLinearConv and the SiLU
+(Sigmoid, Mul) into QLinearSigmoid / QLinearMul; int8 activations (S8S8) leave most convs as float Conv fed by
+DequantizeLinear, which is slower than the float model. MinMax calibration on real dataset images keeps accuracy.
+
+The Detect head's final 1x1 convs and every node after them (sigmoid, DFL softmax, grid/anchor decode, reshapes, concat)
+stay in float: their outputs are pixel coordinates and probabilities whose ranges differ by orders of magnitude inside
+one tensor, so one int8 scale per tensor would wipe out either the small scores or the box precision. The backbone and
 neck, where the compute is, are quantised.
 """
 
@@ -22,6 +27,8 @@ import numpy as np
 
 LOGGER = logging.getLogger("mobile_yolo")
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+ACTIVATION_TYPES = ("uint8", "int8")  # uint8 (U8S8) is what ONNX Runtime's x86 kernels fuse; int8 (S8S8) mostly is not
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 class QuantizeError(ValueError):
@@ -29,7 +36,7 @@ class QuantizeError(ValueError):
 
 
 def float_tail_nodes(proto: Any) -> list[str]:
-    """Names of the nodes from the graph outputs back to (and including) the last Conv on each path."""
+    """Names of the nodes from the graph outputs back to (and including) the last learned Conv on each path."""
     producer = {out: node for node in proto.graph.node for out in node.output}
     stack = [o.name for o in proto.graph.output]
     seen: set[str] = set()
@@ -40,9 +47,15 @@ def float_tail_nodes(proto: Any) -> list[str]:
             continue
         seen.add(node.name)
         tail.append(node.name)
-        if node.op_type != "Conv":  # stop at the head convs: everything before them gets quantised
+        if node.op_type != "Conv" or _is_dfl_conv(node, producer):  # stop at the head convs: everything before gets quantised
             stack.extend(i for i in node.input if i)
     return tail
+
+
+def _is_dfl_conv(node: Any, producer: dict[str, Any]) -> bool:
+    """A Conv fed by a Softmax is the anchor-free head's DFL expectation (fixed 0..reg_max weights): decode, not compute."""
+    src = producer.get(node.input[0])
+    return src is not None and src.op_type == "Softmax"
 
 
 def _name_unnamed_nodes(proto: Any) -> None:
@@ -93,16 +106,61 @@ def _letterboxed_chw(path: Path, imgsz: tuple[int, int]) -> np.ndarray | None:
     return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
-def _calibration_batches(images: Sequence[Path], imgsz: tuple[int, int], batch: int) -> list[np.ndarray]:
-    """Letterboxed calibration batches of `batch` images; corrupt files are skipped and counted."""
-    arrays = [a for a in (_letterboxed_chw(Path(p), imgsz) for p in images) if a is not None]
-    skipped = len(images) - len(arrays)
+def _readable_images(images: Sequence[Path]) -> list[Path]:
+    """The images that decode; unreadable ones are warned about and counted (decoded again, lazily, when calibrating)."""
+    from utils.data.images import ImageError, load_image
+
+    readable = []
+    for p in map(Path, images):
+        try:
+            load_image(p)
+            readable.append(p)
+        except ImageError as e:
+            LOGGER.warning(f"WARNING: calibration image skipped: {e}")
+    skipped = len(images) - len(readable)
     if skipped:
         LOGGER.warning(f"WARNING: {skipped} of {len(images)} calibration images could not be read")
-    n = len(arrays) // batch * batch
+    return readable
+
+
+class _CalibrationReader:
+    """ORT calibration data reader that letterboxes batches on demand (bounded memory at any n_calib or imgsz).
+
+    Supports ORT's strided calibration (__len__ + set_range), so histogram calibrators collect chunk by chunk instead
+    of holding every activation of every image at once.
+    """
+
+    def __init__(self, name: str, images: Sequence[Path], hw: tuple[int, int], batch: int) -> None:
+        self.name, self.images, self.hw, self.batch = name, list(images), hw, batch
+        self.set_range(0, len(self))
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return len(self.images) // self.batch
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Restrict the next get_next() calls to batches [start_index, end_index)."""
+        self._next, self._end = start_index, min(end_index, len(self))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next batch as {input name: NCHW float32}, or None when the range is exhausted."""
+        if self._next >= self._end:
+            return None
+        paths = self.images[self._next * self.batch : (self._next + 1) * self.batch]
+        self._next += 1
+        arrays = [a for a in (_letterboxed_chw(p, self.hw) for p in paths) if a is not None]
+        if len(arrays) != len(paths):
+            raise QuantizeError(f"a calibration image became unreadable during calibration: {', '.join(map(str, paths))}")
+        return {self.name: np.stack(arrays)}
+
+
+def _calibration_reader(name: str, images: Sequence[Path], hw: tuple[int, int], batch: int) -> _CalibrationReader:
+    """A reader over the readable images, whole batches only; QuantizeError if not even one batch is readable."""
+    readable = _readable_images(images)
+    n = len(readable) // batch * batch
     if n == 0:
-        raise QuantizeError(f"INT8 calibration needs at least {batch} readable image(s), found {len(arrays)}")
-    return [np.stack(arrays[i : i + batch]) for i in range(0, n, batch)]
+        raise QuantizeError(f"INT8 calibration needs at least {batch} readable image(s), found {len(readable)}")
+    return _CalibrationReader(name, readable[:n], hw, batch)
 
 
 def _input_spec(proto: Any, imgsz: tuple[int, int]) -> tuple[str, int, tuple[int, int]]:
@@ -116,17 +174,60 @@ def _input_spec(proto: Any, imgsz: tuple[int, int]) -> tuple[str, int, tuple[int
     return inp.name, batch, hw
 
 
+def _strided_chunk(n_batches: int, most: int = 16) -> int:
+    """Largest divisor of n_batches up to `most`: ORT's strided calibration needs chunks that tile the data exactly."""
+    return max(d for d in range(1, min(most, n_batches) + 1) if n_batches % d == 0)
+
+
+def _check_choices(activation_type: str, calibrate_method: str) -> None:
+    """Fail fast (before any calibration work) on an unknown activation type or calibration method."""
+    if activation_type not in ACTIVATION_TYPES:
+        raise QuantizeError(f"activation_type must be one of {ACTIVATION_TYPES}, got {activation_type!r}")
+    if calibrate_method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"calibrate_method must be one of {CALIBRATION_METHODS}, got {calibrate_method!r}")
+
+
+def _static_options(
+    proto: Any, n_batches: int, per_channel: bool, activation_type: str, calibrate_method: str, keep_float_ops: Sequence[str],
+    reduce_range: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Keyword arguments for onnxruntime.quantization.quantize_static: QDQ, int8 weights, float tail and kept ops excluded."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    acts = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    keep = set(keep_float_ops)
+    exclude = float_tail_nodes(proto) + [n.name for n in proto.graph.node if n.op_type in keep]
+    return dict(
+        quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range, activation_type=acts[activation_type],
+        weight_type=QuantType.QInt8, calibrate_method=methods[calibrate_method], nodes_to_exclude=list(dict.fromkeys(exclude)),
+        extra_options={"CalibStridedMinMax": _strided_chunk(n_batches)},  # histogram calibrators: bounded memory
+    )  # fmt: skip
+
+
 def quantize_onnx(
     fp32_path: Union[str, Path],
     int8_path: Union[str, Path],
     calib_images: Sequence[Path],
     imgsz: Union[int, tuple[int, int]],
     n_calib: int = 300,
+    per_channel: bool = True,
+    activation_type: str = "uint8",
+    calibrate_method: str = "minmax",
+    keep_float_ops: Sequence[str] = (),
+    reduce_range: bool = False,
 ) -> Path:
-    """Statically quantise fp32_path to int8_path (QDQ, per-channel) calibrated on up to n_calib letterboxed images."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """Statically quantise fp32_path to int8_path (QDQ) calibrated on up to n_calib letterboxed images.
 
+    per_channel=False gives one weight scale per tensor (YOLOv5's --per-tensor); activation_type 'uint8' (U8S8, fused
+    to QLinearConv on x86) or 'int8'; calibrate_method 'minmax', 'entropy' or 'percentile'; keep_float_ops lists op
+    types left in float (e.g. ('Sigmoid', 'Mul') for a float SiLU); reduce_range=True uses 7-bit weights for CPUs
+    without VNNI, where u8*s8 products can saturate.
+    """
+    import onnx
+    from onnxruntime.quantization import quantize_static
+
+    _check_choices(activation_type, calibrate_method)
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     hw = (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[1]))
     images = list(calib_images)
@@ -142,22 +243,39 @@ def quantize_onnx(
         named = work / "named.onnx"
         onnx.save(proto, str(named))
         name, batch, hw = _input_spec(proto, hw)
-        feeds = iter([{name: b} for b in _calibration_batches(images, hw, batch)])
-
-        class _Reader(CalibrationDataReader):
-            def get_next(self) -> dict | None:
-                return next(feeds, None)
-
+        reader = _calibration_reader(name, images, hw, batch)
+        opts = _static_options(proto, len(reader), per_channel, activation_type, calibrate_method, keep_float_ops, reduce_range)
         with _working_directory(work):
-            quantize_static(
-                str(named), str(work / "int8.onnx"), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                nodes_to_exclude=float_tail_nodes(proto),
-            )  # fmt: skip
+            quantize_static(str(named), str(work / "int8.onnx"), reader, **opts)
         shutil.move(str(work / "int8.onnx"), str(int8_path))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return int8_path
+
+
+def optimized_graph(onnx_path: Union[str, Path], threads: int = 1) -> Any:
+    """The graph ONNX Runtime's CPU provider actually runs (ORT_ENABLE_ALL), to check which QDQ groups it fused."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="ortopt_") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # the "hardware-specific optimised model" warning is expected here
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def dequantize_quantize_pairs(proto: Any) -> list[tuple[str, str]]:
+    """(DequantizeLinear, QuantizeLinear) node pairs wired back to back: a requantisation between quantised ops."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    return [
+        (producer[n.input[0]].name, n.name)
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer and producer[n.input[0]].op_type == "DequantizeLinear"
+    ]
 
 
 def calibration_images(data: Union[str, Path, dict], limit: int = 300) -> list[Path]:
