@@ -1,4 +1,4 @@
-"""Export a trained checkpoint (or a random-weight model config) to ONNX, TorchScript and OpenVINO.
+"""Export a trained checkpoint (or a random-weight model config) to ONNX, TorchScript, OpenVINO, NCNN, TFLite and Core ML.
 
 Usage:
     python export.py --weights runs/train/exp/weights/best.pt --include onnx torchscript --imgsz 640
@@ -21,7 +21,7 @@ run = export_model  # YOLOv5's export.run(**kwargs)
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (YOLOv5 export.py names)."""
-    p = argparse.ArgumentParser(description="Export a detector to ONNX / TorchScript / OpenVINO")
+    p = argparse.ArgumentParser(description="Export a detector to ONNX / TorchScript / OpenVINO / NCNN / TFLite / Core ML")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", type=str, default=None, help="trained .pt checkpoint")
     src.add_argument("--cfg", type=str, default=None, help="model yaml (random weights, for deployability checks)")
@@ -36,6 +36,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true", help="ONNX/OpenVINO: static INT8 quantisation (needs --data)")
     p.add_argument("--data", type=str, default=None, help="dataset yaml or image folder for INT8 calibration")
     p.add_argument("--n-calib", type=int, default=300, help="number of INT8 calibration images")
+    p.add_argument("--per-tensor", action="store_true", help="INT8: one scale per weight tensor (default: per output channel)")
     p.add_argument("--output", type=str, default=None, help="output path (default: next to the weights)")
     p.add_argument("--nms", action="store_true", help="ONNX/TorchScript/OpenVINO: NMS inside the graph, final (B, topk-all, 6) boxes")
     p.add_argument("--conf-thres", type=float, default=0.25, help="--nms confidence threshold")

@@ -162,10 +162,10 @@ def test_imgsz_rounded_up_to_stride_with_warning(ckpt: Path, tmp_path: Path, cap
 
 
 def test_unknown_include_lists_known_formats(ckpt: Path) -> None:
-    with pytest.raises(ExportError, match="onnx, torchscript, openvino"):
-        export.run(weights=ckpt, include=["tflite"])
+    with pytest.raises(ExportError, match="onnx, torchscript, openvino, ncnn, tflite, coreml"):
+        export.run(weights=ckpt, include=["paddle"])
     with pytest.raises(SystemExit) as e:
-        export.main(["--weights", str(ckpt), "--include", "onnx", "coreml"])
+        export.main(["--weights", str(ckpt), "--include", "onnx", "paddle"])
     msg = str(e.value)
     assert msg.startswith("export: error:") and "coreml" in msg and "\n" not in msg
 

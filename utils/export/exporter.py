@@ -90,7 +90,8 @@ def _export_onnx_family(model: Any, fmts: list[str], base: Path, opt: dict[str, 
                                       opt["simplify"], meta, nms=opt["nms"])  # fmt: skip
         if opt["int8"]:
             LOGGER.info(f"INT8 calibration on {len(images)} images")
-            onnx_file = quantize_onnx(onnx_file, work / "model_int8.onnx", images, opt["imgsz"], n_calib=opt["n_calib"])
+            onnx_file = quantize_onnx(onnx_file, work / "model_int8.onnx", images, opt["imgsz"], n_calib=opt["n_calib"],
+                                      per_channel=not opt["per_tensor"])
             _copy_metadata(onnx_file, meta)
         if "onnx" in fmts:
             dst = output_path(base, "onnx", opt["int8"], opt["output"])
@@ -169,6 +170,7 @@ def export_model(
     topk_per_class: int = 100,
     topk_all: int = 100,
     agnostic_nms: bool = False,
+    per_tensor: bool = False,
 ) -> list[Path]:
     """Export the model to every format in `include`; returns the written paths in that order.
 
@@ -203,7 +205,7 @@ def export_model(
     if settings is not None:
         meta["nms"] = asdict(settings)
     opt = dict(imgsz=size, batch_size=batch_size, dynamic=dynamic, opset=opset, simplify=simplify, int8=int8, data=data,
-               n_calib=n_calib, output=output, half=half, nms=settings)  # fmt: skip
+               n_calib=n_calib, output=output, half=half, nms=settings, per_tensor=per_tensor)  # fmt: skip
     written: dict[str, Path] = {}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
