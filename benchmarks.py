@@ -405,6 +405,8 @@ def format_results(opt: argparse.Namespace, tmp: Path, dev: torch.device, data: 
     from utils.export.exporter import FORMATS
 
     weights, size = Path(opt.models[0]), tuple(opt.imgsz)
+    if not weights.is_file():
+        raise SystemExit(f"benchmarks: error: {weights}: weights not found")
     unknown = [f for f in opt.formats if f not in FORMATS]
     if unknown:
         raise SystemExit(f"benchmarks: error: unknown --formats {unknown}; known: {', '.join(FORMATS)}")
