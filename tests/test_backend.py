@@ -102,8 +102,8 @@ def test_pt_augment_runs_tta(exported: dict[str, Path]) -> None:
 
 
 def test_bad_weights_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unsupported weights format '\.tflite'.*ONNX \.onnx") as e:
-        DetectBackend(tmp_path / "model.tflite")
+    with pytest.raises(ValueError, match=r"unsupported weights format '\.pb'.*ONNX \.onnx.*TFLite \.tflite") as e:
+        DetectBackend(tmp_path / "model.pb")
     assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="weights file not found") as e:
         DetectBackend(tmp_path / "missing.pt")
