@@ -22,7 +22,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from utils.export.formats import INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path
+from utils.export.formats import INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path, import_optional
 
 INSTALL_HINT = "pip install coremltools==9.0"
 
@@ -43,11 +43,7 @@ def _tensorflow_hidden() -> Iterator[None]:
 def import_coremltools() -> Any:
     """The coremltools package, or a one-line ExportError naming the pip command."""
     with _tensorflow_hidden():
-        try:
-            import coremltools
-        except ImportError:
-            raise ExportError(f"Core ML export needs coremltools: {INSTALL_HINT}") from None
-    return coremltools
+        return import_optional("coremltools", "Core ML export", INSTALL_HINT)
 
 
 def _metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import json
 import logging
 import os
@@ -210,13 +211,17 @@ def export_torchscript_model(
     return out
 
 
+def import_optional(module: str, purpose: str, pip: str, error: type[Exception] = ExportError) -> Any:
+    """An optional converter or runtime package, or one `error` line naming the pip command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise error(f"{purpose} needs the {module} package: {pip}") from None
+
+
 def import_openvino() -> Any:
     """The openvino package, or a one-line ExportError with the install hint."""
-    try:
-        import openvino
-    except ImportError:
-        raise ExportError("OpenVINO export/inference needs the openvino package: pip install openvino") from None
-    return openvino
+    return import_optional("openvino", "OpenVINO export/inference", "pip install openvino")
 
 
 def export_openvino_model(onnx_path: Union[str, Path], out_dir: Union[str, Path], metadata: dict[str, Any], half: bool = False) -> Path:

@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from utils.export.formats import OPENVINO_METADATA, ExportError, ExportModel, atomic_path
+from utils.export.formats import OPENVINO_METADATA, ExportError, ExportModel, atomic_path, import_optional
 
 PARAM_FILE, BIN_FILE = "model.ncnn.param", "model.ncnn.bin"
 NCNN_METADATA = OPENVINO_METADATA  # the same metadata.yaml sidecar as the OpenVINO folder
@@ -36,10 +36,7 @@ class NcnnImportError(ImportError):
 
 def pnnx_executable() -> Path:
     """The PNNX converter binary shipped in the pnnx pip package, or a one-line ExportError with the install hint."""
-    try:
-        import pnnx
-    except ImportError:
-        raise ExportError("NCNN export needs the pnnx package: pip install pnnx") from None
+    pnnx = import_optional("pnnx", "NCNN export", "pip install pnnx")
     exe = Path(getattr(pnnx, "EXEC_PATH", ""))
     if not exe.is_file():
         raise ExportError(f"{exe}: the pnnx package has no converter binary for this platform; reinstall it: pip install pnnx")
@@ -48,11 +45,7 @@ def pnnx_executable() -> Path:
 
 def import_ncnn() -> Any:
     """The ncnn package, or a one-line NcnnImportError with the install hint."""
-    try:
-        import ncnn
-    except ImportError:
-        raise NcnnImportError("NCNN inference needs the ncnn package: pip install ncnn") from None
-    return ncnn
+    return import_optional("ncnn", "NCNN inference", "pip install ncnn", error=NcnnImportError)
 
 
 def _trace(model: nn.Module, imgsz: tuple[int, int]) -> torch.jit.ScriptModule:
