@@ -110,3 +110,19 @@ def test_export_py_writes_mlpackage_and_backend_refuses_in_one_line(tmp_path: Pa
     with pytest.raises(ValueError, match="Core ML models run only on Apple systems") as e:
         DetectBackend(path)
     assert "\n" not in str(e.value)
+
+
+def test_reexport_replaces_our_package_but_never_a_users_folder(tmp_path: Path, ct: object) -> None:
+    """A second export over best.mlpackage replaces it; an --output naming a user's folder is refused and left as it was."""
+    from utils.export.exporter import export_model
+
+    ckpt = make_checkpoint(tmp_path / "best.pt")
+    (first,) = export_model(weights=ckpt, include=["coreml"], imgsz=64)
+    (again,) = export_model(weights=ckpt, include=["coreml"], imgsz=64)
+    assert first == again and coreml.is_coreml_export(again)
+    user = tmp_path / "mine.mlpackage"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="did not create; refusing to replace it"):
+        export_model(weights=ckpt, include=["coreml"], imgsz=64, output=user)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]

@@ -22,7 +22,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from utils.export.formats import INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path, import_optional
+from utils.export.formats import EXPORT_DESCRIPTION, INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path, import_optional
 
 INSTALL_HINT = "pip install coremltools==9.0"
 
@@ -80,7 +80,7 @@ def export_coreml(
     mlmodel.short_description = str(metadata.get("description", "mobile_yolo detector"))
     mlmodel.user_defined_metadata.update(_metadata_strings({**metadata, "half": half, "int8": int8}))
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, is_ours=is_coreml_export) as tmp:
         mlmodel.save(str(tmp))
     return out
 
@@ -109,3 +109,11 @@ def coreml_can_predict() -> tuple[bool, str]:
     if sys.platform != "darwin":
         return False, f"Core ML predictions need macOS (the Core ML runtime); this is {sys.platform}"
     return True, ""
+
+
+def is_coreml_export(path: Path) -> bool:
+    """True for an .mlpackage this project exported (its metadata names us), so a re-export may replace it."""
+    try:
+        return path.suffix == ".mlpackage" and coreml_metadata(path).get("description") == EXPORT_DESCRIPTION
+    except Exception:  # not a readable Core ML package: treat it as the user's folder and leave it alone
+        return False

@@ -231,9 +231,10 @@ def _summary(files: list[Path], seconds: list[float], size: tuple[int, int]) -> 
     """Print what was written and how to use it."""
     lines = ["", "Export complete:"]
     lines += [f"  {p}  ({_size_mb(p):.1f} MB, {s:.1f}s)" for p, s in zip(files, seconds)]
-    if files:
+    runnable = [p for p in files if p.suffix != ".mlpackage"]  # Core ML runs only on Apple systems
+    if runnable:
         lines += [
-            f"Detect:   python detect.py --weights {files[0]} --imgsz {size[0]} {size[1]}",
-            f"Validate: python val.py --weights {files[0]} --imgsz {max(size)}",
+            f"Detect:   python detect.py --weights {runnable[0]} --imgsz {size[0]} {size[1]}",
+            f"Validate: python val.py --weights {runnable[0]} --imgsz {max(size)}",
         ]
     print("\n".join(lines))

@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 import yaml
@@ -91,14 +91,14 @@ def is_export_folder(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, is_ours: Callable[[Path], bool] = is_export_folder) -> Iterator[Path]:
     """Yield a temp path beside `final` (file or folder); move it into place on success, delete it on error.
 
-    An existing file is replaced, as YOLOv5 re-exports do; an existing folder only when it is one of our own exports,
-    so an --output that names a user's directory never deletes it.
+    An existing file is replaced, as YOLOv5 re-exports do; an existing folder only when `is_ours` recognises it as one
+    of our own exports, so an --output that names a user's directory never deletes it.
     """
     final = Path(final)
-    if final.is_dir() and not is_export_folder(final):
+    if final.is_dir() and not is_ours(final):
         raise ExportError(f"{final}: is an existing folder that export.py did not create; refusing to replace it (choose another --output)")
     remove_stale_temps(final.parent, glob.escape(final.name))
     try:
