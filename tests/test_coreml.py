@@ -120,6 +120,8 @@ def test_reexport_replaces_our_package_but_never_a_users_folder(tmp_path: Path, 
     (first,) = export_model(weights=ckpt, include=["coreml"], imgsz=64)
     (again,) = export_model(weights=ckpt, include=["coreml"], imgsz=64)
     assert first == again and coreml.is_coreml_export(again)
+    (weight_only,) = export_model(weights=ckpt, include=["coreml"], imgsz=64, int8=True)  # int8 weights need no --data
+    assert coreml.coreml_metadata(weight_only)["int8"] is True
     user = tmp_path / "mine.mlpackage"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")

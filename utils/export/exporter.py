@@ -71,7 +71,7 @@ def _check_options(include: list[str], half: bool, device: torch.device, int8: b
         raise ExportError(f"unknown --include format(s) {unknown}; known formats: {', '.join(FORMATS)}")
     if half and device.type != "cuda" and not set(fmts) <= set(CPU_HALF_FORMATS):
         raise ExportError(f"--half needs a CUDA device (use --device 0), except for {' and '.join(CPU_HALF_FORMATS)} alone")
-    if int8 and not data:
+    if int8 and not data and set(fmts) - {"coreml"}:  # Core ML's int8 is weight-only: no calibration images
         raise ExportError("--int8 needs calibration images: pass --data (dataset yaml or image folder)")
     if int8 and half:
         raise ExportError("--int8 and --half are mutually exclusive")
