@@ -226,7 +226,7 @@ class _Builder:
         return self.out.channels[j], self.out.strides[j]  # type: ignore[return-value]
 
     def _build(self, i: int, spec: ModuleSpec, sources: list[int], n: int, args: list) -> tuple[nn.Module, Any, Any, list]:
-        if spec.kind in ("concat", "detect", "head"):
+        if spec.kind in ("concat", "detect", "segment", "head"):
             return getattr(self, f"_build_{spec.kind}")(i, spec, sources, args)
         if len(sources) != 1:
             raise ModelConfigError(f"layer {i} ({spec.name}): takes one input, got 'from' {sources}")
@@ -288,18 +288,34 @@ class _Builder:
         return spec.cls(*args), sum(chans), strides[0], args
 
     def _build_detect(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
+        nc, anchors, chans, strides = self._anchor_head_inputs(i, spec, sources, args)
+        module = spec.cls(nc, anchors, chans, strides)
+        return module, None, None, [nc, anchors, chans]
+
+    def _build_segment(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
+        """YOLOv5's Segment: yaml arguments [nc, anchors, nm=32, npr=256]; npr (Proto's width) scales with width_multiple."""
+        nc, anchors, chans, strides = self._anchor_head_inputs(i, spec, sources, args)
+        nm = args[2] if len(args) > 2 else 32
+        npr = args[3] if len(args) > 3 else 256
+        if len(args) > 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (nm, npr)):
+            raise ModelConfigError(f"layer {i} ({spec.name}): takes [nc, anchors, nm, npr] with nm and npr positive integers, got {args!r}")
+        npr = make_divisible(npr * self.gw, 8)
+        module = spec.cls(nc, anchors, nm, npr, chans, strides)
+        return module, None, None, [nc, anchors, nm, npr, chans]
+
+    def _anchor_head_inputs(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple[Any, Any, list, list]:
+        """Shared checks of an anchor-based head row: (nc, anchors per level, input channels, input strides)."""
         chans, strides = zip(*(self._src(j) for j in sources))
         nc = args[0] if args else self.nc
         anchors = args[1] if len(args) > 1 else self.anchors
         if anchors is None:
             raise ModelConfigError(f"layer {i} ({spec.name}): an anchor-based head needs anchors (an anchors key or a second argument)")
         if isinstance(anchors, int):
-            raise ModelConfigError(f"layer {i} (Detect): anchors must be listed per level (got the number {anchors})")
+            raise ModelConfigError(f"layer {i} ({spec.name}): anchors must be listed per level (got the number {anchors})")
         if len(anchors) != len(sources):
-            raise ModelConfigError(f"layer {i} (Detect): {len(anchors)} anchor levels for {len(sources)} inputs")
+            raise ModelConfigError(f"layer {i} ({spec.name}): {len(anchors)} anchor levels for {len(sources)} inputs")
         _check_head_strides(i, spec.name, sources, strides)
-        module = spec.cls(nc, anchors, list(chans), list(strides))
-        return module, None, None, [nc, anchors, list(chans)]
+        return nc, anchors, list(chans), list(strides)
 
     def _build_head(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
         """A head built as cls(nc, ch, strides); its yaml arguments are [nc] or nothing (the config's nc)."""

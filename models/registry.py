@@ -12,8 +12,9 @@ from typing import Callable
 from torch import nn
 
 # How parse_model treats a module's yaml arguments, channels and stride.
-# "detect": YOLOv5's anchor-based Detect(nc, anchors, ch, strides); "head": any other head, built as cls(nc, ch, strides).
-KINDS = ("conv", "csp", "concat", "upsample", "pool", "pad", "norm", "detect", "head", "backbone", "shape")
+# "detect": YOLOv5's anchor-based Detect(nc, anchors, ch, strides); "segment": YOLOv5's Segment(nc, anchors, nm, npr, ch,
+# strides); "head": any other head, built as cls(nc, ch, strides).
+KINDS = ("conv", "csp", "concat", "upsample", "pool", "pad", "norm", "detect", "segment", "head", "backbone", "shape")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def _clip_augmented(preds: list[torch.Tensor], nl: int) -> list[torch.Tensor]:
 def forward_augment(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, None]:
     """Inference on 3 scales (1, 0.83 flipped, 0.67); returns predictions in `x` pixels, in the head's output layout."""
     det_model = cast("DetectionModel", model)
+    if det_model.task == "segment":  # merged boxes would lose the prototypes their mask coefficients refer to
+        raise ValueError("TTA is not supported for segmentation models")
     stride = int(max(det_model.stride.max().item(), 32))
     rows_last = det_model.head.anchor_axis == 2  # (B, C, N) layouts: work on (B, N, C), transpose back at the end
     outputs = []

@@ -47,12 +47,16 @@ class Detect(Head):
 
     anchors: torch.Tensor  # buffer, declared for the type checker
 
-    def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), strides: list | tuple = ()) -> None:
+    def __init__(
+        self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), strides: list | tuple = (), *, nm: int = 0
+    ) -> None:
+        """`nm` extra raw (never sigmoided) outputs per anchor follow the class scores, e.g. Segment's mask coefficients."""
         super().__init__()
         if len(strides) != len(anchors) or len(ch) != len(anchors):
-            raise ValueError(f"Detect: {len(anchors)} anchor levels, {len(ch)} inputs and {len(strides)} strides must agree")
+            raise ValueError(f"{type(self).__name__}: {len(anchors)} anchor levels, {len(ch)} inputs and {len(strides)} strides must agree")
         self.nc = nc
-        self.no = nc + 5
+        self.nm = nm
+        self.no = nc + 5 + nm
         self.nl = len(anchors)
         self.na = len(anchors[0]) // 2
         stride = torch.tensor([float(s) for s in strides])
@@ -71,6 +75,11 @@ class Detect(Head):
             b[:, 5 : 5 + self.nc] += math.log(0.6 / (self.nc - 0.99))
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        raw, decoded = self._levels(xs)
+        return raw if decoded is None else (decoded, raw)
+
+    def _levels(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Per-level raw maps (B, na, ny, nx, no), and in eval mode all levels decoded into one (B, N, no) tensor."""
         raw, decoded = [], []
         for i in range(self.nl):
             p = self.m[i](xs[i])
@@ -79,20 +88,21 @@ class Detect(Head):
             raw.append(p)
             if not self.training:
                 decoded.append(self._decode(p, i))
-        return raw if self.training else (torch.cat(decoded, 1), raw)
+        return raw, None if self.training else torch.cat(decoded, 1)
 
     def _decode(self, p: torch.Tensor, i: int) -> torch.Tensor:
-        """Map one level's raw output to (B, na*ny*nx, no) xywh pixels + sigmoid scores."""
+        """Map one level's raw output to (B, na*ny*nx, no) xywh pixels + sigmoid scores (+ the nm extras, raw)."""
         bs, na, ny, nx, no = p.shape
         ys = torch.arange(ny, device=p.device, dtype=p.dtype)
         xs = torch.arange(nx, device=p.device, dtype=p.dtype)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack((gx, gy), 2).view(1, 1, ny, nx, 2) - 0.5
         anchor_grid = (self.anchors[i] * self.stride[i]).view(1, na, 1, 1, 2).to(p.dtype)
-        xy, wh, conf = p.sigmoid().split((2, 2, self.nc + 1), 4)
+        y = p.sigmoid() if not self.nm else torch.cat((p[..., : -self.nm].sigmoid(), p[..., -self.nm :]), 4)
+        xy, wh, rest = y.split((2, 2, no - 4), 4)  # rest: objectness, classes (and the nm raw extras)
         xy = (xy * 2 + grid) * self.stride[i].to(p.dtype)
         wh = (wh * 2) ** 2 * anchor_grid
-        return torch.cat((xy, wh, conf), 4).reshape(bs, -1, no)
+        return torch.cat((xy, wh, rest), 4).reshape(bs, -1, no)
 
     @staticmethod
     def split_output(pred: torch.Tensor, nm: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -178,6 +188,11 @@ class DetectionModel(nn.Module):
     def head_kind(self) -> str:
         """The head's registry kind, e.g. "anchor_based" or "anchor_free"."""
         return self.head.kind
+
+    @property
+    def task(self) -> str:
+        """"segment" when the head is YOLOv5's Segment (masks from prototypes), else "detect"."""
+        return "segment" if self.head.kind == "segment" else "detect"
 
     def forward(self, x: torch.Tensor, augment: bool = False) -> Any:
         if augment:

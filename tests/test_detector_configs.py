@@ -29,21 +29,27 @@ def test_config_builds_runs_and_fuses(cfg: str) -> None:
     assert model.stride.tolist() == [8.0, 16.0, 32.0]
     with torch.no_grad():
         out = model(torch.rand(1, 3, 320, 320))[0]
-    n = (40 * 40 + 20 * 20 + 10 * 10) * (3 if model.head_kind == "anchor_based" else 1)  # 3 anchors per cell, or one point
-    assert out.shape == ((1, n, 9) if model.head_kind == "anchor_based" else (1, 8, n))
+    anchor_based = model.head_kind in ("anchor_based", "segment")  # Segment = anchor-based Detect + nm mask coefficients
+    n = (40 * 40 + 20 * 20 + 10 * 10) * (3 if anchor_based else 1)  # 3 anchors per cell, or one point
+    assert out.shape == ((1, n, 9 + getattr(model.head, "nm", 0)) if anchor_based else (1, 8, n))
     shape = (1, 3, 320, 480)
     calibrate_bn(model, (2, *shape[1:]), steps=2, normalise=False)
     x = random_images(shape, seed=100, normalise=False)
     with torch.no_grad():
-        before = model(x)[1]  # per-level raw outputs
+        before = _raw_outputs(model(x))
         model.fuse()
-        after = model(x)[1]
+        after = _raw_outputs(model(x))
     # only the MQA pre-norm stays: it feeds a zero-padded depthwise conv, so it cannot be folded exactly
     leftover = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(n.endswith(".norm") for n in leftover)
     assert not any(isinstance(m, MobileOneUnit) and not m.is_fused for m in model.modules())
     tol = rounding_tol(model)  # both forms in float32: each within the rounding bound of the exact result
     assert all(rel_err(a, b) < tol for a, b in zip(after, before))
+
+
+def _raw_outputs(out: tuple) -> list[torch.Tensor]:
+    """Per-level raw outputs, plus a segmentation head's prototypes (its eval output is (decoded, protos, raw))."""
+    return [*out[-1], *out[1:-1]]
 
 
 @pytest.mark.parametrize("cfg", ["yolov5_mobilenetv4.yaml", "yolov5s_mobileone_s0.yaml"])

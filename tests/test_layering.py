@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "val", "detect", "export", "benchmarks", "hubconf")
+SCRIPTS = ("train", "val", "detect", "export", "benchmarks", "hubconf", "segment.train", "segment.val", "segment.predict")
 
 
 def _module_name(path: Path) -> str:
@@ -18,7 +18,7 @@ def _module_name(path: Path) -> str:
 def _modules() -> dict[str, Path]:
     """Every module of models/ and utils/ plus the top-level scripts, by dotted name."""
     files = [p for pkg in ("models", "utils") for p in sorted((ROOT / pkg).rglob("*.py"))]
-    files += [ROOT / f"{s}.py" for s in SCRIPTS if (ROOT / f"{s}.py").exists()]
+    files += [ROOT / f"{s.replace('.', '/')}.py" for s in SCRIPTS]
     return {_module_name(p): p for p in files}
 
 

@@ -209,6 +209,18 @@ def draw_detections(
     return out
 
 
+def draw_masks(im: np.ndarray, masks: np.ndarray, classes: Sequence[int], alpha: float = 0.5) -> np.ndarray:
+    """Copy of a BGR image with (n, h, w) boolean instance masks blended in their class colours (translucent)."""
+    out = np.ascontiguousarray(im).copy()
+    for mask, c in zip(masks, classes):
+        region = mask.astype(bool)
+        if region.shape != out.shape[:2]:
+            raise ValueError(f"draw_masks: mask shape {region.shape} does not match the image {out.shape[:2]}")
+        colour = np.array(class_color(int(c)), dtype=np.float32)
+        out[region] = (out[region].astype(np.float32) * (1 - alpha) + colour * alpha).round().astype(np.uint8)
+    return out
+
+
 def _images_uint8(images) -> np.ndarray:
     """(B, 3, H, W) float [0, 1] or uint8 tensor/array -> (B, H, W, 3) uint8."""
     arr = _to_numpy(images)

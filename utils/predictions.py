@@ -11,6 +11,7 @@ import torch
 
 from utils.boxes import xyxy2xywh
 from utils.files import safe_component
+from utils.segmentation import mask_to_polygon
 
 
 def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_conf: bool, save_format: int = 0) -> None:
@@ -22,6 +23,20 @@ def write_labels(det: torch.Tensor, shape: tuple[int, int], file: Path, save_con
         for *xyxy, conf, cls in det[:, :6].tolist():
             box = torch.tensor(xyxy).view(1, 4)
             coords = ((xyxy2xywh(box) if save_format == 0 else box) / gn).view(-1).tolist()
+            row = (int(cls), *coords, conf) if save_conf else (int(cls), *coords)
+            f.write(("%g " * len(row)).rstrip() % row + "\n")
+
+
+def write_polygon_labels(det: torch.Tensor, masks: np.ndarray, file: Path, save_conf: bool) -> None:
+    """Append `class x1 y1 ... xn yn [conf]` rows (each instance's outline, normalised to the (n, h, w) masks' image) to `file`."""
+    h, w = masks.shape[1:] if masks.ndim == 3 else (1, 1)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as f:
+        for (conf, cls), mask in zip(det[:, 4:6].tolist(), masks):
+            outline = mask_to_polygon(mask)
+            if len(outline) < 3:  # too small to outline
+                continue
+            coords = (outline / np.array([w, h], dtype=np.float32)).reshape(-1).tolist()
             row = (int(cls), *coords, conf) if save_conf else (int(cls), *coords)
             f.write(("%g " * len(row)).rstrip() % row + "\n")
 

@@ -1,5 +1,9 @@
 """Training-time image augmentations with box bookkeeping (HSV jitter, affine/perspective warp, mixup, flips).
 
+Label rows are [cls x1 y1 x2 y2] (pixels) or [cls cx cy w h] (normalised). A row may carry its instance's outline
+after the box as points x y x y ... (segmentation): the geometric steps move the points with the box, and where
+points are present the box is recomputed from the points inside the output (polygon_to_box), as YOLOv5 does.
+
 Randomness comes from `rng` (a numpy Generator or the np.random module, the default); data-loader workers
 re-seed np.random per worker so augmentations are reproducible for a fixed seed.
 """
@@ -13,6 +17,8 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from utils.data.polygons import polygons_to_boxes, warp_points
 
 Rng = Any  # np.random.Generator or the np.random module: both offer uniform(), random() and beta()
 
@@ -39,6 +45,11 @@ def box_candidates(box1: np.ndarray, box2: np.ndarray, wh_thr: float = 2, ar_thr
     w2, h2 = box2[2] - box2[0], box2[3] - box2[1]
     aspect = np.maximum(w2 / (h2 + eps), h2 / (w2 + eps))
     return (w2 > wh_thr) & (h2 > wh_thr) & (w2 * h2 / (w1 * h1 + eps) > area_thr) & (aspect < ar_thr)
+
+
+def outline_points(labels: np.ndarray) -> np.ndarray:
+    """The (n, k, 2) outline points that label rows carry after their box (k = 0 for plain box rows)."""
+    return labels[:, 5:].reshape(len(labels), (labels.shape[1] - 5) // 2, 2)
 
 
 def _warp_matrix(h: int, w: int, out_h: int, out_w: int, degrees: float, translate: float, scale: float, shear: float,
@@ -138,10 +149,17 @@ class Warp:
         return cv2.warpAffine(img, M[:2], dsize=size, borderValue=fill)
 
     def apply_labels(self, labels: np.ndarray) -> np.ndarray:
-        """Warp (n, 5) [cls x1 y1 x2 y2] pixel labels; drop boxes that became too small, thin or mostly cropped."""
+        """Warp (n, 5) [cls x1 y1 x2 y2] pixel labels (and any outline points after the box); drop boxes that became
+        too small, thin or mostly cropped."""
         if not len(labels):
             return labels
-        new = _warp_boxes(labels[:, 1:5], self.matrix, self.perspective, self.out_h, self.out_w)
+        if labels.shape[1] > 5:
+            labels = labels.copy()
+            points = warp_points(outline_points(labels), self.matrix, self.perspective)
+            labels[:, 5:] = points.reshape(len(labels), -1)
+            new = polygons_to_boxes(points, self.out_w, self.out_h)
+        else:
+            new = _warp_boxes(labels[:, 1:5], self.matrix, self.perspective, self.out_h, self.out_w)
         keep = box_candidates(labels[:, 1:5].T * self.scale, new.T, area_thr=0.10)
         labels = labels[keep]
         labels[:, 1:5] = new[keep]
@@ -149,18 +167,24 @@ class Warp:
 
 
 def keep_visible_boxes(labels: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Clip (n, 5) [cls x1 y1 x2 y2] labels, already in output pixels, to the output; drop those left too small or thin."""
+    """Clip (n, 5) [cls x1 y1 x2 y2] labels, already in output pixels, to the output (rows with outline points: box of
+    the points inside it); drop those left too small or thin."""
     before = labels[:, 1:5].T.copy()
-    labels[:, [1, 3]] = labels[:, [1, 3]].clip(0, out_w)
-    labels[:, [2, 4]] = labels[:, [2, 4]].clip(0, out_h)
+    if labels.shape[1] > 5:
+        labels[:, 1:5] = polygons_to_boxes(outline_points(labels), out_w, out_h)
+    else:
+        labels[:, [1, 3]] = labels[:, [1, 3]].clip(0, out_w)
+        labels[:, [2, 4]] = labels[:, [2, 4]].clip(0, out_h)
     return labels[box_candidates(before, labels[:, 1:5].T, area_thr=0.10)]
 
 
 def random_perspective(img: np.ndarray, targets: npt.ArrayLike = (), degrees: float = 10, translate: float = 0.1,
                        scale: float = 0.1, shear: float = 10, perspective: float = 0.0, border: tuple[int, int] = (0, 0),
                        rng: Rng | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Random affine/perspective warp; targets are (n, 5) [cls x1 y1 x2 y2] pixels; border < 0 crops (mosaic)."""
-    labels = np.asarray(targets, dtype=np.float32).reshape(-1, 5)
+    """Random affine/perspective warp; targets are (n, 5) [cls x1 y1 x2 y2] pixels (outline points may follow the box);
+    border < 0 crops (mosaic)."""
+    labels = np.asarray(targets, dtype=np.float32)
+    labels = labels.reshape(-1, labels.shape[1] if labels.ndim == 2 else 5)
     in_hw = (img.shape[0], img.shape[1])
     warp = Warp.draw(in_hw, border, degrees, translate, scale, shear, perspective, rng)
     if not warp.is_identity(in_hw):
@@ -178,8 +202,10 @@ def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray, labels2: np.ndarr
 
 
 def flip_labels(labels: np.ndarray, lr: bool) -> np.ndarray:
-    """Mirror normalised [cls cx cy w h] labels left-right (lr) or up-down, in place; returns them."""
+    """Mirror normalised [cls cx cy w h] labels (and normalised outline points after them) left-right (lr) or up-down,
+    in place; returns them."""
     col = 1 if lr else 2
     if len(labels):
         labels[:, col] = 1 - labels[:, col]
+        labels[:, col + 4::2] = 1 - labels[:, col + 4::2]  # outline x (5, 7, ...) or y (6, 8, ...) columns
     return labels

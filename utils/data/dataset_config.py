@@ -34,6 +34,7 @@ from utils.paths import ROOT
 LOGGER = logging.getLogger("mobile_yolo")
 DEFAULT_DATA = ROOT / "data" / "shapes.yaml"
 DOWNLOAD_TIMEOUT = 15.0  # seconds; offline machines fail fast
+GENERATORS = ("shapes", "shapes-seg")  # `generator:` values: the shapes dataset with box or with polygon labels
 ALLOWED_URL_SCHEMES = ("http", "https")  # file://, ftp:// and the like are refused (also as redirect targets)
 
 
@@ -116,13 +117,14 @@ def _make_available(cfg: dict, where: str, autodownload: bool) -> None:
     """Generate, or download (and convert) a dataset whose split folders are missing."""
     root = Path(cfg["path"])
     if cfg.get("generator"):
-        if cfg["generator"] != "shapes":
-            raise DatasetError(f"{where}: unknown generator '{cfg['generator']}' (supported: shapes)")
+        if cfg["generator"] not in GENERATORS:
+            raise DatasetError(f"{where}: unknown generator '{cfg['generator']}' (supported: {', '.join(GENERATORS)})")
         from utils.data.shapes_dataset import generate_shapes
 
         LOGGER.info(f"Dataset not found at {root}, generating it from {where} ...")
         try:
-            generate_shapes(root, names=cfg["names"], **{k: cfg[k] for k in ("n_train", "n_val", "seed") if k in cfg})
+            generate_shapes(root, names=cfg["names"], polygons=cfg["generator"] == "shapes-seg",
+                            **{k: cfg[k] for k in ("n_train", "n_val", "seed") if k in cfg})
         except FileExistsError as e:
             raise DatasetError(f"{where}: {e}") from None
         return

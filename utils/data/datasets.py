@@ -10,7 +10,7 @@ import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import cv2
 import numpy as np
@@ -34,6 +34,8 @@ MIN_IMAGE_SIDE = 10
 DEFAULT_AUG_HYP = {"hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
                    "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0}
 PathLike = Union[str, Path]
+# lb_file, nc -> (the label fields of a cache record, one-line note or None, status): what scanning stores per image
+LabelReader = Callable[[str, Union[int, None]], tuple[dict[str, Any], Union[str, None], str]]
 
 
 def collect_image_files(path: Union[PathLike, list[PathLike]], prefix: str = "") -> list[str]:
@@ -85,20 +87,26 @@ def verify_image(im_file: str) -> tuple[tuple[int, int] | None, str | None]:
     return (h, w), None
 
 
-def _verify_pair(args: tuple[str, str, int | None]) -> dict[str, Any]:
+def read_box_labels(lb_file: str, nc: int | None) -> tuple[dict[str, Any], str | None, str]:
+    """The detection fields of a cache record ({"labels": (n, 5) rows}), note and status (the default LabelReader)."""
+    labels, msg, status = read_label_file(lb_file, nc)
+    return {"labels": labels.tolist()}, msg, status
+
+
+def _verify_pair(args: tuple[str, str, int | None, LabelReader]) -> dict[str, Any]:
     """Verify one image and its label file; the record stored in the label cache."""
-    im_file, lb_file, nc = args
+    im_file, lb_file, nc, read_labels = args
     shape, msg = verify_image(im_file)
     if shape is None:
         return {"im_file": im_file, "status": "corrupt", "msg": msg}
-    labels, msg, status = read_label_file(lb_file, nc)
+    fields, msg, status = read_labels(lb_file, nc)
     missing = status == "background" and not os.path.isfile(lb_file)
-    return {"im_file": im_file, "shape": list(shape), "labels": labels.tolist(), "status": status, "msg": msg, "missing": missing}
+    return {"im_file": im_file, "shape": list(shape), **fields, "status": status, "msg": msg, "missing": missing}
 
 
-def _files_hash(files: list[str], nc: int | None) -> str:
-    """Hash of paths, sizes and modification times, so any changed file invalidates the cache."""
-    h = hashlib.sha256(f"v{CACHE_VERSION} nc={nc}".encode())
+def _files_hash(files: list[str], nc: int | None, tag: str = "") -> str:
+    """Hash of paths, sizes and modification times, so any changed file invalidates the cache (tag: the record kind)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} nc={nc}{tag}".encode())
     for f in files:
         try:
             st = os.stat(f)
@@ -140,15 +148,18 @@ def _save_cache(cache_path: Path, key: str, records: list[dict], prefix: str) ->
         LOGGER.warning(f"{prefix}WARNING: cache dir {cache_path.parent} is not writeable, cache not saved ({e})")
 
 
-def scan_dataset(im_files: list[str], cache_path: Path, nc: int | None, workers: int, prefix: str, desc: str) -> tuple[list[dict], dict]:
-    """Verify all image/label pairs (or reuse a valid cache); returns (records, counts) and logs a summary."""
+def scan_dataset(im_files: list[str], cache_path: Path, nc: int | None, workers: int, prefix: str, desc: str,
+                 read_labels: LabelReader = read_box_labels, tag: str = "") -> tuple[list[dict], dict]:
+    """Verify all image/label pairs (or reuse a valid cache); returns (records, counts) and logs a summary.
+
+    read_labels makes the label fields of each record; tag names that kind of record in the cache key."""
     lb_files = img2label_paths(im_files)
-    key = _files_hash(im_files + lb_files, nc)
+    key = _files_hash(im_files + lb_files, nc, tag)
     records = _load_cache(cache_path, key)
     cached = records is not None
     if records is None:
         with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
-            jobs = pool.map(_verify_pair, [(i, lb, nc) for i, lb in zip(im_files, lb_files)])
+            jobs = pool.map(_verify_pair, [(i, lb, nc, read_labels) for i, lb in zip(im_files, lb_files)])
             records = list(tqdm(jobs, total=len(im_files), desc=f"{prefix}Scanning {desc}", disable=len(im_files) < 1000))
         _save_cache(cache_path, key, records, prefix)
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "background", "repaired", "corrupt")}
@@ -180,7 +191,16 @@ def rect_batch_shapes(shapes_hw: np.ndarray, batch_size: int, img_size: int, str
 
 
 class LoadImagesAndLabels(Dataset):
-    """YOLO dataset: item -> (uint8 RGB CHW image, (n, 6) [0, cls, cx, cy, w, h] labels, path, shapes for val rescaling)."""
+    """YOLO dataset: item -> (uint8 RGB CHW image, (n, 6) [0, cls, cx, cy, w, h] labels, path, shapes for val rescaling).
+
+    Subclasses that keep more per instance override read_labels, cache_suffix and cache_tag (their own label cache),
+    _set_records and _reorder (their own fields), label_columns and _placed_labels (extra columns of the pixel label
+    rows that loading and augmentation carry along: outline points x y ... after the box, see augmentations.py).
+    """
+
+    cache_suffix = ".cache"  # label cache file: <labels folder or image list><suffix>
+    cache_tag = ""  # the kind of record, part of the cache key
+    label_columns = 5  # columns of the label rows while loading and augmenting: cls x1 y1 x2 y2 (+ outline points)
 
     def __init__(self, path: Union[PathLike, list[PathLike]], img_size: int = 640, batch_size: int = 16, augment: bool = False,
                  hyp: dict | None = None, rect: bool = False, cache: str | None = None, single_cls: bool = False,
@@ -193,18 +213,12 @@ class LoadImagesAndLabels(Dataset):
         self.mosaic_border = (-img_size // 2, -img_size // 2)
         files = collect_image_files(path, prefix)
         p0 = Path(path[0] if isinstance(path, (list, tuple)) else path)
-        cache_path = (p0 if p0.is_file() else Path(img2label_paths(files)[0]).parent).with_suffix(".cache")
-        records, self.stats = scan_dataset(files, cache_path, nc, workers, prefix, str(path))
+        cache_path = (p0 if p0.is_file() else Path(img2label_paths(files)[0]).parent).with_suffix(self.cache_suffix)
+        records, self.stats = scan_dataset(files, cache_path, nc, workers, prefix, str(path), self.read_labels, self.cache_tag)
         records = [r for r in records if r["status"] != "corrupt"]
         if not records:
             raise DatasetError(f"{prefix}{path}: no usable images (all {len(files)} corrupt)")
-        self.im_files = [r["im_file"] for r in records]
-        self.label_files = img2label_paths(self.im_files)
-        self.labels = [np.array(r["labels"], dtype=np.float32).reshape(-1, 5) for r in records]
-        if single_cls:
-            for lb in self.labels:
-                lb[:, 0] = 0
-        self.img_shapes = np.array([r["shape"] for r in records], dtype=np.float64)  # (h, w) upright originals
+        self._set_records(records, single_cls, f"{prefix}{path}")
         n = len(records)
         self.batch = np.arange(n) // batch_size
         self.batch_shapes = None
@@ -215,6 +229,21 @@ class LoadImagesAndLabels(Dataset):
         self.cache = "ram" if cache is True else (cache or None)
         if self.cache:
             self._cache_images(workers, prefix)
+
+    @staticmethod
+    def read_labels(lb_file: str, nc: int | None) -> tuple[dict[str, Any], str | None, str]:
+        """The label fields of a cache record, note and status (a LabelReader)."""
+        return read_box_labels(lb_file, nc)
+
+    def _set_records(self, records: list[dict], single_cls: bool, where: str) -> None:
+        """Take files, labels and sizes from the usable scan records (where: the dataset, for messages)."""
+        self.im_files = [r["im_file"] for r in records]
+        self.label_files = img2label_paths(self.im_files)
+        self.labels = [np.array(r["labels"], dtype=np.float32).reshape(-1, 5) for r in records]
+        if single_cls:
+            for lb in self.labels:
+                lb[:, 0] = 0
+        self.img_shapes = np.array([r["shape"] for r in records], dtype=np.float64)  # (h, w) upright originals
 
     def _reorder(self, order: np.ndarray) -> None:
         """Apply a new item order (aspect-ratio sort for rect batches)."""
@@ -299,7 +328,7 @@ class LoadImagesAndLabels(Dataset):
         s, (xc, yc), (gx, gy) = self.img_size, centre, origin
         fx, fy = warp.matrix[0, 0], warp.matrix[1, 1]  # canvas pixel -> output pixel: X = fx * (x - gx)
         out = np.full((warp.out_h, warp.out_w, 3), 114, dtype=np.uint8)
-        all_labels = [np.zeros((0, 5), np.float32)]
+        all_labels = [np.zeros((0, self.label_columns), np.float32)]
         for k, idx in enumerate(indices):
             h, w = self.resized_shape(idx)
             x1, y1 = (xc - w if k in (0, 2) else xc), (yc - h if k in (0, 1) else yc)
@@ -312,13 +341,11 @@ class LoadImagesAndLabels(Dataset):
             px0, px1 = _source_span(ox0, ox1, fx, gx - x1, sx, src.shape[1])
             py0, py1 = _source_span(oy0, oy1, fy, gy - y1, sy, src.shape[0])
             out[oy0:oy1, ox0:ox1] = cv2.resize(src[py0:py1, px0:px1], (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_LINEAR)
-            lb = self.labels[idx].copy()
-            if len(lb):  # tile pixels -> output pixels through the crop that was actually resized
-                lb[:, 1:] = xywhn2xyxy(lb[:, 1:], w, h)
-                lb[:, [1, 3]] = lb[:, [1, 3]].clip(max(-x1, 0), min(2 * s - x1, w))  # the canvas edges crop the tile
-                lb[:, [2, 4]] = lb[:, [2, 4]].clip(max(-y1, 0), min(2 * s - y1, h))
-                lb[:, [1, 3]] = ox0 + (lb[:, [1, 3]] * sx - px0) * (ox1 - ox0) / (px1 - px0)
-                lb[:, [2, 4]] = oy0 + (lb[:, [2, 4]] * sy - py0) * (oy1 - oy0) / (py1 - py0)
+            # tile pixels -> output pixels through the crop that was actually resized; the canvas edges crop the tile.
+            # Columns 1, 3, 5, ... are x (the box's and any outline points'), columns 2, 4, 6, ... are y.
+            lb = self._placed_labels(idx, w, h)
+            lb[:, 1::2] = ox0 + (lb[:, 1::2].clip(max(-x1, 0), min(2 * s - x1, w)) * sx - px0) * (ox1 - ox0) / (px1 - px0)
+            lb[:, 2::2] = oy0 + (lb[:, 2::2].clip(max(-y1, 0), min(2 * s - y1, h)) * sy - py0) * (oy1 - oy0) / (py1 - py0)
             all_labels.append(lb)
         return out, keep_visible_boxes(np.concatenate(all_labels, 0), warp.out_h, warp.out_w)
 
@@ -338,7 +365,7 @@ class LoadImagesAndLabels(Dataset):
         s, (xc, yc), (rx1, ry1, rx2, ry2) = self.img_size, centre, rect
         region = np.full((max(ry2 - ry1, 1), max(rx2 - rx1, 1), 3), 114, dtype=np.uint8)
         vx1, vy1, vx2, vy2 = max(rx1, 0), max(ry1, 0), min(rx2, 2 * s), min(ry2, 2 * s)  # the canvas part in view
-        all_labels = [np.zeros((0, 5), np.float32)]
+        all_labels = [np.zeros((0, self.label_columns), np.float32)]
         for k, idx in enumerate(indices):
             h, w = self.resized_shape(idx)
             x1, y1 = (xc - w if k in (0, 2) else xc), (yc - h if k in (0, 1) else yc)
@@ -349,13 +376,17 @@ class LoadImagesAndLabels(Dataset):
             cx1, cy1, cx2, cy2 = max(x1, vx1), max(y1, vy1), min(x1 + w, vx2), min(y1 + h, vy2)
             if cx2 > cx1 and cy2 > cy1:
                 region[cy1 - ry1:cy2 - ry1, cx1 - rx1:cx2 - rx1] = img[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
-            lb = self.labels[idx].copy()
-            if len(lb):
-                lb[:, 1:] = xywhn2xyxy(lb[:, 1:], w, h, x1, y1)
-            all_labels.append(lb)
+            all_labels.append(self._placed_labels(idx, w, h, x1, y1))
         labels = np.concatenate(all_labels, 0)
-        labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)
+        labels[:, 1:] = labels[:, 1:].clip(0, 2 * s)  # boxes and any outline points: the canvas edges crop the images
         return region, labels
+
+    def _placed_labels(self, i: int, w: float, h: float, padw: float = 0.0, padh: float = 0.0) -> np.ndarray:
+        """Labels of image i as pixel rows [cls x1 y1 x2 y2] (label_columns wide) for the image drawn w x h at (padw, padh)."""
+        lb = self.labels[i].copy()
+        if len(lb):
+            lb[:, 1:] = xywhn2xyxy(lb[:, 1:], w, h, padw, padh)
+        return lb
 
     def _load_letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple]:
         """Letterboxed image, pixel xyxy labels and the shapes tuple used to map predictions back."""
@@ -363,9 +394,7 @@ class LoadImagesAndLabels(Dataset):
         shape = tuple(self.batch_shapes[self.batch[index]]) if self.rect and self.batch_shapes is not None else self.img_size
         img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
         shapes = ((h0, w0), ((h * ratio[1] / h0, w * ratio[0] / w0), pad))
-        labels = self.labels[index].copy()
-        if len(labels):
-            labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, pad[0], pad[1])
+        labels = self._placed_labels(index, ratio[0] * w, ratio[1] * h, pad[0], pad[1])
         if self.augment:
             hyp = self.hyp
             img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"], scale=hyp["scale"],
@@ -373,6 +402,11 @@ class LoadImagesAndLabels(Dataset):
         return img, labels, shapes
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        img, labels, shapes = self._load_item(index)
+        return self._item_tensors(img, labels, index, shapes)
+
+    def _load_item(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+        """(BGR image, float32 normalised rows [cls cx cy w h (+ outline points x y ...)], shapes) after all augmentation."""
         hyp = self.hyp
         if self.augment and self.mosaic and np.random.random() < hyp["mosaic"]:
             img, labels = self.load_mosaic(index)
@@ -381,9 +415,12 @@ class LoadImagesAndLabels(Dataset):
                 img, labels = mixup(img, labels, *self.load_mosaic(self._rand_index()))
         else:
             img, labels, shapes = self._load_letterboxed(index)
-        labels = labels.reshape(-1, 5).astype(np.float32)
+        labels = labels.reshape(-1, self.label_columns).astype(np.float32)
+        h, w = img.shape[:2]
         if len(labels):
-            labels[:, 1:] = xyxy2xywhn(labels[:, 1:], w=img.shape[1], h=img.shape[0], clip=True)
+            labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=w, h=h, clip=True)
+            labels[:, 5::2] /= w  # outline points, when rows carry them
+            labels[:, 6::2] /= h
         if self.augment:
             augment_hsv(img, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"])
             if np.random.random() < hyp["flipud"]:
@@ -392,8 +429,13 @@ class LoadImagesAndLabels(Dataset):
             if np.random.random() < hyp["fliplr"]:
                 img = cv2.flip(img, 1)
                 flip_labels(labels, lr=True)
+        return img, labels, shapes
+
+    def _item_tensors(self, img: np.ndarray, labels: np.ndarray, index: int,
+                      shapes: tuple | None) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        """The item: (RGB CHW uint8 view of img, (n, 6) [0, cls, cx, cy, w, h] from the first 5 label columns, path, shapes)."""
         out = torch.zeros((len(labels), 6))
-        out[:, 1:] = torch.from_numpy(labels)
+        out[:, 1:] = torch.from_numpy(np.ascontiguousarray(labels[:, :5]))
         rgb = torch.from_numpy(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))  # HWC: the CHW view below is channels-last in memory
         return rgb.permute(2, 0, 1), out, self.im_files[index], shapes
 
@@ -446,11 +488,14 @@ def restarted(loader: DataLoader) -> DataLoader:
 def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_size: int, stride: int, single_cls: bool = False,
                       hyp: dict | None = None, augment: bool = False, cache: str | None = None, pad: float = 0.0, rect: bool = False,
                       workers: int = 8, shuffle: bool = False, prefix: str = "", nc: int | None = None, seed: int = 0,
-                      rank: int = -1, quad: bool = False, image_weights: bool = False) -> tuple[DataLoader, LoadImagesAndLabels]:
+                      rank: int = -1, quad: bool = False, image_weights: bool = False,
+                      dataset_cls: type[LoadImagesAndLabels] = LoadImagesAndLabels,
+                      dataset_kwargs: dict[str, Any] | None = None) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Build the dataset and a seeded DataLoader over it (DistributedSampler when rank != -1).
 
     quad: YOLOv5's four-image collate (utils.data.quad). image_weights: an EpochWeightedSampler whose weights the
-    trainer sets each epoch (single process only).
+    trainer sets each epoch (single process only). dataset_cls (a LoadImagesAndLabels subclass, built with
+    dataset_kwargs on top of the arguments here) and its collate_fn make other loaders (utils.data.seg_dataset).
     """
     from utils.data.image_weights import EpochWeightedSampler
     from utils.data.quad import collate_quad
@@ -460,8 +505,8 @@ def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_s
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING: rect=True is incompatible with shuffle, setting shuffle=False")
         shuffle = False
-    dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, cache=cache, single_cls=single_cls,
-                                  stride=int(stride), pad=pad, nc=nc, workers=workers, prefix=prefix)
+    dataset = dataset_cls(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, cache=cache, single_cls=single_cls,
+                          stride=int(stride), pad=pad, nc=nc, workers=workers, prefix=prefix, **(dataset_kwargs or {}))
     batch_size = min(batch_size, len(dataset))
     nw = max(0, min(os.cpu_count() or 1, batch_size if batch_size > 1 else 0, workers))
     sampler: DistributedSampler | EpochWeightedSampler | None = None
@@ -472,6 +517,6 @@ def create_dataloader(path: Union[PathLike, list[PathLike]], imgsz: int, batch_s
     generator = torch.Generator()
     generator.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=nw, sampler=sampler,
-                        pin_memory=torch.cuda.is_available(), collate_fn=collate_quad if quad else LoadImagesAndLabels.collate_fn,
+                        pin_memory=torch.cuda.is_available(), collate_fn=collate_quad if quad else dataset_cls.collate_fn,
                         worker_init_fn=seed_worker, generator=generator, persistent_workers=nw > 0)
     return loader, dataset

@@ -1,4 +1,8 @@
-"""Deterministic synthetic detection dataset (coloured shapes on cluttered backgrounds) used as the offline default."""
+"""Deterministic synthetic detection dataset (coloured shapes on cluttered backgrounds) used as the offline default.
+
+With polygons=True the same images get segmentation labels: each shape's exact outline (circles as a 32-vertex
+polygon, rectangles and triangles their vertices) in continuous pixel coordinates, pixel i covering [i, i + 1).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -16,6 +21,25 @@ LOGGER = logging.getLogger("mobile_yolo")
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
 BACKGROUND_FRACTION = 0.06  # share of images with no objects (empty label files)
 SIDES = (96, 192)  # image height/width range of the embedded dataset, pixels
+CIRCLE_VERTICES = 32
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn shape: class, pixel box [x1, y1, x2, y2] (clipped to the image) and (k, 2) pixel outline."""
+
+    cls: int
+    box: np.ndarray
+    polygon: np.ndarray
+
+    def label_line(self, h: int, w: int, polygon: bool = False) -> str:
+        """YOLO label line, normalised with 6 decimals: `cls cx cy w h`, or `cls x1 y1 ... xn yn` for the outline."""
+        if polygon:
+            xy = self.polygon.clip(0, [w, h]) / [w, h]
+            return f"{self.cls} " + " ".join(f"{x:.6f} {y:.6f}" for x, y in xy)
+        b = self.box
+        cx, cy, bw_n, bh_n = (b[0] + b[2]) / 2 / w, (b[1] + b[3]) / 2 / h, (b[2] - b[0]) / w, (b[3] - b[1]) / h
+        return f"{self.cls} {cx:.6f} {cy:.6f} {bw_n:.6f} {bh_n:.6f}"
 
 
 def _hsv_colour(rng: np.random.Generator, s: tuple[int, int], v: tuple[int, int]) -> tuple[int, int, int]:
@@ -52,18 +76,26 @@ def _shape_points(rng: np.random.Generator, cls: int, x1: int, y1: int, size_w: 
     return np.array(pts, np.int32)
 
 
-def _draw_object(img: np.ndarray, rng: np.random.Generator, cls: int, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Draw one filled shape in a saturated colour; returns its exact pixel box [x1, y1, x2, y2]."""
+def _draw_object(img: np.ndarray, rng: np.random.Generator, cls: int, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one filled shape in a saturated colour; returns its exact pixel box [x1, y1, x2, y2] and (k, 2) outline.
+
+    OpenCV draws with pixel centres on integers: the circle's outline is centred half a pixel further with half a pixel
+    more radius (its box is then exactly the one returned), a rectangle's is its box, a triangle's its vertices moved
+    to their pixel centres."""
     x1, y1, bw, bh = box
     colour = _hsv_colour(rng, (170, 256), (170, 256))
     if cls == 0:
         r = min(bw, bh) // 2
         centre = (x1 + r, y1 + r)
         cv2.circle(img, centre, r, colour, -1, cv2.LINE_AA)
-        return np.array([x1, y1, x1 + 2 * r + 1, y1 + 2 * r + 1], np.float64)
+        a = np.linspace(0, 2 * np.pi, CIRCLE_VERTICES, endpoint=False)
+        outline = np.stack((np.cos(a), np.sin(a)), 1) * (r + 0.5) + (centre[0] + 0.5, centre[1] + 0.5)
+        return np.array([x1, y1, x1 + 2 * r + 1, y1 + 2 * r + 1], np.float64), outline
     pts = _shape_points(rng, cls, x1, y1, bw, bh)
     cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
-    return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float64)
+    b = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float64)
+    outline = b[[0, 1, 2, 1, 2, 3, 0, 3]].reshape(4, 2) if cls == 1 else pts.astype(np.float64) + 0.5
+    return b, outline
 
 
 def _overlaps(box: np.ndarray, boxes: list[np.ndarray], thr: float = 0.2) -> bool:
@@ -77,19 +109,27 @@ def _overlaps(box: np.ndarray, boxes: list[np.ndarray], thr: float = 0.2) -> boo
 
 
 def draw_scene(rng: np.random.Generator, h: int, w: int, nc: int, n_objects: int | None = None, min_object: int = 14,
-               max_fraction: float = 0.45, noise: float = 8.0) -> tuple[np.ndarray, list[str]]:
+               max_fraction: float = 0.45, noise: float = 8.0, polygons: bool = False) -> tuple[np.ndarray, list[str]]:
     """Draw an h x w cluttered background and shapes that barely overlap (_overlaps); returns (BGR image, YOLO label lines).
 
     Public so that other scenes (the sample images in data/images/) come from the generator the detector trained on.
     n_objects None draws the count as the embedded dataset does (a background image now and then, else 1-6); a given
     count is attempted, and fewer are placed when the 4 x n_objects placement attempts run out. Object sides are drawn
     from [min_object, max_fraction x the short side); `noise` is the background's pixel-noise standard deviation.
+    polygons: outline lines `cls x1 y1 ... xn yn` instead of box lines (same random draws, same image).
     """
+    img, objects = draw_scene_objects(rng, h, w, nc, n_objects, min_object, max_fraction, noise)
+    return img, [o.label_line(h, w, polygons) for o in objects]
+
+
+def draw_scene_objects(rng: np.random.Generator, h: int, w: int, nc: int, n_objects: int | None = None, min_object: int = 14,
+                       max_fraction: float = 0.45, noise: float = 8.0) -> tuple[np.ndarray, list[SceneObject]]:
+    """draw_scene's image and its shapes as SceneObject (class, pixel box, pixel outline)."""
     img = _background(rng, h, w, noise)
     if n_objects is None:
         n_objects = 0 if rng.random() < BACKGROUND_FRACTION else int(rng.integers(1, 7))
     boxes: list[np.ndarray] = []
-    lines = []
+    objects = []
     for _ in range(n_objects * 4):  # placement attempts
         if len(boxes) == n_objects:
             break
@@ -100,26 +140,24 @@ def draw_scene(rng: np.random.Generator, h: int, w: int, nc: int, n_objects: int
         if _overlaps(np.array([x1, y1, x1 + bw, y1 + bh], np.float64), boxes):
             continue
         cls = int(rng.integers(0, nc))
-        b = _draw_object(img, rng, cls, (x1, y1, bw, bh))
+        b, outline = _draw_object(img, rng, cls, (x1, y1, bw, bh))
         boxes.append(b)
-        b = b.clip(0, [w, h, w, h])
-        cx, cy, bw_n, bh_n = (b[0] + b[2]) / 2 / w, (b[1] + b[3]) / 2 / h, (b[2] - b[0]) / w, (b[3] - b[1]) / h
-        lines.append(f"{cls} {cx:.6f} {cy:.6f} {bw_n:.6f} {bh_n:.6f}")
-    return img, lines
+        objects.append(SceneObject(cls, b.clip(0, [w, h, w, h]), outline))
+    return img, objects
 
 
-def _make_image(rng: np.random.Generator, nc: int, sides: tuple[int, int] = SIDES) -> tuple[np.ndarray, list[str]]:
-    """One image (height and width drawn from `sides`, inclusive) and its YOLO label lines."""
+def _make_image(rng: np.random.Generator, nc: int, sides: tuple[int, int] = SIDES, polygons: bool = False) -> tuple[np.ndarray, list[str]]:
+    """One image (height and width drawn from `sides`, inclusive) and its YOLO label lines (outlines when polygons)."""
     h, w = int(rng.integers(sides[0], sides[1] + 1)), int(rng.integers(sides[0], sides[1] + 1))
-    return draw_scene(rng, h, w, nc)
+    return draw_scene(rng, h, w, nc, polygons=polygons)
 
 
-def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: int, sides: tuple[int, int]) -> None:
+def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: int, sides: tuple[int, int], polygons: bool) -> None:
     """Write n images and label files for one split."""
     (root / "images" / split).mkdir(parents=True)
     (root / "labels" / split).mkdir(parents=True)
     for i in range(n):
-        img, lines = _make_image(rng, nc, sides)
+        img, lines = _make_image(rng, nc, sides, polygons)
         name = f"{split}_{i:05d}"
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
@@ -129,11 +167,12 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, nc: i
 
 
 def generate_shapes(root: Union[str, Path], n_train: int = 256, n_val: int = 64, seed: int = 0,
-                    names: Sequence[str] = SHAPE_NAMES, sides: tuple[int, int] = SIDES) -> Path:
+                    names: Sequence[str] = SHAPE_NAMES, sides: tuple[int, int] = SIDES, polygons: bool = False) -> Path:
     """Create the shapes dataset at root (images/{train,val}, labels/{train,val}); built in a temp dir then renamed.
 
     `sides` bounds image heights and widths: the default keeps the embedded dataset small; benchmarks ask for
-    photo-sized images so that decoding costs what it does on real data.
+    photo-sized images so that decoding costs what it does on real data. polygons: segmentation labels (each shape's
+    outline) for the very same images.
     """
     root = Path(root).resolve()
     if (root / "images" / "train").is_dir() and (root / "images" / "val").is_dir():
@@ -146,13 +185,14 @@ def generate_shapes(root: Union[str, Path], n_train: int = 256, n_val: int = 64,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         rng = np.random.default_rng(seed)
-        _write_split(tmp, "train", n_train, rng, len(names), sides)
-        _write_split(tmp, "val", n_val, rng, len(names), sides)
+        _write_split(tmp, "train", n_train, rng, len(names), sides, polygons)
+        _write_split(tmp, "val", n_val, rng, len(names), sides, polygons)
         if root.exists():
             root.rmdir()  # empty directory left by someone else
         os.replace(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    LOGGER.info(f"Generated shapes dataset ({n_train} train, {n_val} val images, {len(names)} classes) at {root} "
+    kind = "segmentation dataset" if polygons else "dataset"
+    LOGGER.info(f"Generated shapes {kind} ({n_train} train, {n_val} val images, {len(names)} classes) at {root} "
                 f"in {time.time() - t0:.1f}s")
     return root

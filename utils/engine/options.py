@@ -12,11 +12,15 @@ from utils.engine.trainer import TrainError
 from utils.paths import ROOT
 
 DEFAULT_CFG = "models/yolov5_mobilenetv4.yaml"
+TASKS = ("detect", "segment")
+DEFAULT_CFGS = {"detect": DEFAULT_CFG, "segment": "models/yolov5_mobilenetv4-seg.yaml"}  # with neither --cfg nor --weights
+DEFAULT_DATA = {"detect": None, "segment": str(ROOT / "data" / "shapes-seg.yaml")}  # None: the embedded shapes dataset
+DEFAULT_PROJECT = {"detect": ROOT / "runs/train", "segment": ROOT / "runs/train-seg"}
 
 
-def train_options(**overrides: object) -> argparse.Namespace:
-    """Default options with some replaced (Python callers: benchmarks, tests); unknown names raise TrainError."""
-    opt = train_parser().parse_args([])
+def train_options(task: str = "detect", **overrides: object) -> argparse.Namespace:
+    """Default options of `task` with some replaced (Python callers: benchmarks, tests); unknown names raise TrainError."""
+    opt = train_parser(task).parse_args([])
     opt.save_dir = ""  # set from --project/--name by train.main; Python callers may give it directly
     for k, v in overrides.items():
         if not hasattr(opt, k):
@@ -25,12 +29,17 @@ def train_options(**overrides: object) -> argparse.Namespace:
     return opt
 
 
-def train_parser() -> argparse.ArgumentParser:
-    """YOLOv5's train.py flags (plus --backbone-weights and --close-mosaic)."""
-    p = argparse.ArgumentParser(description="Train a YOLOv5-style detector")
+def train_parser(task: str = "detect") -> argparse.ArgumentParser:
+    """YOLOv5's train.py flags (plus --backbone-weights and --close-mosaic); task "segment" gives segment/train.py's."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    what = "segmentation model" if task == "segment" else "detector"
+    p = argparse.ArgumentParser(description=f"Train a YOLOv5-style {what}")
+    p.set_defaults(task=task)
     p.add_argument("--weights", default="", help="initial weights (.pt checkpoint) for fine-tuning")
-    p.add_argument("--cfg", default="", help=f"model yaml (default {DEFAULT_CFG} when no --weights)")
-    p.add_argument("--data", default=None, help="dataset yaml (default: embedded shapes dataset)")
+    p.add_argument("--cfg", default="", help=f"model yaml (default {DEFAULT_CFGS[task]} when no --weights)")
+    p.add_argument("--data", default=DEFAULT_DATA[task], help="dataset yaml (default: embedded shapes dataset"
+                   + (" with polygon labels)" if task == "segment" else ")"))
     p.add_argument("--hyp", default="", help="hyperparameters yaml (default: data/hyps/hyp.scratch-low.yaml, or hyp.scratch-af.yaml "
                    "for anchor-free heads)")
     p.add_argument("--epochs", type=int, default=100)
@@ -49,7 +58,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="SGD", choices=("SGD", "Adam", "AdamW"))
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm, DDP only")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
-    p.add_argument("--project", default=str(ROOT / "runs/train"))
+    p.add_argument("--project", default=str(DEFAULT_PROJECT[task]))
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true")
     p.add_argument("--cos-lr", action="store_true")
@@ -67,6 +76,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-weights", action="store_true", help="draw training images by weights from class rarity and per-class mAP")
     p.add_argument("--quad", action="store_true", help="four-image collate: each 4 images become one of twice the size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass (slow first steps, then faster)")
+    if task == "segment":
+        p.add_argument("--mask-ratio", type=int, default=4, help="ground-truth masks at 1/mask-ratio of the image size")
+        p.add_argument("--no-overlap", action="store_true", help="one mask per instance instead of one index mask per image")
     return p
 
 
@@ -108,6 +120,8 @@ def check_options(opt: argparse.Namespace, world_size: int = 1) -> None:
     check_int("--workers", opt.workers, minimum=0)
     check_int("--patience", opt.patience, minimum=0)
     check_int("--close-mosaic", opt.close_mosaic, minimum=0)
+    if getattr(opt, "task", "detect") == "segment":
+        check_int("--mask-ratio", opt.mask_ratio)
     for i in opt.freeze:
         check_int("--freeze", i, minimum=0)
     _check_sampling_flags(opt, world_size)

@@ -11,11 +11,21 @@ from utils.files import atomic_write_text
 LOGGER = logging.getLogger("mobile_yolo")
 
 YOLOV5_LOSSES = ("box_loss", "obj_loss", "cls_loss")
+YOLOV5_SEG_LOSSES = ("box_loss", "seg_loss", "obj_loss", "cls_loss")
+_METRICS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+
+
+def metric_columns(loss_names: Sequence[str] = YOLOV5_LOSSES) -> tuple[str, ...]:
+    """The metric columns: box P, R, mAP50, mAP50-95; a loss with a seg_loss item gets YOLOv5-seg's (B) then (M) columns."""
+    if "seg_loss" in loss_names:
+        return (*(f"{m}(B)" for m in _METRICS), *(f"{m}(M)" for m in _METRICS))
+    return _METRICS
 
 
 def columns(loss_names: Sequence[str] = YOLOV5_LOSSES) -> tuple[str, ...]:
-    """The csv columns for a loss with these item names (YOLOv5's layout for its three losses, YOLOv8's for box/cls/dfl)."""
-    metrics = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+    """The csv columns for a loss with these item names (YOLOv5's layout for its three losses, YOLOv8's for box/cls/dfl,
+    YOLOv5-seg's for box/seg/obj/cls)."""
+    metrics = metric_columns(loss_names)
     return ("epoch", *(f"train/{n}" for n in loss_names), *metrics, *(f"val/{n}" for n in loss_names), "x/lr0", "x/lr1", "x/lr2")
 
 
@@ -26,7 +36,7 @@ def append_results(
     csv: Path, epoch: int, train_loss: Sequence[float], results: Sequence[float], lrs: Sequence[float],
     loss_names: Sequence[str] = YOLOV5_LOSSES,
 ) -> None:
-    """Append one epoch (train losses, P, R, mAP50, mAP50-95, val losses, 3 learning rates); writes the header first."""
+    """Append one epoch (train losses, metrics (see metric_columns), val losses, 3 learning rates); writes the header first."""
     values = [epoch, *train_loss, *results, *lrs]
     cols = columns(loss_names)
     if len(values) != len(cols):

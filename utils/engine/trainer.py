@@ -43,7 +43,7 @@ from utils.engine.torch_utils import (
     smart_optimizer,
     warmup_step,
 )
-from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult
+from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult, SegmentEvaluator
 from utils.evaluation.validate import evaluate
 from utils.files import atomic_write_text, remove_stale_temps
 from utils.loss import DetectionLoss, build_loss
@@ -119,6 +119,17 @@ def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(imgs, size=new, mode="bilinear", align_corners=False)
 
 
+def _check_task(opt: argparse.Namespace, model: DetectionModel) -> bool:
+    """Whether this run segments; a model whose head does not fit the script (train.py vs segment/train.py) is refused."""
+    segment = getattr(opt, "task", "detect") == "segment"
+    if segment and model.head_kind != "segment":
+        raise TrainError(f"segment/train.py trains segmentation models (a Segment head); this model's head is {model.head_kind!r} "
+                         "(train it with train.py)")
+    if not segment and model.head_kind == "segment":
+        raise TrainError("this model has a Segment head: train it with segment/train.py")
+    return segment
+
+
 class Trainer:
     """One training run. `fit()` returns the best checkpoint; `callbacks` lets loggers and user code follow along."""
 
@@ -148,6 +159,7 @@ class Trainer:
         self.maps = np.zeros(self.nc)  # per-class mAP50-95 of the last validation (--image-weights)
         init_seeds(opt.seed + 1 + max(self.dist.rank, 0), deterministic=True)
         self.model: Any = build_model(opt, self.nc, self.names, self.device)
+        self.segment = _check_task(opt, self.model)
         freeze = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
         self.frozen = freeze_layers(self.model, freeze)
         self.gs = max(int(self.model.stride.max()), 32)
@@ -169,7 +181,8 @@ class Trainer:
                                          fused=self.device.type == "cuda")
         self.scheduler, self.lf = build_scheduler(self.optimizer, opt.epochs, self.hyp.lrf, opt.cos_lr)
         self._check_anchors()
-        self.loss: DetectionLoss = build_loss(self.model, self.hyp.as_dict(), opt.imgsz, opt.label_smoothing)
+        loss_hyp = {**self.hyp.as_dict(), **({"overlap_mask": not opt.no_overlap} if self.segment else {})}
+        self.loss: DetectionLoss = build_loss(self.model, loss_hyp, opt.imgsz, opt.label_smoothing)
         self.ema = ModelEMA(self.model) if self.dist.main else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
         self._wrap_distributed()
@@ -185,22 +198,30 @@ class Trainer:
             atomic_write_text(self.save_dir / "hyp.yaml", yaml.safe_dump(self.hyp.as_dict(), sort_keys=False))
 
     def _make_loaders(self) -> None:
-        """Augmented training loader (per rank) and the rectangular validation loader (main rank)."""
+        """Augmented training loader (per rank) and the rectangular validation loader (main rank); with masks when segmenting."""
         from utils.data.image_weights import EpochWeightedSampler
 
         opt, nc = self.opt, int(self.data["nc"])
-        self.train_loader, self.dataset = create_dataloader(
+        make: Any = create_dataloader
+        train_masks: dict[str, Any] = {}
+        val_masks: dict[str, Any] = {}
+        if self.segment:
+            from utils.data.seg_dataset import create_seg_dataloader
+
+            make, train_masks = create_seg_dataloader, {"mask_ratio": opt.mask_ratio, "overlap": not opt.no_overlap}
+            val_masks = {"mask_ratio": 1, "overlap": not opt.no_overlap}  # validation scores masks at full resolution
+        self.train_loader, self.dataset = make(
             self.data["train"], opt.imgsz, self.batch, self.gs, single_cls=opt.single_cls, hyp=self.hyp.as_dict(), augment=True,
             cache=opt.cache, rect=opt.rect, workers=opt.workers, shuffle=not opt.rect, prefix="train: ", nc=nc, seed=opt.seed,
-            rank=self.dist.local_rank, quad=opt.quad, image_weights=opt.image_weights,
+            rank=self.dist.local_rank, quad=opt.quad, image_weights=opt.image_weights, **train_masks,
         )
         sampler = self.train_loader.sampler
         self.image_sampler = sampler if isinstance(sampler, EpochWeightedSampler) else None
         self.val_loader = None
         if self.dist.main:
-            self.val_loader = create_dataloader(
+            self.val_loader = make(
                 self.data["val"], opt.imgsz, self.batch * 2, self.gs, single_cls=opt.single_cls, cache=None if opt.noval else opt.cache,
-                rect=True, pad=0.5, workers=opt.workers, prefix="val: ", nc=nc,
+                rect=True, pad=0.5, workers=opt.workers, prefix="val: ", nc=nc, **val_masks,
             )[0]
 
     def _check_anchors(self) -> None:
@@ -275,13 +296,14 @@ class Trainer:
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
         mloss = torch.zeros(len(self.loss.names), device=self.device)
         if self.dist.main:
-            LOGGER.info(("%11s" * 7) % ("Epoch", "GPU_mem", *self.loss.names, "Instances", "Size"))
+            LOGGER.info(("%11s" * (4 + len(self.loss.names))) % ("Epoch", "GPU_mem", *self.loss.names, "Instances", "Size"))
         bar = tqdm(enumerate(self.train_loader), total=nb, disable=not self.dist.main, bar_format="{l_bar}{bar:10}{r_bar}")
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (imgs, targets, paths, _) in bar:
+        for i, (imgs, targets, paths, _, *masks) in bar:  # segmentation batches end in ground-truth masks
             ni = i + nb * epoch
             imgs = imgs.to(self.device, non_blocking=True).float() / 255
-            items = self.train_step(imgs, targets, ni, epoch, last=i == nb - 1)
+            extras = [m.to(self.device, non_blocking=True) for m in masks]
+            items = self.train_step(imgs, targets, ni, epoch, last=i == nb - 1, extras=extras)
             mloss = (mloss * i + items) / (i + 1)
             if i % LOG_INTERVAL == 0 or i == nb - 1:
                 means = mloss.tolist()
@@ -292,14 +314,18 @@ class Trainer:
             self.callbacks.run("on_train_batch_end", trainer=self, ni=ni, imgs=imgs, targets=targets, paths=list(paths))
         return mloss.cpu()
 
-    def train_step(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int, epoch: int, last: bool = False) -> torch.Tensor:
-        """Warm-up, forward, loss, AMP backward and (every `accumulate` batches) an optimizer + EMA step; returns loss items."""
+    def train_step(
+        self, imgs: torch.Tensor, targets: torch.Tensor, ni: int, epoch: int, last: bool = False, extras: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Warm-up, forward, loss, AMP backward and (every `accumulate` batches) an optimizer + EMA step; returns loss items.
+
+        `extras` are the batch's further loss inputs (ground-truth masks for segmentation)."""
         if ni <= self.warmup_iters:
             warmup_step(self.optimizer, ni, self.warmup_iters, epoch, self.lf, self.hyp.as_dict())
         if self.opt.multi_scale:
             imgs = _multi_scale(imgs, self.opt.imgsz, self.gs)
         with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
-            loss, items = self.loss(self.forward(imgs), targets.to(self.device))
+            loss, items = self.loss(self.forward(imgs), targets.to(self.device), *(extras or []))
         loss = loss * 4 if self.opt.quad else loss  # --quad: a quarter as many images per batch (YOLOv5's factor)
         if self.dist.rank != -1:
             loss = loss * self.dist.world_size  # DDP averages gradients over processes
@@ -329,8 +355,9 @@ class Trainer:
     # ----- validation and checkpoints ------------------------------------------------------------------------------
     def validate(self, model: torch.nn.Module, plots: bool, verbose: bool = False) -> DetectionResult:
         """Evaluate `model` on the validation loader in-process (with the validation loss)."""
+        evaluator = SegmentEvaluator(self.nc, self.names) if self.segment else DetectionEvaluator(self.nc, self.names)
         result = evaluate(
-            model, self.val_loader, DetectionEvaluator(self.nc, self.names), device=self.device, compute_loss=self.loss,
+            model, self.val_loader, evaluator, device=self.device, compute_loss=self.loss,
             half=self.device.type == "cuda", plots=plots, save_dir=self.save_dir, names=self.names, single_cls=self.opt.single_cls,
             quiet=not verbose,
         )
@@ -346,10 +373,9 @@ class Trainer:
         assert self.ema is not None  # the main rank always keeps one
         if not opt.noval or final:
             result = self.validate(self.ema.ema, plots=final and not opt.noplots)
-            row, self.maps = result.results_row(), result.maps
+            row, self.maps, fit = result.results_row(), result.maps, result.fitness()
         else:
-            row = (0.0,) * (4 + len(self.loss.names))
-        fit = 0.1 * row[2] + 0.9 * row[3]
+            row, fit = (0.0,) * ((8 if self.segment else 4) + len(self.loss.names)), 0.0
         stop = self.stopper(epoch, fit)
         self.best_fitness = max(self.best_fitness, fit)
         append_results(self.save_dir / "results.csv", epoch, mloss.tolist(), row, lrs, self.loss.names)

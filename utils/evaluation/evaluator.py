@@ -3,21 +3,26 @@
 The evaluator sees detections and labels in one pixel space and knows nothing about models, loaders or files, so the
 validation loop (utils.evaluation.validate), the trainer and tests all drive it the same way. A task that scores a second
 kind of match (masks) adds its own MatchStats and feeds it a `correct` matrix from metrics.match_from_iou.
+SegmentEvaluator does that for instance masks (mask IoU in place of box IoU) and returns a SegmentResult.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from utils.evaluation.metrics import ConfusionMatrix, Curves, class_ap_stats, default_iouv, match_predictions
+from utils.evaluation.masks import mask_iou
+from utils.evaluation.metrics import ConfusionMatrix, Curves, class_ap_stats, default_iouv, match_from_iou, match_predictions
 
 STAGES = ("preprocess", "inference", "nms")
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 _ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
+SEG_TABLE_HEADER = ("Class", "Images", "Instances", "Box(P", "R", "mAP50", "mAP50-95)", "Mask(P", "R", "mAP50", "mAP50-95)")
+_SEG_ROW = "%22s" + "%11i" * 2 + "%11.3g" * 8
+SEG_FITNESS_WEIGHTS = (0.0, 0.0, 0.1, 0.9, 0.0, 0.0, 0.1, 0.9)  # YOLOv5-seg: over (P, R, mAP50, mAP50-95) of boxes then masks
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,6 +140,54 @@ class DetectionResult:
         return lines
 
 
+def _class_metrics(pc: PerClass, c: int) -> tuple[float, float, float, float]:
+    """(P, R, mAP50, mAP50-95) of class c, zeros when it was not scored."""
+    hit = np.flatnonzero(pc.ap_class == c)
+    if not hit.size:
+        return 0.0, 0.0, 0.0, 0.0
+    i = int(hit[0])
+    return float(pc.p[i]), float(pc.r[i]), float(pc.ap50[i]), float(pc.ap[i])
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentResult(DetectionResult):
+    """A segmentation validation pass: the inherited metrics are the boxes', `mask` the masks'; `maps` is box + mask per class."""
+
+    mask: MatchSummary
+
+    @classmethod
+    def combine(cls, box: DetectionResult, mask: MatchSummary) -> SegmentResult:
+        """The box result with the mask summary added and `maps` summed per class (YOLOv5-seg's class weights source)."""
+        parts = {f.name: getattr(box, f.name) for f in fields(box)}
+        parts["maps"] = box.maps + mask.maps
+        return cls(**parts, mask=mask)
+
+    def metrics(self) -> tuple[float, ...]:
+        """(P, R, mAP50, mAP50-95) of boxes, then of masks."""
+        m = self.mask
+        return (self.precision, self.recall, self.map50, self.map, m.precision, m.recall, m.map50, m.map)
+
+    def fitness(self) -> float:
+        """YOLOv5-seg's model-selection score: 0.1 * mAP50 + 0.9 * mAP50-95 of boxes plus the same of masks."""
+        return float(sum(w * v for w, v in zip(SEG_FITNESS_WEIGHTS, self.metrics())))
+
+    def results_row(self) -> tuple[float, ...]:
+        """(P(B), R(B), mAP50(B), mAP50-95(B), P(M), R(M), mAP50(M), mAP50-95(M), *loss): YOLOv5-seg's results.csv values."""
+        return (*self.metrics(), *self.loss)
+
+    def table(self, verbose: bool = False) -> list[str]:
+        """YOLOv5-seg's printed table: header, the 'all' row and, when verbose with several classes, one row per class."""
+        lines = [("%22s" + "%11s" * 10) % SEG_TABLE_HEADER]
+        lines.append(_SEG_ROW % ("all", self.seen, self.instances.sum(), *self.metrics()))
+        if verbose and len(self.names) > 1:
+            for c in np.union1d(self.per_class.ap_class, self.mask.per_class.ap_class).astype(int).tolist():
+                name = self.names[c] if 0 <= c < len(self.names) else str(c)
+                count = self.instances[c] if 0 <= c < len(self.instances) else 0
+                row = (*_class_metrics(self.per_class, c), *_class_metrics(self.mask.per_class, c))
+                lines.append(_SEG_ROW % (name, self.seen, count, *row))
+        return lines
+
+
 class DetectionEvaluator:
     """Accumulates a validation pass batch by batch; compute() turns it into a DetectionResult."""
 
@@ -167,10 +220,13 @@ class DetectionEvaluator:
         if len(predictions) != len(targets):
             raise ValueError(f"DetectionEvaluator.update: {len(predictions)} prediction tensors but {len(targets)} label tensors")
         for pred, labels in zip(predictions, targets):
-            det, lab = self.prepare(pred, labels)
-            self.box.add(self.match_boxes(det, lab), det[:, 4], det[:, 5], lab[:, 0])
-            self.confusion.process_batch(det, lab)
-            self.seen += 1
+            self.add_prepared(*self.prepare(pred, labels))
+
+    def add_prepared(self, det: torch.Tensor, lab: torch.Tensor) -> None:
+        """Add one image's box matches and confusion counts from its prepared (n, 6) detections and (m, 5) labels."""
+        self.box.add(self.match_boxes(det, lab), det[:, 4], det[:, 5], lab[:, 0])
+        self.confusion.process_batch(det, lab)
+        self.seen += 1
 
     def prepare(self, pred: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's (n, 6) float CPU detections (extra columns dropped) and (m, 5) labels, classes merged when single_cls."""
@@ -221,3 +277,51 @@ class DetectionEvaluator:
             instances=self.box.instances(self.nc), maps=box.maps, confusion=self.confusion.matrix.copy(), seen=self.seen,
             speed=self.speed(), loss=self.mean_loss(), curves=box.curves, names=self.names,
         )
+
+
+class SegmentEvaluator(DetectionEvaluator):
+    """DetectionEvaluator that also scores instance masks (`self.mask`); compute() returns a SegmentResult."""
+
+    def reset(self) -> None:
+        """Start a new pass (box and mask matches, confusion counts, timings, losses)."""
+        super().reset()
+        self.mask = MatchStats(self.iouv.numel())
+
+    def update(
+        self,
+        predictions: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor],
+        pred_masks: Sequence[torch.Tensor] | None = None,
+        gt_masks: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """Add one batch: per image detections and labels as DetectionEvaluator takes them, (n, h, w) and (m, h, w) binary masks."""
+        if pred_masks is None or gt_masks is None:
+            raise ValueError("SegmentEvaluator.update: needs pred_masks and gt_masks, one (n, h, w) / (m, h, w) tensor per image")
+        if not len(predictions) == len(targets) == len(pred_masks) == len(gt_masks):
+            raise ValueError(
+                f"SegmentEvaluator.update: {len(predictions)} prediction, {len(targets)} label, {len(pred_masks)} predicted-mask "
+                f"and {len(gt_masks)} label-mask tensors"
+            )
+        prepared = [self.prepare(pred, labels) for pred, labels in zip(predictions, targets)]
+        correct = [self.match_masks(det, lab, pm, gm) for (det, lab), pm, gm in zip(prepared, pred_masks, gt_masks)]
+        for (det, lab), mask_correct in zip(prepared, correct):  # every input checked: nothing is half-added on an error
+            self.add_prepared(det, lab)
+            self.mask.add(mask_correct, det[:, 4], det[:, 5], lab[:, 0])
+
+    def match_masks(self, det: torch.Tensor, labels: torch.Tensor, pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+        """(n, t) correctness of the detections' masks against the labels' masks at each IoU threshold (mask IoU, same class)."""
+        n, m = det.shape[0], labels.shape[0]
+        pm, gm = pred_masks.detach().cpu(), gt_masks.detach().cpu()
+        if pm.shape[0] != n or gm.shape[0] != m or (n and m and pm.shape[1:] != gm.shape[1:]):
+            raise ValueError(
+                f"SegmentEvaluator.update: masks {tuple(pm.shape)} / {tuple(gm.shape)} do not fit {n} detections / {m} labels "
+                "at one common (h, w)"
+            )
+        if not n or not m:
+            return torch.zeros((n, self.iouv.numel()), dtype=torch.bool)
+        iou = mask_iou(gm.reshape(m, -1), pm.reshape(n, -1))
+        return match_from_iou(iou, labels[:, 0], det[:, 5], self.iouv)
+
+    def compute(self) -> SegmentResult:
+        """Reduce everything accumulated so far into box and mask metrics (the state is kept; reset() starts over)."""
+        return SegmentResult.combine(super().compute(), self.mask.summarize(self.nc))

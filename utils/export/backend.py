@@ -55,6 +55,11 @@ def _head_kind(value: Any, weights: Path) -> str:
     return kind
 
 
+def _first_or_all(outputs: list[Any]) -> Any:
+    """A runtime's outputs: the one array of a detector, or all of them (a segmentation model's detections and prototypes)."""
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
 class DetectBackend(nn.Module):
     """Load any supported weights by suffix; calling it maps a (B,3,H,W) 0-1 image batch to the head's inference output.
 
@@ -77,7 +82,7 @@ class DetectBackend(nn.Module):
         self.dynamic = True
         self._in_dtype = np.float16 if self.fp16 else np.float32
         self._warned_augment = False
-        self._run: Callable[[np.ndarray], np.ndarray]  # numpy runtimes (ONNX Runtime, OpenVINO, NCNN): batch in, output out
+        self._run: Callable[[np.ndarray], Any]  # numpy runtimes (ONNX Runtime, OpenVINO, NCNN): batch in, output out
         meta = self._load_module(module) if module is not None else getattr(self, f"_load_{self.format}")()
         self.stride = int(meta.get("stride") or 32)
         self.names = _names_from(meta.get("names")) or _names_from_data(data) or []
@@ -151,7 +156,7 @@ class DetectBackend(nn.Module):
         inp = self.session.get_inputs()[0]
         self._input_name, self._in_dtype = inp.name, np.float16 if "float16" in inp.type else np.float32
         self._set_shape(inp.shape)
-        self._run = lambda x: self.session.run(None, {self._input_name: x})[0]
+        self._run = lambda x: _first_or_all(self.session.run(None, {self._input_name: x}))
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def _load_openvino(self) -> dict:
@@ -171,7 +176,7 @@ class DetectBackend(nn.Module):
         # An fp32 export runs in f32: on CPUs with bf16 units OpenVINO's default would silently compute it in bf16
         config = {} if meta.get("half") else {"INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = core.compile_model(model, "CPU", config)
-        self._run = lambda x: next(iter(self.compiled(x).values()))
+        self._run = lambda x: _first_or_all(list(self.compiled(x).values()))
         return meta
 
     def _load_tflite(self) -> dict:
@@ -197,17 +202,22 @@ class DetectBackend(nn.Module):
         self.dynamic = not static
         self.input_shape = tuple(int(d) for d in shape) if static else None
 
-    def forward(self, im: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """(B,3,H,W) float 0-1 -> the head's inference output (e.g. (B,N,5+nc) anchor-based), a tensor on self.device."""
+    def forward(self, im: torch.Tensor, augment: bool = False) -> Any:
+        """(B,3,H,W) float 0-1 -> the head's inference output (e.g. (B,N,5+nc) anchor-based), a tensor on self.device;
+        a segmentation model gives (detections (B,N,5+nc+nm), prototypes (B,nm,H/4,W/4))."""
         if self.pt:
-            return self.model(im.half() if self.fp16 else im.float(), augment=augment)[0]
+            out = self.model(im.half() if self.fp16 else im.float(), augment=augment)
+            return (out[0], out[1]) if self.head_kind == "segment" else out[0]
         if augment and not self._warned_augment:
             LOGGER.warning(f"WARNING: test-time augmentation needs a .pt model; running {self.format} without it")
             self._warned_augment = True
         if self.input_shape is not None and im.shape[0] != self.input_shape[0]:
             if self.input_shape[0] != 1:
                 raise ValueError(f"{self.weights}: exported for batch {self.input_shape[0]}, got batch {im.shape[0]}")
-            return torch.cat([self.forward(im[i : i + 1]) for i in range(im.shape[0])], 0)
+            parts = [self.forward(im[i : i + 1]) for i in range(im.shape[0])]
+            if isinstance(parts[0], tuple):
+                return tuple(torch.cat(group, 0) for group in zip(*parts))
+            return torch.cat(parts, 0)
         if self.input_shape is not None and tuple(im.shape[2:]) != self.input_shape[2:]:
             h, w = self.input_shape[2:]
             got = f"{im.shape[2]}x{im.shape[3]}"
@@ -215,7 +225,10 @@ class DetectBackend(nn.Module):
         if self.jit:
             return self.model(im.half() if self.fp16 else im.float())
         x = im.detach().cpu().numpy().astype(self._in_dtype, copy=False)
-        return torch.from_numpy(np.asarray(self._run(x))).to(self.device)
+        y = self._run(x)
+        if isinstance(y, (list, tuple)):
+            return tuple(torch.from_numpy(np.asarray(a)).to(self.device) for a in y)
+        return torch.from_numpy(np.asarray(y)).to(self.device)
 
     @property
     def fixed_imgsz(self) -> tuple[int, int] | None:

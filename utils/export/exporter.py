@@ -26,6 +26,7 @@ from utils.export.formats import (
     export_onnx_model,
     export_openvino_model,
     export_torchscript_model,
+    is_segmentation,
 )
 from utils.paths import ROOT
 
@@ -34,6 +35,7 @@ FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")
 NMS_FORMATS = ("onnx", "torchscript", "openvino")  # formats whose graph can hold NMS (export.py --nms)
 INT8_FORMATS = ("onnx", "openvino", "coreml")  # TFLite INT8 is refused: its quantiser collapses box sizes (README)
 CPU_HALF_FORMATS = ("tflite", "coreml")  # fp16 weights written from the fp32 model, no CUDA needed
+SEGMENT_FORMATS = ("onnx", "torchscript", "openvino")  # two outputs (detections with mask coefficients, prototypes)
 
 
 def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[DetectionModel, Path]:
@@ -149,6 +151,17 @@ def _export_coreml(model: DetectionModel, base: Path, opt: dict[str, Any], meta:
 SINGLE_EXPORTERS = {"torchscript": _export_torchscript, "ncnn": _export_ncnn, "tflite": _export_tflite, "coreml": _export_coreml}
 
 
+def _check_segmentation(model: DetectionModel, fmts: list[str], nms: bool, int8: bool) -> None:
+    """Segmentation models export with their two outputs to the formats whose backend returns both; others are refused."""
+    if not is_segmentation(model):
+        return
+    unable = [f for f in fmts if f not in SEGMENT_FORMATS]
+    if unable:
+        raise ExportError(f"segmentation models export to {', '.join(SEGMENT_FORMATS)} only, not {', '.join(unable)}")
+    if nms or int8:
+        raise ExportError(f"{'--nms' if nms else '--int8'} is not available for segmentation models yet")
+
+
 def export_model(
     weights: Any = None,
     cfg: Any = None,
@@ -191,6 +204,7 @@ def export_model(
         if unable:
             raise ExportError(f"{flag} is not available for {', '.join(unable)} (only {', '.join(able)})")
     model, base = _build_model(weights, cfg, dev)
+    _check_segmentation(model, fmts, nms, int8)
     model = model.eval().fuse()
     for p in model.parameters():
         p.requires_grad_(False)

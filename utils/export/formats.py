@@ -24,7 +24,7 @@ from utils.export.end2end import End2End, NMSSettings
 from utils.files import remove_stale_temps
 
 LOGGER = logging.getLogger("mobile_yolo")
-INPUT_NAME, OUTPUT_NAME = "images", "output0"
+INPUT_NAME, OUTPUT_NAME, PROTO_NAME = "images", "output0", "output1"  # output1: a segmentation model's mask prototypes
 TORCHSCRIPT_CONFIG = "config.txt"
 EXPORT_DESCRIPTION = "mobile_yolo detector"
 OPENVINO_METADATA = "metadata.yaml"
@@ -35,15 +35,23 @@ class ExportError(ValueError):
 
 
 class ExportModel(nn.Module):
-    """Inference view of a DetectionModel that returns only the head's decoded output (its export layout)."""
+    """Inference view of a DetectionModel that returns only the head's decoded output (its export layout), and for a
+    segmentation model also the mask prototypes (YOLOv5-seg's two outputs)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.segment = is_segmentation(model)
         self.eval()  # exporters restore the wrapper's mode afterwards; it must be eval, not the nn.Module default
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y = self.model(x)
+        return (y[0], y[1]) if self.segment else y[0]
+
+
+def is_segmentation(model: nn.Module) -> bool:
+    """Whether the model's head is a Segment head (two outputs: detections with mask coefficients, prototypes)."""
+    return getattr(model, "head_kind", None) == "segment"
 
 
 def export_wrapper(model: nn.Module, nms: NMSSettings | None = None) -> nn.Module:
@@ -148,7 +156,12 @@ def export_onnx_model(
     im = _dummy_input(model, imgsz, batch_size)
     anchor_axis = int(getattr(getattr(model, "head", None), "anchor_axis", 1))
     out_axes = {0: "batch"} if nms else {0: "batch", anchor_axis: "anchors"}
-    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: out_axes} if dynamic else None
+    outputs = [OUTPUT_NAME, PROTO_NAME] if is_segmentation(model) and not nms else [OUTPUT_NAME]
+    axes: dict[str, dict[int, str]] | None = None
+    if dynamic:
+        proto_axes = {0: "batch", 2: "mask_height", 3: "mask_width"}
+        axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: out_axes, PROTO_NAME: proto_axes}
+        axes = {k: v for k, v in axes.items() if k == INPUT_NAME or k in outputs}
     meta = metadata or export_metadata(model, imgsz, batch_size, dynamic, im.dtype == torch.float16)
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -156,7 +169,7 @@ def export_onnx_model(
             warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer warnings
             torch.onnx.export(
                 wrapper, (im,), str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                input_names=[INPUT_NAME], output_names=outputs, dynamic_axes=axes,
             )  # fmt: skip
         proto = onnx.load(str(tmp))
         if simplify:

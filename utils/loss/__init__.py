@@ -13,10 +13,14 @@ from torch import nn
 
 from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
 from utils.loss.anchor_free import AnchorFreeLoss, unwrap_head
+from utils.loss.segment import SegmentLoss
 
 
 class DetectionLoss(Protocol):
-    """(raw head outputs, targets [image, class, cx, cy, w, h]) -> (loss * batch size, detached per-item losses)."""
+    """(raw head outputs, targets [image, class, cx, cy, w, h]) -> (loss * batch size, detached per-item losses).
+
+    The segmentation loss also takes the ground-truth masks as a third argument (see utils.loss.segment).
+    """
 
     names: tuple[str, ...]
 
@@ -60,4 +64,12 @@ def _anchor_free(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smo
     return AnchorFreeLoss(model, hyp)
 
 
-__all__ = ["AnchorFreeLoss", "ComputeLoss", "DetectionLoss", "build_loss", "register_loss", "scale_loss_gains"]
+@register_loss("segment")
+def _segment(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float) -> DetectionLoss:
+    """YOLOv5-seg's loss, gains rescaled like the anchor-based loss; hyp "overlap_mask" (default True) picks the mask encoding."""
+    head: Any = unwrap_head(model)
+    gains = scale_loss_gains(dict(hyp), head.nl, head.nc, imgsz)
+    return SegmentLoss(model, gains, label_smoothing=label_smoothing, overlap=bool(hyp.get("overlap_mask", True)))
+
+
+__all__ = ["AnchorFreeLoss", "ComputeLoss", "DetectionLoss", "SegmentLoss", "build_loss", "register_loss", "scale_loss_gains"]

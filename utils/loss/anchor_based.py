@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -57,6 +57,16 @@ class FocalLoss(nn.Module):
         return loss.sum() if self.reduction == "sum" else loss
 
 
+class LevelTargets(NamedTuple):
+    """build_targets' per-level lists plus, for each positive, the row of `targets` it was assigned from."""
+
+    tcls: list[torch.Tensor]  # (n,) class ids
+    tbox: list[torch.Tensor]  # (n, 4) cell offset xy + wh, grid units
+    indices: list[tuple[torch.Tensor, ...]]  # (img, anchor, gy, gx), each (n,)
+    anchors: list[torch.Tensor]  # (n, 2) anchor wh, grid units
+    rows: list[torch.Tensor]  # (n,) index into targets
+
+
 class ComputeLoss:
     """Callable YOLOv5 loss for a DetectionModel: (raw level outputs, targets) -> (loss * batch, [box, obj, cls])."""
 
@@ -86,15 +96,24 @@ class ComputeLoss:
 
     def _compute(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss itself, in float32 (called by __call__ with autocast off)."""
+        lbox, lobj, lcls, _ = self._detection_terms(preds, targets)
+        bs = preds[0].shape[0]
+        return (lbox + lobj + lcls).sum() * bs, torch.cat((lbox, lobj, lcls)).detach()
+
+    def _detection_terms(
+        self, preds: list[torch.Tensor], targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LevelTargets]:
+        """Gain-weighted (1,) box, obj and cls losses from each output's first 5 + nc channels, and the assignment used."""
         device = targets.device
         self._move_criteria(device)
         lbox, lobj, lcls = (torch.zeros(1, device=device) for _ in range(3))
-        tcls, tbox, indices, anchors = self.build_targets(preds, targets)
+        assigned = self.assign_targets(preds, targets)
+        tcls, tbox, indices, anchors = assigned.tcls, assigned.tbox, assigned.indices, assigned.anchors
         for i, pi in enumerate(preds):
             b, a, gj, gi = indices[i]
             tobj = torch.zeros(pi.shape[:4], dtype=pi.dtype, device=device)
             if b.shape[0]:
-                pxy, pwh, _, pcls = pi[b, a, gj, gi].split((2, 2, 1, self.nc), 1)
+                pxy, pwh, _, pcls = pi[b, a, gj, gi][:, : 5 + self.nc].split((2, 2, 1, self.nc), 1)
                 pbox = torch.cat((pxy.sigmoid() * 2 - 0.5, (pwh.sigmoid() * 2) ** 2 * anchors[i]), 1)
                 iou = bbox_iou(pbox, tbox[i], CIoU=True)
                 lbox = lbox + (1.0 - iou).mean()
@@ -104,11 +123,7 @@ class ComputeLoss:
                     t[torch.arange(b.shape[0], device=device), tcls[i]] = self.cp
                     lcls = lcls + self.bce_cls(pcls, t)
             lobj = lobj + self.bce_obj(pi[..., 4], tobj) * self.balance[i]
-        lbox = lbox * self.hyp["box"]
-        lobj = lobj * self.hyp["obj"]
-        lcls = lcls * self.hyp["cls"]
-        bs = preds[0].shape[0]
-        return (lbox + lobj + lcls).sum() * bs, torch.cat((lbox, lobj, lcls)).detach()
+        return lbox * self.hyp["box"], lobj * self.hyp["obj"], lcls * self.hyp["cls"], assigned
 
     def _move_criteria(self, device: torch.device) -> None:
         """Keep the pos_weight tensors on the device of the targets (the model may have moved after __init__)."""
@@ -119,33 +134,39 @@ class ComputeLoss:
 
     def build_targets(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[list, list, list, list]:
         """Per level: class ids, boxes (cell offset xy + wh, grid units), (img, anchor, gy, gx) indices and anchor wh."""
-        tcls: list[torch.Tensor] = []
-        tbox: list[torch.Tensor] = []
-        indices: list[tuple[torch.Tensor, ...]] = []
-        anch: list[torch.Tensor] = []
+        assigned = self.assign_targets(preds, targets)
+        return assigned.tcls, assigned.tbox, assigned.indices, assigned.anchors
+
+    def assign_targets(self, preds: list[torch.Tensor], targets: torch.Tensor) -> LevelTargets:
+        """build_targets' lists plus, per level, the `targets` row of each positive (for per-instance terms like masks)."""
+        out = LevelTargets([], [], [], [], [])
         for i, p in enumerate(preds):
             ny, nx = p.shape[2], p.shape[3]
             level_anchors = self.det.anchors[i].to(device=targets.device, dtype=torch.float32)
-            t, a, offsets = self._assign_level(targets, level_anchors, nx, ny)
+            t, a, offsets, rows = self._assign_level(targets, level_anchors, nx, ny)
             img, cls = t[:, 0].long(), t[:, 1].long()
             gxy, gwh = t[:, 2:4], t[:, 4:6]
             cell = (gxy - offsets).long()
             gx, gy = cell[:, 0].clamp(0, nx - 1), cell[:, 1].clamp(0, ny - 1)
-            indices.append((img, a, gy, gx))
-            tbox.append(torch.cat((gxy - torch.stack((gx, gy), 1), gwh), 1))
-            anch.append(level_anchors[a])
-            tcls.append(cls)
-        return tcls, tbox, indices, anch
+            out.indices.append((img, a, gy, gx))
+            out.tbox.append(torch.cat((gxy - torch.stack((gx, gy), 1), gwh), 1))
+            out.anchors.append(level_anchors[a])
+            out.tcls.append(cls)
+            out.rows.append(rows)
+        return out
 
     def _assign_level(
         self, targets: torch.Tensor, anchors: torch.Tensor, nx: int, ny: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Targets in grid units matched to anchors (wh ratio < anchor_t) and to their centre + 2 nearest neighbour cells."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Targets in grid units matched to anchors (wh ratio < anchor_t) and to their centre + 2 nearest neighbour cells.
+
+        Returns the matched targets, their anchor indices, cell offsets and the `targets` rows they came from.
+        """
         scale = torch.tensor([1.0, 1.0, nx, ny, nx, ny], device=targets.device)
         t = targets * scale  # (nt, 6)
         if t.shape[0] == 0:
             empty = torch.zeros(0, dtype=torch.long, device=targets.device)
-            return t, empty, torch.zeros(0, 2, device=targets.device)
+            return t, empty, torch.zeros(0, 2, device=targets.device), empty
         ratio = t[None, :, 4:6] / anchors[:, None]  # (na, nt, 2)
         worst = torch.max(ratio, 1.0 / ratio).amax(2)
         a_idx, t_idx = torch.nonzero(worst < float(self.hyp["anchor_t"]), as_tuple=True)
@@ -158,4 +179,4 @@ class ComputeLoss:
         use = torch.stack((torch.ones_like(low[:, 0]), low[:, 0], low[:, 1], high[:, 0], high[:, 1]))  # (5, n)
         offs = torch.tensor(NEIGHBOURS, dtype=t.dtype, device=t.device) * g  # (5, 2)
         k_idx, n_idx = torch.nonzero(use, as_tuple=True)
-        return t[n_idx], a[n_idx], offs[k_idx]
+        return t[n_idx], a[n_idx], offs[k_idx], t_idx[n_idx]

@@ -1,0 +1,44 @@
+"""Validate a segmentation model (box and mask mAP): python segment/val.py --weights best.pt --data data/shapes-seg.yaml."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "segment":
+    sys.path[0] = str(ROOT)  # `python segment/val.py`: import the repository's packages, not this folder's scripts
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse
+from typing import Any
+
+from utils.cli import error_boundary
+from utils.logs import set_logging
+from utils.validation import run as _run
+from utils.validation import val_main, val_parser
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    """YOLOv5's segment/val.py flags."""
+    return val_parser("segment").parse_args(argv)
+
+
+def run(**kwargs: Any) -> Any:
+    """Python entry point: ((box P R mAP50 mAP50-95, mask P R mAP50 mAP50-95, losses), per-class maps, speed)."""
+    kwargs.setdefault("data", str(ROOT / "data" / "shapes-seg.yaml"))
+    kwargs.setdefault("project", str(ROOT / "runs/val-seg"))
+    return _run(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    opt = parse_opt(argv)
+    set_logging()
+    with error_boundary("segment/val"):
+        val_main(opt)
+
+
+if __name__ == "__main__":
+    main()
