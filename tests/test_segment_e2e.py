@@ -111,3 +111,12 @@ def test_export_refuses_what_segmentation_cannot_do(trained: Path) -> None:
         export_model(weights=trained, include=["tflite"], imgsz=[64, 64])
     with pytest.raises(ExportError, match="--nms"):
         export_model(weights=trained, include=["onnx"], imgsz=[64, 64], nms=True)
+
+
+def test_hub_autoshape_refuses_segmentation_models() -> None:
+    import hubconf
+
+    entry = getattr(hubconf, "yolov5n-seg")
+    with pytest.raises(ValueError, match="segment/predict.py"):
+        entry(pretrained=False, _verbose=False)
+    assert entry(pretrained=False, autoshape=False, _verbose=False).task == "segment"

@@ -36,6 +36,9 @@ class AutoShape(nn.Module):
 
     def __init__(self, model: DetectBackend) -> None:
         super().__init__()
+        if model.head_kind == "segment":  # Detections has no masks yet; boxes alone would hide that
+            raise ValueError(f"{model.weights}: AutoShape returns boxes only; run segmentation models with segment/predict.py "
+                             "or load them with autoshape=False")
         self.model = model.eval()
         self.conf = 0.25  # NMS confidence threshold
         self.iou = 0.45  # NMS IoU threshold
