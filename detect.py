@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from utils.cli import error_boundary
-from utils.inference.predict import check_options, default_source, open_source, predict_parser, run
+from utils.inference.predict import check_options, default_source, open_source, parse_predict_args, run
 from utils.logs import set_logging
 
 __all__ = ["check_options", "default_source", "main", "open_source", "parse_opt", "run"]
@@ -13,9 +13,7 @@ __all__ = ["check_options", "default_source", "main", "open_source", "parse_opt"
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     """YOLOv5's detect.py flags."""
-    opt = predict_parser("detect").parse_args(argv)
-    opt.imgsz = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz[:2]
-    return opt
+    return parse_predict_args("detect", argv)
 
 
 def main(argv: list[str] | None = None) -> None:

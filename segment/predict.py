@@ -15,16 +15,14 @@ import argparse
 from typing import Any
 
 from utils.cli import error_boundary
-from utils.inference.predict import predict_parser
+from utils.inference.predict import parse_predict_args
 from utils.inference.predict import run as _run
 from utils.logs import set_logging
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     """YOLOv5's segment/predict.py flags."""
-    opt = predict_parser("segment").parse_args(argv)
-    opt.imgsz = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz[:2]
-    return opt
+    return parse_predict_args("segment", argv)
 
 
 def run(**kwargs: Any) -> Path:

@@ -261,3 +261,8 @@ def predict_parser(task: str = "detect") -> argparse.ArgumentParser:
     return p
 
 
+def parse_predict_args(task: str = "detect", argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse detect.py's (or segment/predict.py's) command line; one --imgsz value means a square size."""
+    opt = predict_parser(task).parse_args(argv)
+    opt.imgsz = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz[:2]
+    return opt
