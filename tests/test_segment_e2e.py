@@ -56,6 +56,8 @@ def test_scripts_refuse_the_other_task(seg_data: Path, tmp_path: Path) -> None:
         train.run(cfg=CFG, data=str(seg_data), epochs=1, project=str(tmp_path), **KW)
     with pytest.raises(TrainError, match="train.py"):
         seg_train.run(cfg="models/yolov5n.yaml", data=str(seg_data), epochs=1, project=str(tmp_path), **KW)
+    with pytest.raises(TrainError, match="--evolve is not supported for segmentation"):
+        seg_train.run(cfg=CFG, data=str(seg_data), epochs=1, project=str(tmp_path), evolve=2, **KW)
 
 
 def test_val_returns_box_and_mask_metrics(trained: Path, seg_data: Path, tmp_path: Path) -> None:

@@ -122,6 +122,8 @@ def check_options(opt: argparse.Namespace, world_size: int = 1) -> None:
     check_int("--close-mosaic", opt.close_mosaic, minimum=0)
     if getattr(opt, "task", "detect") == "segment":
         check_int("--mask-ratio", opt.mask_ratio)
+        if opt.evolve is not None:  # evolve.csv and its fitness are laid out for the four box metrics
+            raise TrainError("--evolve is not supported for segmentation models yet")
     for i in opt.freeze:
         check_int("--freeze", i, minimum=0)
     _check_sampling_flags(opt, world_size)

@@ -231,7 +231,7 @@ def export_model(
         written[fmt] = SINGLE_EXPORTERS[fmt](model, base, opt, meta)
         timings[fmt] = time.perf_counter() - t1
     files = [written[f] for f in fmts]
-    _summary(files, [timings[f] for f in fmts], size)
+    _summary(files, [timings[f] for f in fmts], size, "segment/" if is_segmentation(model) else "")
     return files
 
 
@@ -241,14 +241,14 @@ def _size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
-def _summary(files: list[Path], seconds: list[float], size: tuple[int, int]) -> None:
-    """Print what was written and how to use it."""
+def _summary(files: list[Path], seconds: list[float], size: tuple[int, int], scripts: str = "") -> None:
+    """Print what was written and how to use it (scripts: "segment/" for segmentation models)."""
     lines = ["", "Export complete:"]
     lines += [f"  {p}  ({_size_mb(p):.1f} MB, {s:.1f}s)" for p, s in zip(files, seconds)]
     runnable = [p for p in files if p.suffix != ".mlpackage"]  # Core ML runs only on Apple systems
     if runnable:
         lines += [
-            f"Detect:   python detect.py --weights {runnable[0]} --imgsz {size[0]} {size[1]}",
-            f"Validate: python val.py --weights {runnable[0]} --imgsz {max(size)}",
+            f"Detect:   python {scripts}{'predict' if scripts else 'detect'}.py --weights {runnable[0]} --imgsz {size[0]} {size[1]}",
+            f"Validate: python {scripts}val.py --weights {runnable[0]} --imgsz {max(size)}",
         ]
     print("\n".join(lines))
