@@ -22,6 +22,9 @@ class Head(nn.Module):
     kind: ClassVar[str] = ""  # registry key, checkpoint/export metadata, loss selection
     export_layout: ClassVar[str] = ""  # human-readable shape of the exported (first eval) output
     anchor_axis: ClassVar[int] = 1  # the axis of that output that runs over predictions (dynamic in ONNX, split by TTA)
+    nms_free: ClassVar[bool] = False  # one prediction per object (RT-DETR's queries): inference ranks them, no NMS
+    yaml_args: ClassVar[tuple[str, ...]] = ("nc",)  # a generic ("head"-kind) yaml row's arguments, built as cls(nc, ch, strides, *rest)
+    uses_targets: ClassVar[bool] = False  # training forward takes the batch's targets too (RT-DETR's denoising queries)
 
     nc: int
     nl: int

@@ -58,6 +58,7 @@ class ParsedModel:
     strides: list[float | None]
     rows: list[LayerRow] = field(default_factory=list)
     scale: str | None = None  # the `scales` entry used, if the config has scales
+    backbone_end: int = 0  # layers built from the `backbone:` rows (a spliced backbone's feature indices included)
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
@@ -104,6 +105,8 @@ def _pick_scale(cfg: dict) -> str:
         match = SCALE_IN_NAME.search(Path(str(cfg.get("yaml_file", ""))).stem.lower())
         if match is None:
             first = next(iter(scales))
+            if len(scales) == 1:  # nothing to choose (RT-DETR tutorial files list only l)
+                return str(first)
             LOGGER.warning(f"model config: no scale given (scale key or yolov8<letter> file name); using the first, {first!r}")
             return str(first)
         scale, origin = match.group(1), f"file name {cfg['yaml_file']}"
@@ -272,6 +275,10 @@ class _Builder:
     def _build_norm(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
         return self._repeat(spec, n, [c1]), c1, stride, [c1]
 
+    def _build_keep(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
+        """A block that keeps channels and stride, built as cls(c1, *args) (RT-DETR's AIFI [hidden, heads])."""
+        return self._repeat(spec, n, [c1, *args]), c1, stride, [c1, *args]
+
     def _build_backbone(self, i: int, spec: ModuleSpec, c1: int, stride: float, n: int, args: list) -> tuple:
         if n != 1:
             raise ModelConfigError(f"layer {i} ({spec.name}): a backbone cannot be repeated (number={n})")
@@ -318,14 +325,17 @@ class _Builder:
         return nc, anchors, list(chans), list(strides)
 
     def _build_head(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
-        """A head built as cls(nc, ch, strides); its yaml arguments are [nc] or nothing (the config's nc)."""
+        """A head built as cls(nc, ch, strides, *rest) from yaml arguments [nc, *rest] (the head's `yaml_args`, all positive
+        integers) or nothing (the config's nc)."""
         chans, strides = zip(*(self._src(j) for j in sources))
-        nc = args[0] if args else self.nc
-        if len(args) > 1 or not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
-            raise ModelConfigError(f"layer {i} ({spec.name}): takes [nc] with nc a positive integer, got {args!r} (nc={nc!r})")
+        names = getattr(spec.cls, "yaml_args", ("nc",))
+        values = list(args) if args else [self.nc]
+        if len(values) > len(names) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            wanted = ", ".join(names)
+            raise ModelConfigError(f"layer {i} ({spec.name}): takes [{wanted}], positive integers, got {args!r} (nc={values[0]!r})")
         _check_head_strides(i, spec.name, sources, strides)
-        module = spec.cls(nc, list(chans), list(strides))
-        return module, None, None, [nc, list(chans)]
+        module = spec.cls(values[0], list(chans), list(strides), *values[1:])
+        return module, None, None, [values[0], list(chans), *values[1:]]
 
 
 def _check_head_strides(i: int, name: str, sources: list[int], strides: tuple) -> None:
@@ -338,7 +348,9 @@ def _check_head_strides(i: int, name: str, sources: list[int], strides: tuple) -
 def parse_model(cfg: dict, ch: int = 3) -> ParsedModel:
     """Build layers from a YOLOv5/YOLOv8 model dict (backbone + head rows), splicing list-returning backbones."""
     builder = _Builder(cfg, ch)
-    rows = cfg["backbone"] + cfg["head"]
-    if not isinstance(rows, list):
+    if not isinstance(cfg["backbone"], list) or not isinstance(cfg["head"], list):
         raise ModelConfigError("model config: 'backbone' and 'head' must be lists of rows")
-    return builder.run(rows)
+    backbone_end = len(builder.run(cfg["backbone"]).layers)
+    built = builder.run(cfg["head"])
+    built.backbone_end = backbone_end
+    return built

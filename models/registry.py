@@ -13,8 +13,9 @@ from torch import nn
 
 # How parse_model treats a module's yaml arguments, channels and stride.
 # "detect": YOLOv5's anchor-based Detect(nc, anchors, ch, strides); "segment": YOLOv5's Segment(nc, anchors, nm, npr, ch,
-# strides); "head": any other head, built as cls(nc, ch, strides).
-KINDS = ("conv", "csp", "concat", "upsample", "pool", "pad", "norm", "detect", "segment", "head", "backbone", "shape")
+# strides); "head": any other head, built as cls(nc, ch, strides, *further yaml arguments); "keep": cls(c1, *args),
+# keeping channels and stride (AIFI).
+KINDS = ("conv", "csp", "concat", "upsample", "pool", "pad", "norm", "detect", "segment", "head", "backbone", "shape", "keep")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ def forward_augment(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, No
     det_model = cast("DetectionModel", model)
     if det_model.task == "segment":  # merged boxes would lose the prototypes their mask coefficients refer to
         raise ValueError("TTA is not supported for segmentation models")
+    if det_model.head.nms_free:  # merging the passes needs NMS, which these heads are built to do without
+        raise ValueError(f"TTA is not supported for NMS-free heads ({det_model.head_kind})")
     stride = int(max(det_model.stride.max().item(), 32))
     rows_last = det_model.head.anchor_axis == 2  # (B, C, N) layouts: work on (B, N, C), transpose back at the end
     outputs = []

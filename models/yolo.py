@@ -170,6 +170,7 @@ class DetectionModel(nn.Module):
         self.routes = built.routes
         self.save = sorted(built.save)
         self.layer_rows: list[LayerRow] = built.rows
+        self.backbone_end = built.backbone_end  # layers 0 .. backbone_end - 1 came from the `backbone:` rows
         self.register_buffer("stride", last.stride.clone(), persistent=False)
         self.names = [str(i) for i in range(self.yaml["nc"])]
         self.check_strides()
@@ -194,19 +195,23 @@ class DetectionModel(nn.Module):
         """"segment" when the head is YOLOv5's Segment (masks from prototypes), else "detect"."""
         return "segment" if self.head.kind == "segment" else "detect"
 
-    def forward(self, x: torch.Tensor, augment: bool = False) -> Any:
+    def forward(self, x: torch.Tensor, augment: bool = False, targets: torch.Tensor | None = None) -> Any:
+        """Eval: the head's inference output; training: its raw output. `targets` reach a head that trains with them
+        (RT-DETR's denoising queries); other heads ignore them."""
         if augment:
             from models.tta import forward_augment
 
             return forward_augment(self, x)
-        return self.forward_once(x)
+        return self.forward_once(x, targets)
 
-    def forward_once(self, x: torch.Tensor) -> Any:
+    def forward_once(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
         """Run every layer, feeding each the outputs its route names and keeping only saved ones."""
         outputs: list[Any] = []
         keep = set(self.save)
+        last = len(self.model) - 1
         for i, (layer, route) in enumerate(zip(self.model, self.routes)):
-            x = layer(_route_input(x, route, outputs))
+            inputs = _route_input(x, route, outputs)
+            x = layer(inputs, targets) if i == last and targets is not None and self.head.uses_targets else layer(inputs)
             outputs.append(x if i in keep else None)
         return x
 

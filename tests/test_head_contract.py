@@ -25,8 +25,8 @@ def test_registry_lookups() -> None:
 
 
 def test_unknown_kind_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown head kind 'rtdetr'") as info:
-        head_class("rtdetr")
+    with pytest.raises(ValueError, match="unknown head kind 'yolo_world'") as info:
+        head_class("yolo_world")
     assert "anchor_based" in str(info.value) and "anchor_free" in str(info.value)
 
 

@@ -85,6 +85,20 @@ def test_optimizer_groups(tiny):
     assert all(g["lr"] == 0.02 for g in opt.param_groups)
 
 
+def test_optimizer_slow_prefix_groups(tiny):
+    """RT-DETR's backbone LR: parameters under the prefixes form three more groups, same order, at lr * factor."""
+    first = next(n for n, _ in tiny.named_children())
+    opt = smart_optimizer(tiny, "AdamW", lr=1e-4, momentum=0.9, decay=1e-4, slow_prefixes=(f"{first}.",), slow_factor=0.1)
+    assert len(opt.param_groups) == 6
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4] * 3 + [1e-5] * 3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 1e-4, 0.0] * 2
+    slow = {id(p) for g in opt.param_groups[3:] for p in g["params"]}
+    assert slow == {id(p) for n, p in tiny.named_parameters() if n.startswith(f"{first}.")} and slow
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in tiny.parameters())  # every parameter exactly once
+    assert len(smart_optimizer(tiny, "SGD", slow_prefixes=("nothing.",), slow_factor=0.1).param_groups) == 3
+
+
 def test_optimizer_layerscale_and_norms_without_decay():
     m = Scaled()
     opt = smart_optimizer(m, "AdamW", lr=1e-3, momentum=0.9, decay=0.05)

@@ -66,14 +66,18 @@ def non_max_suppression(
 
     `head` names the output layout (a head kind: "anchor_based", YOLOv5's (B, N, 5+nc), when None); the head's own
     split_output turns it into boxes, final class scores and `nm` extra values per box (mask coefficients). END2END
-    output was suppressed inside the exported graph: only the confidence, class and max_det filters apply.
+    output was suppressed inside the exported graph, and NMS-free heads (RT-DETR) predict one box per object: for both
+    only the confidence, class and max_det filters apply (iou_thres, agnostic and multi_label are unused).
     """
     _check_args(conf_thres, iou_thres, max_det)
     prediction = _unwrap(prediction)
     if head == END2END:
         return filter_final(prediction, conf_thres, classes, max_det)
+    layout = head_class(head or "anchor_based")
     # Work in float32: fp16 cannot represent the class offsets (cls * max_wh) exactly.
-    boxes, scores, extras = head_class(head or "anchor_based").split_output(prediction.detach().float(), nm)
+    boxes, scores, extras = layout.split_output(prediction.detach().float(), nm)
+    if layout.nms_free:
+        return rank_queries(boxes, scores, conf_thres, classes, max_det, prediction.dtype)
     bs, nc = boxes.shape[0], scores.shape[-1]
     multi_label = multi_label and nc > 1
     cls_filter = None if classes is None else torch.tensor(list(classes), device=boxes.device, dtype=boxes.dtype)
@@ -105,4 +109,20 @@ def filter_final(prediction: torch.Tensor, conf_thres: float, classes: Sequence[
         if classes is not None:
             keep &= (x[:, 5:6] == torch.tensor(list(classes), device=x.device, dtype=x.dtype)).any(1)
         output.append(x[keep][:max_det])
+    return output
+
+
+def rank_queries(
+    boxes: torch.Tensor, scores: torch.Tensor, conf_thres: float, classes: Sequence[int] | None, max_det: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """An NMS-free head's (B, Q, 4) boxes and (B, Q, nc) scores -> per image (n, 6) rows, each query as its best class,
+    above conf_thres and in `classes`, highest score first, at most max_det."""
+    conf, cls = scores.max(-1)
+    output = []
+    for b, c, k in zip(boxes, conf, cls):
+        keep = c > conf_thres
+        if classes is not None:
+            keep &= torch.isin(k, torch.tensor(list(classes), device=k.device))
+        rows = torch.cat((b, c[:, None], k[:, None].to(b.dtype)), 1)[keep]
+        output.append(rows[rows[:, 4].argsort(descending=True)[:max_det]].to(dtype))
     return output

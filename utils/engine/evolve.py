@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from utils.engine.callbacks import EVENTS, Callbacks
-from utils.engine.hyp import Hyp, HypError
+from utils.engine.hyp import RTDETR_KEYS, Hyp, HypError
 from utils.engine.torch_utils import NonFiniteLossError
 from utils.engine.trainer import DistInfo, Trainer, TrainError
 from utils.files import atomic_write, atomic_write_text, first_line
@@ -32,7 +32,7 @@ from utils.paths import increment_path
 
 LOGGER = logging.getLogger("mobile_yolo")
 
-HYP_KEYS = tuple(f.name for f in dataclasses.fields(Hyp))
+HYP_KEYS = tuple(f.name for f in dataclasses.fields(Hyp) if f.name not in RTDETR_KEYS)
 METRICS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
 Meta = dict[str, tuple[float, float, float]]  # key -> (mutation scale, lower bound, upper bound); scale 0: never mutated
 

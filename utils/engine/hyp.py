@@ -11,7 +11,13 @@ from utils.files import read_yaml_mapping
 from utils.paths import ROOT
 
 HYP_DIR = ROOT / "data" / "hyps"
-DEFAULT_HYPS = {"anchor_based": HYP_DIR / "hyp.scratch-low.yaml", "anchor_free": HYP_DIR / "hyp.scratch-af.yaml"}
+DEFAULT_HYPS = {
+    "anchor_based": HYP_DIR / "hyp.scratch-low.yaml",
+    "anchor_free": HYP_DIR / "hyp.scratch-af.yaml",
+    "rtdetr": HYP_DIR / "hyp.rtdetr.yaml",
+}
+DEFAULT_OPTIMIZERS = {"rtdetr": "AdamW"}  # --optimizer auto: RT-DETR's AdamW, else YOLOv5's SGD
+RTDETR_KEYS = ("giou", "backbone_lr", "clip_grad")  # optional keys RT-DETR's recipe sets (evolve leaves them out)
 
 
 class HypError(ValueError):
@@ -20,7 +26,7 @@ class HypError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Hyp:
-    """YOLOv5's hyperparameters (every key required, as in its hyp files) plus the anchor-free DFL gain (optional)."""
+    """YOLOv5's hyperparameters (every key required, as in its hyp files) plus optional keys of the other heads."""
 
     lr0: float
     lrf: float
@@ -51,6 +57,9 @@ class Hyp:
     mixup: float
     copy_paste: float
     dfl: float = 1.5  # anchor-free heads only; YOLOv5 files do not have it
+    giou: float = 2.0  # RT-DETR's GIoU loss gain (its L1 gain is `box`)
+    backbone_lr: float = 1.0  # LR factor of the backbone rows when they start from pretrained weights (RT-DETR: 0.1)
+    clip_grad: float = 10.0  # gradient-norm clip (YOLOv5: 10; RT-DETR: 0.1)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "hyperparameters") -> Hyp:
@@ -94,3 +103,8 @@ def load_hyp(source: Union[str, Path, dict, Hyp]) -> Hyp:
 def default_hyp_file(head_kind: str) -> Path:
     """The hyp file a head trains with when --hyp is not given."""
     return DEFAULT_HYPS.get(head_kind, DEFAULT_HYPS["anchor_based"])
+
+
+def default_optimizer(head_kind: str) -> str:
+    """The optimizer `--optimizer auto` picks for a head."""
+    return DEFAULT_OPTIMIZERS.get(head_kind, "SGD")

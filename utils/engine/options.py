@@ -40,8 +40,8 @@ def train_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--cfg", default="", help=f"model yaml (default {DEFAULT_CFGS[task]} when no --weights)")
     p.add_argument("--data", default=DEFAULT_DATA[task], help="dataset yaml (default: embedded shapes dataset"
                    + (" with polygon labels)" if task == "segment" else ")"))
-    p.add_argument("--hyp", default="", help="hyperparameters yaml (default: data/hyps/hyp.scratch-low.yaml, or hyp.scratch-af.yaml "
-                   "for anchor-free heads)")
+    p.add_argument("--hyp", default="", help="hyperparameters yaml (default: data/hyps/hyp.scratch-low.yaml, hyp.scratch-af.yaml "
+                   "for anchor-free heads, hyp.rtdetr.yaml for RT-DETR)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs, -1 for autobatch")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
@@ -55,7 +55,8 @@ def train_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
     p.add_argument("--single-cls", action="store_true")
-    p.add_argument("--optimizer", default="SGD", choices=("SGD", "Adam", "AdamW"))
+    p.add_argument("--optimizer", default="auto", choices=("auto", "SGD", "Adam", "AdamW"),
+                   help="auto: the head's recipe (AdamW for RT-DETR, else SGD)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm, DDP only")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
     p.add_argument("--project", default=str(DEFAULT_PROJECT[task]))

@@ -56,3 +56,11 @@ def choose_schedule(recipe: str, n_images: int, batch_size: int, batches_per_epo
            f"mosaic off for the last {closing} epoch(s); --recipe yolov5 restores YOLOv5's (nominal batch {YOLOV5_NOMINAL_BATCH}, "
            f">= {YOLOV5_MIN_WARMUP} warm-up iterations, the hyp file's augmentation)")
     return Schedule("small", batch_size, warmup, closing, why, strength)
+
+
+def close_mosaic_epochs(flag: int, head_kind: str, epochs: int) -> int:
+    """--close-mosaic as given; for RT-DETR, whose recipe ends without mosaic, 0 means its last 10 epochs (at most 15% of
+    the run, none for runs under 3 epochs)."""
+    if flag or head_kind != "rtdetr" or epochs < 3:
+        return flag
+    return min(10, max(1, round(0.15 * epochs)))

@@ -64,38 +64,42 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def smart_optimizer(
-    model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.937, decay: float = 1e-5, fused: bool = False
+    model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.937, decay: float = 1e-5, fused: bool = False,
+    slow_prefixes: tuple[str, ...] = (), slow_factor: float = 1.0,
 ) -> torch.optim.Optimizer:
     """Optimizer with YOLOv5's groups: [0] biases (no decay), [1] weights (decay), [2] norm weights + 1-D scales (no decay).
 
     The order is YOLOv5's, so results.csv's x/lr0..2 name the same groups (bias first) for tools that plot YOLOv5 runs.
-    fused: one kernel per step for all parameters (worth it on CUDA; on the CPU it measured no faster than the default).
+    Parameters under `slow_prefixes` (e.g. "model.0.", a pretrained backbone) form groups [3..5] in the same order at
+    lr * slow_factor (RT-DETR's backbone LR). fused: one kernel per step (worth it on CUDA, no faster on the CPU).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
-    no_decay, weights, biases = [], [], []
-    for module in de_parallel(model).modules():
+    fast: list[list[nn.Parameter]] = [[], [], []]  # biases, decayed weights, no-decay weights
+    slow: list[list[nn.Parameter]] = [[], [], []]
+    for module_name, module in de_parallel(model).named_modules():
+        lists = slow if slow_prefixes and f"{module_name}.".startswith(slow_prefixes) else fast
         for pname, p in module.named_parameters(recurse=False):
             if pname == "bias":
-                biases.append(p)
+                lists[0].append(p)
             elif (pname == "weight" and _is_norm(module)) or p.ndim <= 1:
-                no_decay.append(p)  # norm weights and LayerScale-like per-channel gains
+                lists[2].append(p)  # norm weights and LayerScale-like per-channel gains
             else:
-                weights.append(p)
-    groups = [
-        {"params": biases, "weight_decay": 0.0},
-        {"params": weights, "weight_decay": decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+                lists[1].append(p)
+    groups: list[dict[str, Any]] = []
+    for params, scale in ((fast, 1.0), (slow, slow_factor)) if any(slow) else ((fast, 1.0),):
+        groups += [{"params": params[0], "weight_decay": 0.0, "lr": lr * scale},
+                   {"params": params[1], "weight_decay": decay, "lr": lr * scale},
+                   {"params": params[2], "weight_decay": 0.0, "lr": lr * scale}]
     if name == "SGD":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=fused or None)
     elif name == "Adam":
         opt = torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999), fused=fused or None)
     else:
         opt = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=fused or None)
-    LOGGER.info(
-        f"optimizer: {name}(lr={lr}) with {len(biases)} biases, {len(weights)} weights (decay={decay}), {len(no_decay)} no-decay weights"
-    )
+    slow_note = f"; {sum(map(len, slow))} backbone tensors at lr x{slow_factor:g}" if len(groups) > 3 else ""
+    LOGGER.info(f"optimizer: {name}(lr={lr}) with {len(fast[0]) + len(slow[0])} biases, {len(fast[1]) + len(slow[1])} weights "
+                f"(decay={decay}), {len(fast[2]) + len(slow[2])} no-decay weights{slow_note}")
     return opt
 
 

@@ -28,8 +28,8 @@ from utils.data.dataset_config import load_dataset_config
 from utils.data.datasets import create_dataloader, restarted
 from utils.engine.callbacks import Callbacks
 from utils.engine.early_stopping import EarlyStopping
-from utils.engine.hyp import Hyp, default_hyp_file, load_hyp
-from utils.engine.recipe import choose_schedule
+from utils.engine.hyp import Hyp, default_hyp_file, default_optimizer, load_hyp
+from utils.engine.recipe import choose_schedule, close_mosaic_epochs
 from utils.engine.results import append_results, columns, truncate_results
 from utils.engine.tb_logger import TensorBoardLogger
 from utils.engine.torch_utils import (
@@ -127,6 +127,8 @@ def _check_task(opt: argparse.Namespace, model: DetectionModel) -> bool:
                          "(train it with train.py)")
     if not segment and model.head_kind == "segment":
         raise TrainError("this model has a Segment head: train it with segment/train.py")
+    if getattr(opt, "evolve", None) is not None and model.head_kind == "rtdetr":  # evolve's mutation tables are the YOLO losses'
+        raise TrainError("--evolve is not supported for RT-DETR models yet")
     return segment
 
 
@@ -160,6 +162,7 @@ class Trainer:
         init_seeds(opt.seed + 1 + max(self.dist.rank, 0), deterministic=True)
         self.model: Any = build_model(opt, self.nc, self.names, self.device)
         self.segment = _check_task(opt, self.model)
+        self.uses_targets = self.model.head.uses_targets  # RT-DETR's training forward builds denoising queries from them
         freeze = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
         self.frozen = freeze_layers(self.model, freeze)
         self.gs = max(int(self.model.stride.max()), 32)
@@ -171,14 +174,12 @@ class Trainer:
         self.batch = opt.batch_size // self.dist.world_size
         self._make_loaders()
         self.schedule = choose_schedule(opt.recipe, len(self.dataset), opt.batch_size, len(self.train_loader), opt.epochs,
-                                        self.hyp.warmup_epochs, opt.close_mosaic)
+                                        self.hyp.warmup_epochs, close_mosaic_epochs(opt.close_mosaic, self.model.head_kind, opt.epochs))
         if self.dist.main:
             LOGGER.info(f"Schedule: {self.schedule.reason}")
         self.dataset.hyp = self.schedule.augment_hyp(self.dataset.hyp)  # before any worker starts with its copy
         self.accumulate = self.schedule.accumulate(opt.batch_size)
-        decay = self.hyp.weight_decay * opt.batch_size * self.accumulate / self.schedule.nominal_batch
-        self.optimizer = smart_optimizer(self.model, opt.optimizer, self.hyp.lr0, self.hyp.momentum, decay,
-                                         fused=self.device.type == "cuda")
+        self.optimizer = self._build_optimizer()
         self.scheduler, self.lf = build_scheduler(self.optimizer, opt.epochs, self.hyp.lrf, opt.cos_lr)
         self._check_anchors()
         loss_hyp = {**self.hyp.as_dict(), **({"overlap_mask": not opt.no_overlap} if self.segment else {})}
@@ -187,6 +188,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
         self._wrap_distributed()
         self.forward = torch.compile(self.model) if opt.compile else self.model  # the same module and weights, compiled
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """--optimizer (auto: the head's recipe, AdamW for RT-DETR, else SGD), the backbone at hyp backbone_lr x lr0 when
+        it starts from pretrained weights (a backbone trained from scratch at a tenth of the LR would barely learn)."""
+        opt, model = self.opt, self.model
+        name = default_optimizer(model.head_kind) if opt.optimizer == "auto" else opt.optimizer
+        decay = self.hyp.weight_decay * opt.batch_size * self.accumulate / self.schedule.nominal_batch
+        pretrained = bool(opt.weights or opt.backbone_weights or model.yaml.get("backbone_weights"))
+        slow = tuple(f"model.{i}." for i in range(model.backbone_end)) if pretrained and self.hyp.backbone_lr != 1 else ()
+        if self.hyp.backbone_lr != 1 and not pretrained and self.dist.main:
+            LOGGER.info(f"hyp backbone_lr {self.hyp.backbone_lr:g} not applied: the backbone trains from scratch")
+        return smart_optimizer(model, name, self.hyp.lr0, self.hyp.momentum, decay, fused=self.device.type == "cuda",
+                               slow_prefixes=slow, slow_factor=self.hyp.backbone_lr)
 
     def _open_run_dir(self) -> None:
         """Create the run folder only once data and model loaded (bad input leaves no folder): weights/, opt.yaml, hyp.yaml."""
@@ -247,7 +261,8 @@ class Trainer:
         if self.opt.sync_bn:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-        self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # a batch without boxes leaves RT-DETR's denoising embedding unused on that rank
+        self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=self.uses_targets)
 
     # ----- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -275,7 +290,7 @@ class Trainer:
             if self.image_sampler is not None:  # --image-weights: favour rare and poorly detected classes this epoch
                 self.image_sampler.set_weights(epoch_image_weights(self.dataset.labels, self.nc, self.maps))
             mloss = self.train_one_epoch(epoch)
-            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            lrs = [g["lr"] for g in self.optimizer.param_groups][:3]  # x/lr0..2: the (non-backbone) YOLOv5 groups
             self.scheduler.step()
             self.callbacks.run("on_train_epoch_end", trainer=self, epoch=epoch, losses=mloss)
             stop = self._end_epoch(epoch, mloss, lrs) if self.dist.main else False
@@ -325,7 +340,9 @@ class Trainer:
         if self.opt.multi_scale:
             imgs = _multi_scale(imgs, self.opt.imgsz, self.gs)
         with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
-            loss, items = self.loss(self.forward(imgs), targets.to(self.device), *(extras or []))
+            targets = targets.to(self.device)
+            preds = self.forward(imgs, targets=targets) if self.uses_targets else self.forward(imgs)
+            loss, items = self.loss(preds, targets, *(extras or []))
         loss = loss * 4 if self.opt.quad else loss  # --quad: a quarter as many images per batch (YOLOv5's factor)
         if self.dist.rank != -1:
             loss = loss * self.dist.world_size  # DDP averages gradients over processes
@@ -338,7 +355,7 @@ class Trainer:
     def _optimizer_step(self) -> None:
         """Unscale, clip, step, zero and update the EMA."""
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

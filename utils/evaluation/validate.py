@@ -105,6 +105,8 @@ def _as_float(raw: Any) -> Any:
         return raw.float()
     if isinstance(raw, dict):
         return {k: _as_float(v) for k, v in raw.items()}
+    if isinstance(raw, tuple) and hasattr(raw, "_fields"):  # a NamedTuple (RT-DETR's DETROutput) keeps its type
+        return type(raw)(*(_as_float(x) for x in raw))
     if isinstance(raw, (list, tuple)):
         return [_as_float(x) for x in raw]
     return raw

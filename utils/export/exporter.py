@@ -36,6 +36,9 @@ NMS_FORMATS = ("onnx", "torchscript", "openvino")  # formats whose graph can hol
 INT8_FORMATS = ("onnx", "openvino", "coreml")  # TFLite INT8 is refused: its quantiser collapses box sizes (README)
 CPU_HALF_FORMATS = ("tflite", "coreml")  # fp16 weights written from the fp32 model, no CUDA needed
 SEGMENT_FORMATS = ("onnx", "torchscript", "openvino")  # two outputs (detections with mask coefficients, prototypes)
+RTDETR_FORMATS = ("onnx", "torchscript", "openvino")  # deformable attention: grid_sample, which the other converters lack
+LIMITED_FORMATS = {"segment": (SEGMENT_FORMATS, "segmentation models"), "rtdetr": (RTDETR_FORMATS, "RT-DETR models")}
+RTDETR_MIN_OPSET = 16
 
 
 def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[DetectionModel, Path]:
@@ -151,15 +154,23 @@ def _export_coreml(model: DetectionModel, base: Path, opt: dict[str, Any], meta:
 SINGLE_EXPORTERS = {"torchscript": _export_torchscript, "ncnn": _export_ncnn, "tflite": _export_tflite, "coreml": _export_coreml}
 
 
-def _check_segmentation(model: DetectionModel, fmts: list[str], nms: bool, int8: bool) -> None:
-    """Segmentation models export with their two outputs to the formats whose backend returns both; others are refused."""
-    if not is_segmentation(model):
+def _check_head(model: DetectionModel, fmts: list[str], nms: bool, int8: bool, dynamic: bool, opset: int) -> None:
+    """Segmentation and RT-DETR models export to the formats whose backend handles their outputs; other options refused."""
+    kind = model.head_kind
+    if kind not in LIMITED_FORMATS:
         return
-    unable = [f for f in fmts if f not in SEGMENT_FORMATS]
+    able, what = LIMITED_FORMATS[kind]
+    unable = [f for f in fmts if f not in able]
     if unable:
-        raise ExportError(f"segmentation models export to {', '.join(SEGMENT_FORMATS)} only, not {', '.join(unable)}")
+        raise ExportError(f"{what} export to {', '.join(able)} only, not {', '.join(unable)}")
+    if nms and kind == "rtdetr":
+        raise ExportError("--nms: RT-DETR predicts one box per object and needs no NMS; export without --nms")
     if nms or int8:
-        raise ExportError(f"{'--nms' if nms else '--int8'} is not available for segmentation models yet")
+        raise ExportError(f"{'--nms' if nms else '--int8'} is not available for {what} yet")
+    if kind == "rtdetr" and dynamic:
+        raise ExportError("--dynamic: RT-DETR's exported graph has its feature-map sizes built in; export one fixed --imgsz")
+    if kind == "rtdetr" and "onnx" in fmts and opset < RTDETR_MIN_OPSET:
+        raise ExportError(f"--opset {opset}: RT-DETR's deformable attention needs grid_sample, ONNX opset >= {RTDETR_MIN_OPSET}")
 
 
 def export_model(
@@ -204,7 +215,7 @@ def export_model(
         if unable:
             raise ExportError(f"{flag} is not available for {', '.join(unable)} (only {', '.join(able)})")
     model, base = _build_model(weights, cfg, dev)
-    _check_segmentation(model, fmts, nms, int8)
+    _check_head(model, fmts, nms, int8, dynamic, opset)
     model = model.eval().fuse()
     for p in model.parameters():
         p.requires_grad_(False)

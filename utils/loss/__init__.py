@@ -13,12 +13,14 @@ from torch import nn
 
 from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
 from utils.loss.anchor_free import AnchorFreeLoss, unwrap_head
+from utils.loss.detr import DETRLoss
 from utils.loss.segment import SegmentLoss
 
 
 class DetectionLoss(Protocol):
-    """(raw head outputs, targets [image, class, cx, cy, w, h]) -> (loss * batch size, detached per-item losses).
+    """(raw head outputs, targets [image, class, cx, cy, w, h]) -> (loss to back-propagate, detached per-item losses).
 
+    The YOLO losses return their loss times the batch size, as YOLOv5/YOLOv8 do; RT-DETR's the plain sum, as it does.
     The segmentation loss also takes the ground-truth masks as a third argument (see utils.loss.segment).
     """
 
@@ -72,4 +74,11 @@ def _segment(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothi
     return SegmentLoss(model, gains, label_smoothing=label_smoothing, overlap=bool(hyp.get("overlap_mask", True)))
 
 
-__all__ = ["AnchorFreeLoss", "ComputeLoss", "DetectionLoss", "SegmentLoss", "build_loss", "register_loss", "scale_loss_gains"]
+@register_loss("rtdetr")
+def _rtdetr(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float) -> DetectionLoss:
+    """RT-DETR's Hungarian-matched loss; gains cls (varifocal), box (L1) and giou from the hyp, used as given."""
+    head: Any = unwrap_head(model)
+    return DETRLoss(head.nc, hyp)
+
+
+__all__ = ["AnchorFreeLoss", "ComputeLoss", "DETRLoss", "DetectionLoss", "SegmentLoss", "build_loss", "register_loss", "scale_loss_gains"]
