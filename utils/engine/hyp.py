@@ -59,7 +59,7 @@ class Hyp:
     dfl: float = 1.5  # anchor-free heads only; YOLOv5 files do not have it
     giou: float = 2.0  # RT-DETR's GIoU loss gain (its L1 gain is `box`)
     backbone_lr: float = 1.0  # LR factor of the backbone rows when they start from pretrained weights (RT-DETR: 0.1)
-    clip_grad: float = 10.0  # gradient-norm clip (YOLOv5: 10; RT-DETR: 0.1)
+    clip_grad: float = 10.0  # gradient-norm clip (YOLOv5: 10; RT-DETR: 0.1; 0: none)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "hyperparameters") -> Hyp:

@@ -355,7 +355,8 @@ class Trainer:
     def _optimizer_step(self) -> None:
         """Unscale, clip, step, zero and update the EMA."""
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp.clip_grad)
+        if self.hyp.clip_grad > 0:  # 0 turns clipping off
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
