@@ -53,6 +53,8 @@ class AIFI(nn.Module):
 
     def __init__(self, c1: int, cm: int = 2048, num_heads: int = 8, dropout: float = 0.0) -> None:
         super().__init__()
+        if c1 % num_heads or c1 % 4:
+            raise ValueError(f"AIFI: its {c1} input channels must divide by num_heads ({num_heads}) and by 4 (the position embedding)")
         self.attn = nn.MultiheadAttention(c1, num_heads, dropout=dropout, batch_first=True)
         self.fc1 = nn.Linear(c1, cm)
         self.fc2 = nn.Linear(cm, c1)
@@ -145,6 +147,8 @@ class DeformableDecoderLayer(nn.Module):
         act: Callable[[], nn.Module] = nn.ReLU, n_levels: int = 4, n_points: int = 4,
     ) -> None:
         super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"decoder layer: hidden width {d_model} must be divisible by the number of heads {n_heads}")
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)

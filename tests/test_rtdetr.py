@@ -65,6 +65,21 @@ def test_config_builds_and_decodes(cfg: str) -> None:
     assert y.shape == (1, 300, 7) and isinstance(raw, DETROutput) and raw.boxes.shape == (1, 1, 300, 4)
 
 
+@pytest.mark.parametrize("row, args, message", [
+    (6, [128, 5], "AIFI: its 64 input channels must divide by num_heads"),
+    (8, ["nc", 64, 40, 4, 5, 2], "hidden width 64 must be divisible by the number of heads 5"),
+    (8, ["nc", 64, 40, 4, 4, 2, 7], "takes \\[nc, hd, nq, ndp, nh, ndl\\]"),
+    (8, ["nc", 64, 0, 4, 4, 2], "positive integers"),
+])
+def test_bad_rtdetr_rows_are_one_line_config_errors(row: int, args: list, message: str) -> None:
+    from models.parse import ModelConfigError
+
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["head"][row - 5][3] = args
+    with pytest.raises(ModelConfigError, match=message):
+        DetectionModel(cfg)
+
+
 def test_tutorial_file_is_the_published_layout() -> None:
     rows = yaml.safe_load(TUTORIAL.read_text())
     assert rows["backbone"] == [[-1, 1, "MobileNetV4ConvSmall", []]]
@@ -201,14 +216,16 @@ def test_one_batch_overfits() -> None:
     x = random_images((2, 3, 64, 64), seed=1, normalise=False)
     targets = torch.tensor([[0, 0, 0.3, 0.3, 0.2, 0.2], [0, 2, 0.7, 0.6, 0.3, 0.4], [1, 1, 0.5, 0.5, 0.4, 0.3]])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(40):
+    losses, firsts = [], None
+    for _ in range(80):  # the ratio below measured 0.20-0.21 over three seeds, at 1 and 2 threads alike
         loss, items = loss_fn(model(x, targets=targets), targets)
+        firsts = items if firsts is None else firsts
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert (items < firsts / 3).all()  # GIoU, class and L1 terms of the last layer each fell
 
 
 def test_recipe_defaults() -> None:
