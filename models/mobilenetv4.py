@@ -323,7 +323,8 @@ class MobileNetV4(Backbone):
         self.variant, self.out_indices = variant, out_indices
         self.stem = ConvBN(in_channels, spec.stem, 3, 2, act=spec.act)
         stage_specs = spec.stages[: out_indices[-1] + 1]
-        rates = torch.linspace(0.0, drop_path_rate, sum(len(s) for s in stage_specs)).tolist()
+        depth = sum(len(s) for s in stage_specs)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear from 0 to drop_path_rate
         self.stages = nn.ModuleList()
         widths, c, n = [], spec.stem, 0
         for blocks in stage_specs:

@@ -160,9 +160,7 @@ class _Builder:
             raise ModelConfigError(f"layer {i}: expected [from, number, module, args], got {row!r}")
         f, n, name, args = row
         try:
-            spec = get_module(name)
-            if spec.without_anchors is not None and self.anchors is None:  # YOLOv8 files write the anchor-free head as Detect
-                spec = get_module(spec.without_anchors)
+            spec = row_spec(name, self.anchors is not None)
         except ValueError as e:
             raise ModelConfigError(f"layer {i}: {e}") from None
         n = self._repeats(i, name, n)
@@ -343,6 +341,15 @@ def _check_head_strides(i: int, name: str, sources: list[int], strides: tuple) -
     for j, s in zip(sources, strides):
         if not s > 0:
             raise ModelConfigError(f"layer {i} ({name}): input layer {j} has a non-positive stride {s:g}")
+
+
+def row_spec(name: str, has_anchors: bool) -> ModuleSpec:
+    """The registered module a yaml row named `name` builds (ValueError if unknown).
+
+    YOLOv8 files write the anchor-free head as Detect: in a config without `anchors` such a row builds its
+    `without_anchors` module."""
+    spec = get_module(name)
+    return get_module(spec.without_anchors) if spec.without_anchors is not None and not has_anchors else spec
 
 
 def parse_model(cfg: dict, ch: int = 3) -> ParsedModel:

@@ -67,6 +67,13 @@ def get_module(name: str) -> ModuleSpec:
     return _REGISTRY[name]
 
 
+def registered(kind: str) -> list[ModuleSpec]:
+    """Every registered module of one kind (e.g. "backbone"), sorted by name: what registry-wide tests iterate over."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown module kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return [spec for name, spec in sorted(_REGISTRY.items()) if spec.kind == kind]
+
+
 def known_modules() -> str:
     """Comma-separated sorted list of registered names (for error messages)."""
     return ", ".join(sorted(_REGISTRY))

@@ -178,11 +178,12 @@ def _log_records_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logging.getLogger("mobile_yolo"), "propagate", True)
 
 
-def tiny_shapes_yaml(root: Path, n_train: int, n_val: int, seed: int) -> Path:
-    """A small generated shapes dataset under root and its dataset yaml (no generator key: it exists already)."""
+def tiny_shapes_yaml(root: Path, n_train: int, n_val: int, seed: int, polygons: bool = False) -> Path:
+    """A small generated shapes dataset under root and its dataset yaml (no generator key: it exists already);
+    `polygons` gives segmentation labels."""
     from utils.data.shapes_dataset import generate_shapes
 
-    generate_shapes(root / "shapes", n_train=n_train, n_val=n_val, seed=seed)
+    generate_shapes(root / "shapes", n_train=n_train, n_val=n_val, seed=seed, polygons=polygons)
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "data/shapes.yaml").read_text())
     cfg.update(path=str(root / "shapes"))
     cfg.pop("generator", None)

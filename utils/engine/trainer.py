@@ -29,6 +29,7 @@ from utils.data.datasets import create_dataloader, restarted
 from utils.engine.callbacks import Callbacks
 from utils.engine.early_stopping import EarlyStopping
 from utils.engine.hyp import Hyp, default_hyp_file, default_optimizer, load_hyp
+from utils.engine.memory_format import to_training_layout
 from utils.engine.recipe import choose_schedule, close_mosaic_epochs
 from utils.engine.results import append_results, columns, truncate_results
 from utils.engine.tb_logger import TensorBoardLogger
@@ -101,7 +102,7 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str], device: torc
     elif not opt.resume and (opt.backbone_weights or model.yaml.get("backbone_weights")):
         load_backbone_weights(model, opt.backbone_weights or model.yaml["backbone_weights"])
     model.names = list(names)
-    return model.to(device).to(memory_format=torch.channels_last)  # the layout the loader's batches arrive in; ~25% faster steps on CPU
+    return to_training_layout(model.to(device))  # channels-last, the loader's layout, where the CPU kernels are correct
 
 
 def plain_opt(opt: argparse.Namespace) -> dict:

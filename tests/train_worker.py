@@ -1,0 +1,82 @@
+"""Run in a subprocess by tests/test_train_every_backbone.py: one real training run per config, a crash fails only that test.
+
+python -m tests.train_worker OUT_DIR TASK=DATA_YAML=CFG [...]: each config trains one epoch of one batch through
+train.run / segment.train.run (the Trainer's own memory layout, optimizer, loss, validation and checkpoints). Before
+each run it prints "training CFG" (so a crash names its config); after it, one "RESULT {json}" line with what the step
+did: the loss items, and per part of the model (backbone row 0, the rest) the gradient norm read from the optimizer's
+first-step state (SGD's momentum buffer or Adam's first moment hold the step's gradient) and whether every gradient
+and parameter is finite; and the layout check of tests/layout_worker.py on the model the Trainer built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import train
+from segment import train as seg_train
+from tests.layout_worker import check_model
+from utils.checkpoint import unwrap_model
+from utils.engine.callbacks import Callbacks
+
+GRADIENT_STATE = ("momentum_buffer", "exp_avg")  # per-parameter optimizer state that holds the first step's gradient
+
+
+def _step_record(trainer: Any) -> dict[str, Any]:
+    """What the first optimizer step did, per part of the model: gradient norm and finiteness."""
+    model = unwrap_model(trainer.model)
+    state = trainer.optimizer.state
+    parts: dict[str, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        part = parts.setdefault("backbone" if name.startswith("model.0.") else "neck_head",
+                                {"grad_sq": 0.0, "finite": True, "params": 0})
+        grad = next((state[p][k] for k in GRADIENT_STATE if k in state.get(p, {})), None)
+        part["params"] += 1
+        if grad is not None:
+            part["grad_sq"] += float(grad.double().square().sum())
+            part["finite"] &= bool(torch.isfinite(grad).all())
+        part["finite"] &= bool(torch.isfinite(p).all())
+    return {k: {**v, "grad_norm": math.sqrt(v.pop("grad_sq"))} for k, v in parts.items()}
+
+
+def train_one(out: Path, task: str, data: str, cfg: str) -> dict[str, Any]:
+    """One epoch of one batch of `cfg`; returns the layout check, the step record, the epoch's loss items and the checkpoint."""
+    record: dict[str, Any] = {"cfg": cfg}
+    callbacks = Callbacks()
+
+    def check_layout(trainer: Any, **_: Any) -> None:
+        checked, failed = check_model(unwrap_model(trainer.model), trainer.opt.imgsz)
+        record["layout"] = {"checked": checked, "failed": failed}
+
+    def after_step(trainer: Any, ni: int, **_: Any) -> None:
+        if ni == 0:
+            record["parts"] = _step_record(trainer)
+
+    def losses(trainer: Any, epoch: int, losses: torch.Tensor) -> None:
+        record["losses"] = [float(x) for x in losses]
+
+    callbacks.register("on_train_start", check_layout)
+    callbacks.register("on_train_batch_end", after_step)
+    callbacks.register("on_train_epoch_end", losses)
+    runner = seg_train.run if task == "segment" else train.run
+    best = runner(callbacks=callbacks, cfg=cfg, data=data, epochs=1, imgsz=64, batch_size=2, workers=0, project=str(out),
+                  name=Path(cfg).stem, exist_ok=True, noplots=True, noautoanchor=True, device="cpu")
+    record["checkpoint"] = str(best) if Path(best).is_file() else ""
+    return record
+
+
+def main(out: str, jobs: list[str]) -> None:
+    """Train each TASK=DATA=CFG job in turn, printing progress and one RESULT line per job."""
+    for job in jobs:
+        task, data, cfg = job.split("=", 2)
+        print(f"training {cfg}", flush=True)
+        print("RESULT " + json.dumps(train_one(Path(out), task, data, cfg)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
