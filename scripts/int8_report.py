@@ -33,7 +33,8 @@ def export_pair(weights: str, imgsz: int, data: str, out: Path, opt: argparse.Na
     int8 = out / f"int8_{imgsz}.onnx"
     images = calibration_images(data, limit=opt.n_calib)
     quantize_onnx(fp32, int8, images, imgsz, n_calib=opt.n_calib, per_channel=not opt.per_tensor, activation_type=opt.activation_type,
-                  calibrate_method=opt.calibrate_method, keep_float_ops=opt.keep_float_ops)  # fmt: skip
+                  calibrate_method=opt.calibrate_method, keep_float_ops=opt.keep_float_ops,
+                  reduce_range=not opt.full_range_weights)  # fmt: skip
     proto = onnx.load(str(int8))
     del proto.metadata_props[:]
     proto.metadata_props.extend(onnx.load(str(fp32)).metadata_props)
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     p.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"])
     p.add_argument("--calibrate-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--full-range-weights", action="store_true", help="8-bit weights (default 7-bit: no x86 int8 kernel saturates)")
     p.add_argument("--keep-float-ops", nargs="*", default=[], help="op types left float, e.g. Sigmoid Mul")
     p.add_argument("--out", type=Path, default=None, help="keep the exported models here (default: a temporary folder)")
     return p.parse_args(argv)

@@ -71,19 +71,36 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return y if y.shape[1] > y.shape[2] else y.transpose(0, 2, 1)  # the anchor-free head is channels-first
 
 
-def _quantised_depth(path: Path) -> int:
-    """QuantizeLinear nodes on the longest input-to-output path: the roundings an output accumulates."""
+ACTIVATION_NOISE = 4 / 255  # RMS rounding noise of one uint8 QuantizeLinear, in stds of its tensor (derivation below)
+
+
+def _weight_noise(q: np.ndarray) -> float:
+    """RMS relative noise that rounding a conv's weights to the integers `q` adds to its output (derivation below)."""
+    return 1 / (2 * float(np.abs(q).max()))
+
+
+def _rounding_bound(path: Path) -> float:
+    """sqrt of the largest sum, over input-to-output paths, of the squared noise of each rounding on the path."""
     proto = onnx.load(str(path))
     producer = {o: n for n in proto.graph.node for o in n.output}
+    inits = {i.name: i for i in proto.graph.initializer}
+
+    def own(node: onnx.NodeProto) -> float:
+        if node.op_type == "QuantizeLinear":
+            return ACTIVATION_NOISE**2
+        weight = producer.get(node.input[1]) if node.op_type == "Conv" else None
+        if weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in inits:
+            return _weight_noise(onnx.numpy_helper.to_array(inits[weight.input[0]])) ** 2
+        return 0.0
 
     @functools.cache
-    def depth(tensor: str) -> int:
+    def variance(tensor: str) -> float:
         node = producer.get(tensor)
         if node is None:
-            return 0
-        return max((depth(i) for i in node.input if i), default=0) + (node.op_type == "QuantizeLinear")
+            return 0.0
+        return max((variance(i) for i in node.input if i), default=0.0) + own(node)
 
-    return max(depth(o.name) for o in proto.graph.output)
+    return float(np.sqrt(max(variance(o.name) for o in proto.graph.output)))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -112,29 +129,52 @@ def test_ort_runs_every_body_conv_and_silu_quantised(models: dict[str, tuple[Pat
 
 @pytest.mark.parametrize("cfg", [V5, AF])
 def test_int8_predictions_track_float(models: dict[str, tuple[Path, Path]], shapes: tuple[list[Path], list[Path]], cfg: str) -> None:
-    """Boxes and score logits of held-out images stay within the rounding noise that D int8 quantisations accumulate.
+    """Boxes and score logits of held-out images stay within the rounding noise that the int8 roundings accumulate.
 
-    Bound: each QuantizeLinear rounds to a step of range/255 (uint8), i.e. noise of RMS step/sqrt(12); MinMax ranges of
-    these BN-calibrated (unit-gain) tensors span at most ~14 std, so every rounding adds at most 4/255 of a std. D
-    independent roundings on the longest path add up like a random walk: RMS error <= 4*sqrt(D)/255 of the output's
-    std (0.19-0.21 here; measured 0.02-0.11). A mis-scaled or saturating quantisation gives errors of order 1.
+    Bound, in stds of each output: every QuantizeLinear rounds to a step of range/255 (uint8), noise of RMS step/sqrt(12);
+    MinMax ranges of these BN-calibrated (unit-gain) tensors span at most ~14 std, so each adds at most 4/255 of a std.
+    Every quantised conv weight is rounded to a step of max|w|/q (symmetric, q = 64 for 7-bit weights), noise of RMS
+    step/sqrt(12) per weight, against the weights' own RMS of max|w|/sqrt(3) (uniform initialisation, per output
+    channel): the conv's output carries 1/(2q) of its std. Independent roundings on a path add like a random walk: the
+    RMS error is at most the square root of the sum of their squares on the worst path (0.19-0.21 here; measured
+    0.02-0.13). A mis-scaled or saturating quantisation gives errors of order 1.
     """
     fp32, int8 = models[cfg]
     x = _batch(shapes[1])
     ref, got = _run(fp32, x), _run(int8, x)
-    tol = 4 * np.sqrt(_quantised_depth(int8)) / 255
+    tol = _rounding_bound(int8)
     box_err = np.sqrt(((got[..., :4] - ref[..., :4]) ** 2).mean()) / ref[..., :4].std()
     logit_err = np.sqrt(((_logit(got[..., 4:]) - _logit(ref[..., 4:])) ** 2).mean()) / _logit(ref[..., 4:]).std()
     assert box_err < tol and logit_err < tol, (box_err, logit_err, tol)
 
 
-def _conv_weight_scales(path: Path) -> list[np.ndarray]:
-    """The DequantizeLinear scales of every quantised Conv weight of an INT8 QDQ model."""
+@pytest.mark.parametrize("cfg", [V5, AF])
+def test_int8_weights_cannot_saturate_any_x86_kernel(models: dict[str, tuple[Path, Path]], cfg: str) -> None:
+    """Every quantised conv weight lies in [-64, 64]: x86 int8 kernels without VNNI add two uint8 x int8 products into a
+    saturating int16, and 2 * 255 * 64 = 32640 fits in it, so the file computes the same with and without VNNI."""
+    weights = _conv_weights(models[cfg][1])
+    assert weights and all(w.dtype == np.int8 and np.abs(w.astype(np.int32)).max() <= 64 for w in weights)
+
+
+def _weight_dequantizers(path: Path) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """The DequantizeLinear nodes feeding Conv weights of an INT8 QDQ model, and the model's initializers."""
     proto = onnx.load(str(path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
-    weight_dqs = [producer[n.input[1]] for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in producer]
-    return [inits[dq.input[1]] for dq in weight_dqs if dq.op_type == "DequantizeLinear"]
+    dqs = [producer[n.input[1]] for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in producer]
+    return [dq for dq in dqs if dq.op_type == "DequantizeLinear"], inits
+
+
+def _conv_weight_scales(path: Path) -> list[np.ndarray]:
+    """The DequantizeLinear scales of every quantised Conv weight of an INT8 QDQ model."""
+    dqs, inits = _weight_dequantizers(path)
+    return [inits[dq.input[1]] for dq in dqs]
+
+
+def _conv_weights(path: Path) -> list[np.ndarray]:
+    """The integer weights of every quantised Conv of an INT8 QDQ model."""
+    dqs, inits = _weight_dequantizers(path)
+    return [inits[dq.input[0]] for dq in dqs]
 
 
 def test_per_tensor_option_gives_scalar_weight_scales(
@@ -186,7 +226,7 @@ def test_other_calibrations_and_int8_activations_track_float(
     int8 = quantize_onnx(fp32, tmp_path / "q.onnx", shapes[0][:8], IMGSZ, **kw)
     x = _batch(shapes[1])
     ref, got = _run(fp32, x), _run(int8, x)
-    tol = 4 * np.sqrt(_quantised_depth(int8)) / 255  # as in test_int8_predictions_track_float
+    tol = _rounding_bound(int8)  # as in test_int8_predictions_track_float
     assert np.sqrt(((got[..., :4] - ref[..., :4]) ** 2).mean()) / ref[..., :4].std() < tol
 
 
