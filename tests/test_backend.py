@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from tests.conftest import rounding_tol
 from utils.checkpoint import CheckpointError
 from utils.device import select_device
 from utils.export.backend import DetectBackend
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +134,28 @@ def test_backend_device_argument() -> None:
             select_device("0")
     else:
         assert select_device("0") == torch.device("cuda", 0)
+
+
+def test_openvino_released_on_another_thread_leaves_signals_deliverable(tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin swaps the compiling thread's alternate signal stack and unmaps its own from whichever thread
+    releases it. Loaded through DetectBackend, the thread keeps a stack that stays valid, so a later signal with a
+    Python handler (a subprocess's SIGCHLD, which torch's DataLoader handles) is delivered instead of killing the
+    process with SIGSEGV (the crash that ended whole test runs). Run in a subprocess, since it is a crash."""
+    pytest.importorskip("openvino")
+    ckpt = make_checkpoint(tmp_path / "best.pt")
+    (xml,) = export.run(weights=ckpt, include=["openvino"], imgsz=64, output=tmp_path / "m_openvino_model")
+    script = f"""
+import faulthandler, gc, signal, subprocess, threading
+from utils.export.backend import DetectBackend
+faulthandler.enable()  # an alternate signal stack, as pytest has
+signal.signal(signal.SIGCHLD, lambda *args: None)
+held = [DetectBackend({str(xml)!r})]
+release = threading.Thread(target=lambda: (held.clear(), gc.collect()))
+release.start()
+release.join()
+for _ in range(5):
+    subprocess.run(["true"], check=True)
+print("delivered")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "delivered" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

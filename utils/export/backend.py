@@ -17,6 +17,7 @@ from models.head import head_class
 from models.yolo import DetectionModel
 from utils.device import select_device
 from utils.nms import END2END
+from utils.signal_stack import keep_signal_stack
 
 LOGGER = logging.getLogger("mobile_yolo")
 SUPPORTED = ("PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml, NCNN *_ncnn_model/ or .param, "
@@ -175,7 +176,8 @@ class DetectBackend(nn.Module):
         meta = meta if isinstance(meta, dict) else {}
         # An fp32 export runs in f32: on CPUs with bf16 units OpenVINO's default would silently compute it in bf16
         config = {} if meta.get("half") else {"INFERENCE_PRECISION_HINT": "f32"}
-        self.compiled = core.compile_model(model, "CPU", config)
+        with keep_signal_stack():  # the CPU plugin swaps this thread's signal stack for one it may unmap from another thread
+            self.compiled = core.compile_model(model, "CPU", config)
         self._run = lambda x: _first_or_all(list(self.compiled(x).values()))
         return meta
 
