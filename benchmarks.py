@@ -29,7 +29,7 @@ import torch
 
 from models.flops import count_gflops
 from models.mobileone import MobileOneUnit
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from utils.checkpoint import CheckpointError, load_model
 from utils.cli import check_img_size, error_boundary
 from utils.logs import set_logging
@@ -189,7 +189,7 @@ def add_maps(rows: list[dict], variants: list[Variant], opt: argparse.Namespace)
     """mAP50-95 / mAP50 of every fused checkpoint row on --data (same loader and evaluator for all)."""
     from utils.data.dataset_config import load_dataset_config
     from utils.device import select_device
-    from utils.export.backend import DetectBackend
+    from utils.runtime.backend import DetectBackend
 
     dev, data = select_device(opt.device or "cpu"), load_dataset_config(opt.data)
     for row, v in zip(rows, variants):
@@ -199,14 +199,16 @@ def add_maps(rows: list[dict], variants: list[Variant], opt: argparse.Namespace)
 
 
 def evaluate_map(backend: Any, data: dict, imgsz: int, device: torch.device, batch: int = 1) -> tuple[float, float]:
-    """(mAP50-95, mAP50) of a DetectBackend on data's val split: square letterbox at imgsz, the val.py evaluator."""
-    from utils.data.datasets import create_dataloader
+    """(mAP50-95, mAP50) of a DetectBackend on data's val split: square letterbox at imgsz, its task's val.py loop."""
     from utils.evaluation.evaluator import DetectionEvaluator
-    from utils.evaluation.validate import evaluate
+    from utils.tasks import task_of
 
-    loader, _ = create_dataloader(data["val"], imgsz, batch, int(backend.stride), pad=0.0, rect=False, workers=0, nc=int(data["nc"]),
-                                  prefix="val: ")  # fmt: skip
-    result = evaluate(backend, loader, DetectionEvaluator(int(data["nc"]), list(data["names"])), device=device, quiet=True)
+    task = task_of(backend)
+    evaluator = task.evaluator(int(data["nc"]), list(data["names"]))
+    if not isinstance(evaluator, DetectionEvaluator):  # the table's columns are box mAP
+        raise ValueError(f"{backend.weights}: the benchmark table scores box mAP; score a {task.what} with {task.val_script}")
+    loader = task.val_loader(data, "val", imgsz, batch, int(backend.stride), rect=False, single_cls=False, workers=0, pad=0.0)
+    result = task.validate(backend, loader, evaluator, device=device, quiet=True)
     return round(float(result.map), 4), round(float(result.map50), 4)
 
 
@@ -355,7 +357,7 @@ def export_format(weights: Path, fmt: str, size: tuple[int, int], tmp: Path, dev
 
 def open_format(res: FormatResult, size: tuple[int, int], device: torch.device, threads: int) -> None:
     """Load an exported format into DetectBackend and run it once; records why when it cannot run here."""
-    from utils.export.backend import DetectBackend
+    from utils.runtime.backend import DetectBackend
 
     if res.fmt == "coreml" and sys.platform != "darwin":
         res.status, res.note = "exported", "no CoreML runtime off macOS"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from utils.cli import error_boundary
+from utils.engine.validation import check_options, run, study, val_main, val_parser
 from utils.logs import set_logging
-from utils.validation import check_options, run, study, val_main, val_parser
 
 __all__ = ["check_options", "main", "parse_opt", "run", "study"]
 

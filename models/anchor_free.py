@@ -10,7 +10,7 @@ from torch import nn
 
 from models.anchor_points import dist2bbox, make_anchors
 from models.common import Conv
-from models.head import Head, check_output_width, register_head, xywh_to_xyxy
+from models.head import Head, HeadPolicy, check_output_width, register_head, xywh_to_xyxy
 from models.registry import register_module
 
 
@@ -49,6 +49,9 @@ class AnchorFreeDetect(Head):
     """
 
     kind: ClassVar[str] = "anchor_free"
+    policy: ClassVar[HeadPolicy] = HeadPolicy(
+        task="detect", title="anchor-free", hyp_file="hyp.scratch-af.yaml", evolve_table="anchor_free"
+    )
     export_layout: ClassVar[str] = "(batch, 4 + nc, anchors)"
     anchor_axis: ClassVar[int] = 2
 

@@ -1,16 +1,40 @@
-"""The detection-head contract every head implements, and the registry that maps a head kind to its class.
+"""The head contract every head implements, its policy (what the loops above models/ need to know), and the registry
+that maps a head kind to its class.
 
-A head's `kind` travels in checkpoints and export metadata; callers that find none (old files) use "anchor_based".
+A head's `kind` travels in export metadata; `LEGACY_HEAD_KIND` names the head of files written before heads were named.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 HeadT = TypeVar("HeadT", bound="Head")
+LEGACY_HEAD_KIND = "anchor_based"  # files exported before the head kind was recorded all had YOLOv5's Detect
+
+
+@dataclass(frozen=True)
+class HeadPolicy:
+    """How a head trains and deploys, as plain data: models/ imports nothing from utils/, the engine and exporter read it.
+
+    Every field has a meaning for every head; there is no fallback for a head without a policy (registration refuses it).
+    """
+
+    task: str  # the task that trains, validates, predicts and exports it (utils.tasks registry name)
+    title: str  # what messages call its models: "{title} models export to ..."
+    hyp_file: str  # hyperparameter file under data/hyps/ when --hyp is not given
+    optimizer: str = "SGD"  # what --optimizer auto picks
+    close_mosaic_share: float = 0.0  # --close-mosaic 0 means this share of the epochs (at most 10); 0: keep mosaic to the end
+    export_formats: tuple[str, ...] | None = None  # formats whose converter and runtime handle its outputs; None: all
+    min_opset: int = 0  # lowest ONNX opset its graph exports with
+    dynamic_export: bool = True  # whether --dynamic shapes export (False: sizes are built into the graph)
+    nms_export: bool = True  # whether --nms can put NMS in the graph (False: NMS-free, or outputs NMS cannot take)
+    int8_export: bool = True  # whether --int8 quantisation is supported
+    evolve_table: str | None = None  # name of evolve's mutation table for its loss gains; None: --evolve is refused
+    nms_reason: str = ""  # the one-line reason given when --nms is refused
 
 
 class Head(nn.Module):
@@ -25,10 +49,25 @@ class Head(nn.Module):
     nms_free: ClassVar[bool] = False  # one prediction per object (RT-DETR's queries): inference ranks them, no NMS
     yaml_args: ClassVar[tuple[str, ...]] = ("nc",)  # a generic ("head"-kind) yaml row's arguments, built as cls(nc, ch, strides, *rest)
     uses_targets: ClassVar[bool] = False  # training forward takes the batch's targets too (RT-DETR's denoising queries)
+    policy: ClassVar[HeadPolicy]  # every registered head sets one
 
     nc: int
     nl: int
     stride: torch.Tensor  # buffer, declared for the type checker (nn.Module.__getattr__ is untyped)
+
+    @classmethod
+    def output_axes(cls) -> tuple[dict[int, str], ...]:
+        """The dynamic axes of each inference output, in order (their number is the head's number of outputs)."""
+        return ({0: "batch", cls.anchor_axis: "anchors"},)
+
+    @classmethod
+    def inference_outputs(cls, out: Any) -> Any:
+        """The inference part of an eval-mode output: the tensor itself, or its first output(s) when it also carries the
+        raw training-form maps (one tensor for one output, else a tuple)."""
+        n = len(cls.output_axes())
+        if not isinstance(out, (tuple, list)):
+            return out
+        return out[0] if n == 1 else tuple(out[:n])
 
     @staticmethod
     def split_output(pred: torch.Tensor, nm: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,6 +96,8 @@ def register_head(cls: type[HeadT]) -> type[HeadT]:
     kind = getattr(cls, "kind", "")
     if not isinstance(cls, type) or not issubclass(cls, Head) or not kind:
         raise ValueError(f"register_head: {cls!r} must be a Head subclass with a non-empty kind")
+    if not isinstance(cls.__dict__.get("policy"), HeadPolicy):
+        raise ValueError(f"register_head: {cls.__name__} must declare its own `policy` (a HeadPolicy), not inherit one")
     if kind in _HEADS and _HEADS[kind] is not cls:
         raise ValueError(f"head kind {kind!r} is already registered to {_HEADS[kind].__name__}")
     _HEADS[kind] = cls
@@ -68,6 +109,11 @@ def head_class(kind: str) -> type[Head]:
     if not isinstance(kind, str) or kind not in _HEADS:
         raise ValueError(f"unknown head kind {kind!r}; known: {', '.join(known_heads())}")
     return _HEADS[kind]
+
+
+def head_policy(kind: str) -> HeadPolicy:
+    """The policy of the head registered for `kind`; unknown kinds raise ValueError listing the known ones."""
+    return head_class(kind).policy
 
 
 def known_heads() -> tuple[str, ...]:

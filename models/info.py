@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from models.model import DetectionModel
 from models.parse import ModelConfigError
-from models.yolo import DetectionModel
 
 LOGGER = logging.getLogger("mobile_yolo")
 

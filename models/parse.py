@@ -323,16 +323,20 @@ class _Builder:
         return nc, anchors, list(chans), list(strides)
 
     def _build_head(self, i: int, spec: ModuleSpec, sources: list[int], args: list) -> tuple:
-        """A head built as cls(nc, ch, strides, *rest) from yaml arguments [nc, *rest] (the head's `yaml_args`, all positive
-        integers) or nothing (the config's nc)."""
+        """A head built as cls(nc, ch, strides, *rest) from yaml arguments [nc, *rest] (the head's `yaml_args`, positive
+        integers, or >= 0 for those it names in `yaml_zero_ok`) or nothing (the config's nc); a head registered with
+        takes_act gets the config's `activation` too."""
         chans, strides = zip(*(self._src(j) for j in sources))
         names = getattr(spec.cls, "yaml_args", ("nc",))
+        zero_ok = getattr(spec.cls, "yaml_zero_ok", ())
+        lowest = [0 if k > 0 and name in zero_ok else 1 for k, name in enumerate(names)]
         values = list(args) if args else [self.nc]
-        if len(values) > len(names) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-            wanted = ", ".join(names)
-            raise ModelConfigError(f"layer {i} ({spec.name}): takes [{wanted}], positive integers, got {args!r} (nc={values[0]!r})")
+        if len(values) > len(names) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v, lo in zip(values, lowest)):
+            kinds = f"integers (nc >= 1, {' >= 0, '.join(zero_ok)} >= 0)" if zero_ok else "positive integers"
+            raise ModelConfigError(f"layer {i} ({spec.name}): takes [{', '.join(names)}], {kinds}, got {args!r} (nc={values[0]!r})")
         _check_head_strides(i, spec.name, sources, strides)
-        module = spec.cls(values[0], list(chans), list(strides), *values[1:])
+        kwargs = {"act": self.act} if (self.act is not None and spec.takes_act) else {}
+        module = spec.cls(values[0], list(chans), list(strides), *values[1:], **kwargs)
         return module, None, None, [values[0], list(chans), *values[1:]]
 
 
@@ -350,6 +354,17 @@ def row_spec(name: str, has_anchors: bool) -> ModuleSpec:
     `without_anchors` module."""
     spec = get_module(name)
     return get_module(spec.without_anchors) if spec.without_anchors is not None and not has_anchors else spec
+
+
+def config_head(cfg: dict) -> type[nn.Module]:
+    """The class the last row of a model config builds (its head), read without building anything; one-line errors."""
+    rows = cfg.get("head") if isinstance(cfg, dict) else None
+    if not isinstance(rows, list) or not rows or not isinstance(rows[-1], (list, tuple)) or len(rows[-1]) < 3:
+        raise ModelConfigError("model config: 'head' must be a non-empty list of [from, number, module, args] rows")
+    try:
+        return row_spec(str(rows[-1][2]), "anchors" in cfg).cls
+    except ValueError as e:
+        raise ModelConfigError(f"model config: last row: {e}") from None
 
 
 def parse_model(cfg: dict, ch: int = 3) -> ParsedModel:

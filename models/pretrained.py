@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models.backbone import Backbone
+from models.registry import get_module
 
 LOGGER = logging.getLogger("mobile_yolo")
 TIMM_PREFIX = "timm:"
@@ -90,13 +91,38 @@ def fetch_timm_state_dict(name: str, timeout: float = 5.0) -> dict[str, torch.Te
         raise BackboneWeightsError(f"{TIMM_PREFIX}{name}: download failed ({first[:160]})") from None
 
 
+def checkpoint_backbone_state(ckpt: dict, source: str) -> dict[str, torch.Tensor]:
+    """The backbone tensors of one of this project's checkpoints (a classifier from classify/train.py, or a detector), EMA
+    weights when it has them, with keys relative to the backbone layer."""
+    state = ckpt.get("ema") or ckpt["model"]
+    rows = ckpt["cfg"].get("backbone") if isinstance(ckpt.get("cfg"), dict) else None
+    index = next((i for i, row in enumerate(rows or []) if _is_backbone_row(row)), None)
+    if index is None or not isinstance(state, dict):
+        raise BackboneWeightsError(f"{source}: its model has no MobileNetV4/MobileOne backbone row to take weights from")
+    prefix = f"model.{index}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _is_backbone_row(row: object) -> bool:
+    """Whether a yaml row [from, number, module, args] builds a registered list-returning backbone."""
+    if not isinstance(row, (list, tuple)) or len(row) < 3 or not isinstance(row[2], str):
+        return False
+    try:
+        return get_module(row[2]).kind == "backbone"
+    except ValueError:
+        return False
+
+
 def load_backbone_weights(model: nn.Module, source: Union[str, Path]) -> BackboneLoadReport:
-    """Map timm/Apple/own backbone weights from `source` (file path or 'timm:<name>') onto the model's backbone."""
+    """Map timm/Apple/own backbone weights from `source` (file path or 'timm:<name>') onto the model's backbone; one of
+    this project's checkpoints (e.g. a classifier's best.pt) gives its backbone layer's weights."""
     source = str(source)
     if source.startswith(TIMM_PREFIX):
         state_dict = fetch_timm_state_dict(source[len(TIMM_PREFIX) :])
     else:
         state_dict = read_weights_file(source)
+        if "cfg" in state_dict and "model" in state_dict:  # this project's checkpoint layout (utils/checkpoint.py)
+            state_dict = checkpoint_backbone_state(state_dict, source)
     backbone = find_backbone(model)
     convert = cast(_StateDictConverter, backbone.convert_state_dict)  # find_backbone checked that it exists
     mapped, unused = convert(state_dict)

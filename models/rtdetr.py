@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.denoising import DenoisingQueries, denoising_queries, inverse_sigmoid
-from models.head import Head, check_output_width, register_head, xywh_to_xyxy
+from models.head import Head, HeadPolicy, check_output_width, register_head, xywh_to_xyxy
 from models.layers import ConvBN
 from models.registry import register_module
 from models.rtdetr_output import DenoisingMeta, DETROutput
@@ -31,6 +31,13 @@ class RTDETRDecoder(Head):
     """
 
     kind: ClassVar[str] = "rtdetr"
+    # Deformable attention needs grid_sample (ONNX opset 16; the NCNN, TFLite and CoreML converters lack it), the
+    # graph has its feature-map sizes built in, and one query predicts one object, so there is nothing for NMS to do.
+    policy: ClassVar[HeadPolicy] = HeadPolicy(
+        task="detect", title="RT-DETR", hyp_file="hyp.rtdetr.yaml", optimizer="AdamW", close_mosaic_share=0.15,
+        export_formats=("onnx", "torchscript", "openvino"), min_opset=16, dynamic_export=False, nms_export=False, int8_export=False,
+        nms_reason="RT-DETR predicts one box per object and needs no NMS; export without --nms",
+    )
     export_layout: ClassVar[str] = "(batch, queries, 4 + nc)"
     anchor_axis: ClassVar[int] = 1
     nms_free: ClassVar[bool] = True

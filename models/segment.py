@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import Conv
-from models.head import register_head
+from models.head import HeadPolicy, register_head
 from models.registry import register_module
 from models.yolo import Detect
 
@@ -38,7 +38,17 @@ class Segment(Detect):
     """Anchor-based Detect whose anchors also predict `nm` raw mask coefficients, plus Proto on the first (stride 8) input."""
 
     kind: ClassVar[str] = "segment"
+    # Two outputs (detections with mask coefficients, prototypes): the formats whose runtime returns both.
+    policy: ClassVar[HeadPolicy] = HeadPolicy(
+        task="segment", title="segmentation", hyp_file="hyp.scratch-low.yaml", export_formats=("onnx", "torchscript", "openvino"),
+        nms_export=False, int8_export=False, nms_reason="--nms is not available for segmentation models yet",
+    )
     export_layout: ClassVar[str] = "(batch, anchors, 5 + nc + nm)"
+
+    @classmethod
+    def output_axes(cls) -> tuple[dict[int, str], ...]:
+        """Detections, then the mask prototypes (B, nm, H/4, W/4)."""
+        return (*super().output_axes(), {0: "batch", 2: "mask_height", 3: "mask_width"})
 
     def __init__(
         self, nc: int = 80, anchors: list | tuple = (), nm: int = 32, npr: int = 256, ch: list | tuple = (), strides: list | tuple = ()

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from models.yolo import DetectionModel
+from models.head import Head
+
+
+class _Augmentable(Protocol):
+    """What TTA uses of a DetectionModel (typed structurally: models/model.py imports this module, not the reverse)."""
+
+    stride: torch.Tensor
+
+    @property
+    def head(self) -> Head: ...
+
+    @property
+    def head_kind(self) -> str: ...
+
+    @property
+    def task(self) -> str: ...
+
+    def forward_once(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> Any: ...
 
 SCALES = (1.0, 0.83, 0.67)
 FLIPS = (None, 3, None)  # 3 = left-right flip of NCHW
@@ -50,7 +66,7 @@ def _clip_augmented(preds: list[torch.Tensor], nl: int) -> list[torch.Tensor]:
 
 def forward_augment(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, None]:
     """Inference on 3 scales (1, 0.83 flipped, 0.67); returns predictions in `x` pixels, in the head's output layout."""
-    det_model = cast("DetectionModel", model)
+    det_model = cast(_Augmentable, model)
     if det_model.task == "segment":  # merged boxes would lose the prototypes their mask coefficients refer to
         raise ValueError("TTA is not supported for segmentation models")
     if det_model.head.nms_free:  # merging the passes needs NMS, which these heads are built to do without

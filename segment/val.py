@@ -15,9 +15,9 @@ import argparse
 from typing import Any
 
 from utils.cli import error_boundary
+from utils.engine.validation import run as _run
+from utils.engine.validation import val_main, val_parser
 from utils.logs import set_logging
-from utils.validation import run as _run
-from utils.validation import val_main, val_parser
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:

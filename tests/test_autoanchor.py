@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.engine.autoanchor import anchor_metrics, check_anchors, kmean_anchors, label_wh_from_dataset
+from utils.tasks.autoanchor import anchor_metrics, check_anchors, kmean_anchors, label_wh_from_dataset
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import export
 from tests.conftest import rounding_tol
 from utils.checkpoint import CheckpointError
 from utils.device import select_device
-from utils.export.backend import DetectBackend
+from utils.runtime.backend import DetectBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def test_openvino_released_on_another_thread_leaves_signals_deliverable(tmp_path
     (xml,) = export.run(weights=ckpt, include=["openvino"], imgsz=64, output=tmp_path / "m_openvino_model")
     script = f"""
 import faulthandler, gc, signal, subprocess, threading
-from utils.export.backend import DetectBackend
+from utils.runtime.backend import DetectBackend
 faulthandler.enable()  # an alternate signal stack, as pytest has
 signal.signal(signal.SIGCHLD, lambda *args: None)
 held = [DetectBackend({str(xml)!r})]

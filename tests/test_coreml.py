@@ -1,4 +1,5 @@
-"""Core ML export (utils/export/coreml.py): conversion, input/output spec and metadata; predictions only on macOS."""
+"""Core ML export (utils/export/coreml.py): conversion, input/output spec and metadata (read back by utils/runtime/coreml.py);
+predictions only on macOS."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from tests.test_export import make_checkpoint
 from utils.checkpoint import load_model
 from utils.export.formats import ExportError, export_metadata
+from utils.runtime.coreml import coreml_can_predict, coreml_metadata
 
 coreml = pytest.importorskip("utils.export.coreml")
 IMGSZ = (64, 96)
@@ -46,7 +48,7 @@ def test_spec_has_image_input_output_and_metadata(exported: dict, ct: object) ->
     assert inp.type.imageType.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB  # type: ignore[attr-defined]
     (out,) = spec.description.output
     assert out.name == "output0" and list(out.type.multiArrayType.shape) == list(exported["ref"].shape)
-    meta = coreml.coreml_metadata(exported["path"])
+    meta = coreml_metadata(exported["path"])
     assert meta["names"] == ["a", "b", "c"] and meta["imgsz"] == list(IMGSZ) and meta["head"] == "anchor_based"
     assert meta["stride"] == exported["meta"]["stride"] and meta["half"] is False
 
@@ -62,7 +64,7 @@ def test_half_and_int8_weights_convert(exported: dict, kw: dict) -> None:
     name = "best_half.mlpackage" if kw.get("half") else "best_int8.mlpackage"
     path = coreml.export_coreml(exported["model"], exported["root"] / name, IMGSZ, exported["meta"], **kw)
     assert path.is_dir()
-    meta = coreml.coreml_metadata(path)
+    meta = coreml_metadata(path)
     assert meta["half"] is bool(kw.get("half")) and meta["int8"] is bool(kw.get("int8"))
 
 
@@ -74,7 +76,7 @@ def test_nms_pipeline_not_implemented_is_one_line(exported: dict) -> None:
 
 def test_predictions_match_pytorch(exported: dict, ct: object) -> None:
     """Only where the Core ML runtime exists (macOS): float32 predictions close to PyTorch."""
-    ok, why = coreml.coreml_can_predict()
+    ok, why = coreml_can_predict()
     if not ok:
         pytest.skip(why)
     from PIL import Image
@@ -101,12 +103,12 @@ def test_missing_coremltools_names_pip_command(monkeypatch: pytest.MonkeyPatch) 
 
 def test_export_py_writes_mlpackage_and_backend_refuses_in_one_line(tmp_path: Path, ct: object) -> None:
     """export.py --include coreml writes best.mlpackage; detect/val on Linux get one line naming the Apple-only runtime."""
-    from utils.export.backend import DetectBackend
     from utils.export.exporter import export_model
+    from utils.runtime.backend import DetectBackend
 
     ckpt = make_checkpoint(tmp_path / "best.pt")
     (path,) = export_model(weights=ckpt, include=["coreml"], imgsz=64)
-    assert path == tmp_path / "best.mlpackage" and coreml.coreml_metadata(path)["names"] == ["a", "b", "c"]
+    assert path == tmp_path / "best.mlpackage" and coreml_metadata(path)["names"] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="Core ML models run only on Apple systems") as e:
         DetectBackend(path)
     assert "\n" not in str(e.value)
@@ -121,7 +123,7 @@ def test_reexport_replaces_our_package_but_never_a_users_folder(tmp_path: Path, 
     (again,) = export_model(weights=ckpt, include=["coreml"], imgsz=64)
     assert first == again and coreml.is_coreml_export(again)
     (weight_only,) = export_model(weights=ckpt, include=["coreml"], imgsz=64, int8=True)  # int8 weights need no --data
-    assert coreml.coreml_metadata(weight_only)["int8"] is True
+    assert coreml_metadata(weight_only)["int8"] is True
     user = tmp_path / "mine.mlpackage"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")

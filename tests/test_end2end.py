@@ -12,11 +12,11 @@ from test_export import checkpoint_tol, make_checkpoint
 
 import detect
 from utils.checkpoint import load_model
-from utils.export.backend import DetectBackend
 from utils.export.end2end import End2End, NMSSettings
 from utils.export.exporter import export_model
 from utils.export.formats import ExportError
 from utils.nms import END2END, non_max_suppression
+from utils.runtime.backend import DetectBackend
 
 CONF, IOU = 0.005, 0.5  # the test checkpoints are untrained: their scores sit near 0.01
 

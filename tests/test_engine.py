@@ -119,7 +119,9 @@ def test_trainer_fires_callbacks_and_writes_head_columns(cfg: str, losses: tuple
     header = [c.strip() for c in (tmp_path / "run" / "results.csv").read_text().splitlines()[0].split(",")]
     assert header[1:4] == [f"train/{n}" for n in losses] and header[8:11] == [f"val/{n}" for n in losses]
     saved = yaml.safe_load((tmp_path / "run" / "hyp.yaml").read_text())
-    assert ("dfl" in saved) and Path(opt.hyp) == default_hyp_file(trainer.model.head_kind)
+    assert ("dfl" in saved) and trainer.hyp_file == default_hyp_file(trainer.model.head_kind)
+    recorded = yaml.safe_load((tmp_path / "run" / "opt.yaml").read_text())  # what the run used; the options stay as given
+    assert recorded["hyp"] == str(trainer.hyp_file) and recorded["imgsz"] == 64 and opt.hyp == "" and trainer.opt is opt
 
 
 def test_benchmarks_train_throughput_times_the_trainer_step(tiny_data: Path) -> None:

@@ -224,7 +224,7 @@ def test_openvino_missing_package_hint(ckpt: Path, tmp_path: Path, monkeypatch: 
 
 def test_openvino_export_matches_pytorch(ckpt: Path, tmp_path: Path) -> None:
     pytest.importorskip("openvino")
-    from utils.export.backend import DetectBackend
+    from utils.runtime.backend import DetectBackend
 
     (path,) = export.run(weights=ckpt, include=["openvino"], imgsz=64, output=tmp_path / "m_openvino_model")
     assert (path / "m.xml").is_file() and (path / "m.bin").is_file() and (path / "metadata.yaml").is_file()

@@ -16,8 +16,8 @@ from test_export import assert_close_predictions
 from models.yolo import DetectionModel
 from tests.conftest import calibrate_bn, random_images, rounding_tol
 from utils.checkpoint import save_checkpoint
-from utils.export.backend import DetectBackend
 from utils.export.exporter import export_model
+from utils.runtime.backend import DetectBackend
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PACKAGES = {"onnx": "onnxruntime", "torchscript": "torch", "openvino": "openvino", "ncnn": "ncnn"}

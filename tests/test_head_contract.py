@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from models.anchor_free import AnchorFreeDetect
-from models.head import Head, head_class, known_heads, register_head
+from models.head import Head, HeadPolicy, head_class, known_heads, register_head
 from models.parse import ModelConfigError
 from models.yolo import Detect, DetectionModel
 from tests.conftest import EPS32
@@ -36,6 +36,13 @@ def test_register_head_rejects_bad_classes() -> None:
 
     class Impostor(Head):
         kind: ClassVar[str] = "anchor_free"
+        policy: ClassVar[HeadPolicy] = AnchorFreeDetect.policy
+
+    class NoPolicy(Head):
+        kind: ClassVar[str] = "no_policy"
+
+    class InheritedPolicy(AnchorFreeDetect):
+        kind: ClassVar[str] = "inherited_policy"
 
     with pytest.raises(ValueError, match="non-empty kind"):
         register_head(NoKind)
@@ -44,6 +51,10 @@ def test_register_head_rejects_bad_classes() -> None:
     with pytest.raises(ValueError, match="already registered to AnchorFreeDetect"):
         register_head(Impostor)
     assert register_head(AnchorFreeDetect) is AnchorFreeDetect  # re-registering the same class is harmless
+    for cls in (NoPolicy, InheritedPolicy):  # no head trains or exports by another head's recipe by accident
+        with pytest.raises(ValueError, match="must declare its own `policy`"):
+            register_head(cls)
+    assert "no_policy" not in known_heads() and "inherited_policy" not in known_heads()
 
 
 def test_class_attributes() -> None:

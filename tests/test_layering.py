@@ -1,5 +1,6 @@
-"""Import layering, read from the source with ast (nothing is imported): no cycle among utils/ modules, models/ imports
-nothing from utils/, and the top-level scripts are entry points that no library module or other script imports."""
+"""Import layering, read from the source with ast (nothing is imported): no module cycle and no package cycle anywhere in
+models/, utils/ and the scripts, models/ imports nothing from utils/, each utils/ stage imports only the earlier stages,
+and the top-level scripts are entry points that no library module or other script imports."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "val", "detect", "export", "benchmarks", "hubconf", "segment.train", "segment.val", "segment.predict")
+SCRIPTS = (
+    "train", "val", "detect", "export", "benchmarks", "hubconf", "segment.train", "segment.val", "segment.predict",
+    "classify.train", "classify.val", "classify.predict",
+)  # fmt: skip
 
 
 def _module_name(path: Path) -> str:
@@ -72,6 +76,47 @@ def test_find_cycle_detects_and_clears() -> None:
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
 
 
+def package_of(module: str) -> str:
+    """The package a module belongs to for the package graph: "utils" (its root modules), "utils.<stage>", "models", or
+    the script itself."""
+    parts = module.split(".")
+    if parts[0] == "models":
+        return "models"
+    if parts[0] == "utils":
+        return ".".join(parts[:2]) if len(parts) > 2 or (len(parts) == 2 and (ROOT / "utils" / parts[1]).is_dir()) else "utils"
+    return module
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """package -> the other packages its modules import."""
+    packages: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        own = package_of(module)
+        packages.setdefault(own, set()).update(package_of(d) for d in deps)
+    return {p: deps - {p} for p, deps in packages.items()}
+
+
+def test_package_of() -> None:
+    assert [package_of(m) for m in ("utils.boxes", "utils", "utils.runtime", "utils.runtime.backend", "models.yolo", "models")] == [
+        "utils", "utils", "utils.runtime", "utils.runtime", "models", "models"
+    ]  # fmt: skip
+    assert package_of("segment.val") == "segment.val" and package_of("train") == "train"
+
+
+def test_no_module_cycle() -> None:
+    """No import cycle among all modules: models/, utils/ and the scripts (function-level and TYPE_CHECKING imports too)."""
+    graph = import_graph()
+    assert {"models.yolo", "models.model", "models.info", "utils.runtime.backend", "classify.val"} <= set(graph)
+    assert find_cycle(graph) == []
+
+
+def test_no_package_cycle() -> None:
+    """No cycle among packages: models, the utils root modules ("utils"), each utils/ stage, and each script."""
+    packages = package_graph(import_graph())
+    assert {"models", "utils", "utils.runtime", "utils.export", "utils.engine", "val"} <= set(packages)
+    assert find_cycle(packages) == []
+
+
 def test_no_import_cycle_among_utils_modules() -> None:
     graph = import_graph()
     utils_graph = {m: {d for d in deps if d.startswith("utils")} for m, deps in graph.items() if m.startswith("utils")}
@@ -97,13 +142,16 @@ def test_no_module_or_script_imports_a_script() -> None:
 
 
 # The pipeline stages under utils/ and the earlier stages each may use (shared top-level utils/ modules are free).
+# runtime runs the model files (DetectBackend and the format runners); export writes them and may check them with runtime.
 STAGE_DEPENDENCIES = {
     "data": set(),
     "loss": set(),
     "evaluation": set(),
-    "export": {"data"},
-    "engine": {"data", "loss", "evaluation"},
-    "inference": {"data", "export"},
+    "runtime": set(),
+    "tasks": {"data", "evaluation"},
+    "export": {"data", "tasks", "runtime"},
+    "engine": {"data", "loss", "evaluation", "tasks", "runtime"},
+    "inference": {"data", "runtime", "tasks"},
 }
 
 

@@ -19,16 +19,8 @@ from test_export import assert_close_predictions, checkpoint_tol, make_checkpoin
 from tests.conftest import random_images  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.export.formats import ExportError, export_metadata  # noqa: E402
-from utils.export.ncnn import (  # noqa: E402
-    BIN_FILE,
-    PARAM_FILE,
-    NcnnImportError,
-    NcnnRunner,
-    export_ncnn,
-    import_ncnn,
-    pnnx_executable,
-    read_param,
-)
+from utils.export.ncnn import export_ncnn, pnnx_executable  # noqa: E402
+from utils.runtime.ncnn import BIN_FILE, PARAM_FILE, NcnnImportError, NcnnRunner, import_ncnn, read_param  # noqa: E402
 
 FOLDER_FILES = sorted([PARAM_FILE, BIN_FILE, "metadata.yaml"])
 
@@ -169,8 +161,8 @@ def test_missing_packages_name_the_pip_command(monkeypatch: pytest.MonkeyPatch) 
 
 def test_export_py_and_backend_run_ncnn(tmp_path: Path) -> None:
     """export.py --include ncnn writes best_ncnn_model/, and DetectBackend (so detect.py and val.py) runs it like the .pt."""
-    from utils.export.backend import DetectBackend
     from utils.export.exporter import export_model
+    from utils.runtime.backend import DetectBackend
 
     pt = make_checkpoint(tmp_path / "best.pt")
     (folder,) = export_model(weights=pt, include=["ncnn"], imgsz=[64, 96])

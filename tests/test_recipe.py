@@ -60,7 +60,7 @@ def test_trainer_prints_and_uses_the_schedule(tmp_path: Path, caplog: pytest.Log
     assert trainer.schedule.name == "small" and trainer.accumulate == 1
     assert trainer.dataset.hyp["scale"] == 0.5 * trainer.hyp.scale  # 6 steps: the weakest augmentation
     assert any("small-data schedule (16 training images < 1000)" in r.getMessage() for r in caplog.records)
-    opt.recipe, opt.save_dir = "yolov5", str(tmp_path / "run2")
+    opt = opt.replace(recipe="yolov5", save_dir=str(tmp_path / "run2"))
     assert Trainer(opt, torch.device("cpu"), DistInfo()).accumulate == 8
 
 

@@ -327,8 +327,8 @@ def test_every_config_exports(cfg: str, tmp_path: Path) -> None:
 
 def _check_export_parity(cfg: Path, formats: Sequence[str], tmp_path: Path) -> None:
     """Export a calibrated model of `cfg` to `formats` and compare each through DetectBackend with the .pt model."""
-    from utils.export.backend import DetectBackend
     from utils.export.exporter import export_model
+    from utils.runtime.backend import DetectBackend
 
     size = (96, 128)  # 252 encoder positions <= 300 queries: every position is a query, so rounding cannot change the set
     model = _calibrated(cfg, (2, 3, *size))

@@ -13,8 +13,8 @@ import yaml
 from tests.conftest import rounding_tol
 from utils.data.shapes_dataset import SHAPE_NAMES, generate_shapes
 from utils.engine.trainer import TrainError
-from utils.export.backend import DetectBackend
 from utils.export.exporter import ExportError, export_model
+from utils.runtime.backend import DetectBackend
 
 CFG = "models/yolov5n-seg.yaml"
 KW = dict(imgsz=64, batch_size=8, workers=0, device="cpu", noplots=True)
@@ -115,10 +115,13 @@ def test_export_refuses_what_segmentation_cannot_do(trained: Path) -> None:
         export_model(weights=trained, include=["onnx"], imgsz=[64, 64], nms=True)
 
 
-def test_hub_autoshape_refuses_segmentation_models() -> None:
+def test_hub_returns_segmentation_models_without_autoshape(caplog: pytest.LogCaptureFixture) -> None:
     import hubconf
+    from utils.inference.autoshape import AutoShape
 
     entry = getattr(hubconf, "yolov5n-seg")
-    with pytest.raises(ValueError, match="segment/predict.py"):
-        entry(pretrained=False, _verbose=False)
+    model = entry(pretrained=False, _verbose=False)  # YOLOv5's hub: a warning and the model itself
+    assert not isinstance(model, AutoShape) and model.task == "segment" and "segment/predict.py" in caplog.text
     assert entry(pretrained=False, autoshape=False, _verbose=False).task == "segment"
+    with pytest.raises(ValueError, match="segment/predict.py"):
+        AutoShape(DetectBackend(model))

@@ -235,14 +235,17 @@ SEG_HEADER = [
 
 
 def test_results_csv_segmentation_columns(tmp_path: Path) -> None:
-    assert list(columns(YOLOV5_SEG_LOSSES)) == SEG_HEADER
+    from utils.tasks import get_task
+
+    seg = get_task("segment").metric_columns
+    assert list(columns(YOLOV5_SEG_LOSSES, seg)) == SEG_HEADER
     assert columns() == COLUMNS and COLUMNS[4:8] == ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
     csv = tmp_path / "results.csv"
     for epoch in range(3):
-        append_results(csv, epoch, [0.1, 0.2, 0.3, 0.4], [0.5] * 12, [0.01] * 3, YOLOV5_SEG_LOSSES)
+        append_results(csv, epoch, [0.1, 0.2, 0.3, 0.4], [0.5] * 12, [0.01] * 3, YOLOV5_SEG_LOSSES, seg)
     lines = csv.read_text().splitlines()
     assert [c.strip() for c in lines[0].split(",")] == SEG_HEADER and len(lines) == 4
     with pytest.raises(ValueError, match="expected 20"):
-        append_results(csv, 3, [0.1, 0.2, 0.3, 0.4], [0.5] * 8, [0.01] * 3, YOLOV5_SEG_LOSSES)
-    truncate_results(csv, 1, YOLOV5_SEG_LOSSES)
+        append_results(csv, 3, [0.1, 0.2, 0.3, 0.4], [0.5] * 8, [0.01] * 3, YOLOV5_SEG_LOSSES, seg)
+    truncate_results(csv, 1, YOLOV5_SEG_LOSSES, seg)
     assert len(csv.read_text().splitlines()) == 3

@@ -14,7 +14,8 @@ from tests.conftest import random_images
 from tests.test_export import assert_close_predictions, checkpoint_tol, make_checkpoint
 from utils.checkpoint import load_model
 from utils.export.formats import ExportError, export_metadata
-from utils.export.tflite import TfliteRunner, export_tflite, read_tflite_metadata, tflite_filename
+from utils.export.tflite import export_tflite, tflite_filename
+from utils.runtime.tflite import TfliteRunner, read_tflite_metadata
 
 # find_spec, not import: TensorFlow in the pytest process would crash a later triton import (LLVM options clash)
 CONVERTER = all(importlib.util.find_spec(m) for m in ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "onnxslim"))
@@ -148,8 +149,8 @@ def test_file_names() -> None:
 @needs_converter
 def test_export_py_and_backend_run_tflite(tflite_setup: dict, tmp_path: Path) -> None:
     """export.py --include tflite writes best_float32.tflite next to the weights and DetectBackend runs it like the .pt."""
-    from utils.export.backend import DetectBackend
     from utils.export.exporter import export_model
+    from utils.runtime.backend import DetectBackend
 
     ckpt = Path(tflite_setup["ckpt"])
     (path,) = export_model(weights=ckpt, include=["tflite"], imgsz=list(IMGSZ), output=tmp_path / "m.tflite")

@@ -1,11 +1,12 @@
-"""Real training steps for every registered backbone family under every head, through train.run (the Trainer's own
-memory layout, optimizer, loss, validation and checkpoint), in subprocesses: a crash in a kernel (as MobileOne's
-channels-last backward once did) fails tests instead of ending the test run.
+"""Real training steps for every registered backbone family under every registered head, through the task's training
+entry point (the Trainer's own memory layout, optimizer, loss, validation and checkpoint), then an ONNX export of the
+checkpoint run through the runtime, in subprocesses: a crash in a kernel (as MobileOne's channels-last backward once
+did) fails tests instead of ending the test run.
 
 The models are the tutorials' layout: a shipped config of each head kind whose layer 0 is a registered backbone, with
-that row swapped for a backbone of the family, so a new backbone or head is covered without editing this file. The
-default suite trains each head on a different variant of each family (the smallest first); `-m slow` trains every
-variant under every head.
+that row swapped for a backbone of the family; each trains on its task's sample dataset (Task.sample_data). So a new
+backbone, head or task is covered without editing this file. The default suite trains each head on a different variant
+of each family (the smallest first); `-m slow` trains every variant under every head.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 import yaml
 
 import models  # noqa: F401  (registers the built-in modules)
+from models.head import head_policy, known_heads
 from models.parse import row_spec
 from models.registry import get_module, registered
-from tests.conftest import tiny_shapes_yaml
+from utils.tasks import get_task, known_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,22 +69,23 @@ TEMPLATES, FAMILIES = head_templates(), backbone_families()
 HEADS = sorted(TEMPLATES)
 
 
-def test_the_matrix_covers_both_families_and_every_head() -> None:
+def test_the_matrix_covers_both_families_every_head_and_every_task() -> None:
     assert {"MobileNetV4", "MobileOne"} <= set(FAMILIES) and len(FAMILIES["MobileOne"]) == 5
-    assert HEADS == ["anchor_based", "anchor_free", "rtdetr", "segment"]
+    assert sorted(known_heads()) == HEADS, "a registered head without a shipped config on a registered backbone is untested"
+    assert {head_policy(h).task for h in HEADS} == set(known_tasks())
 
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One batch of two images to train on and two to validate, with boxes (detect) or polygons (segment)."""
+    """Per task, its sample dataset at the smallest size: two images (per class, for classification) to train on and two
+    to validate."""
     root = tmp_path_factory.mktemp("one_batch")
-    seg = tiny_shapes_yaml(root / "seg", n_train=2, n_val=2, seed=5, polygons=True)
-    return {"detect": tiny_shapes_yaml(root / "det", n_train=2, n_val=2, seed=5), "segment": seg}
+    return {name: get_task(name).sample_data(root / name, n_train=2, n_val=2, seed=5) for name in known_tasks()}
 
 
 def _job(variant: str, head: str, datasets: dict[str, Path], out: Path) -> str:
     """TASK=DATA=CFG for tests/train_worker.py: the head's template with `variant` at layer 0."""
-    task = "segment" if head == "segment" else "detect"
+    task = head_policy(head).task
     cfg = _cfg(TEMPLATES[head])
     cfg["backbone"][0] = [-1, 1, variant, []]
     path = out / f"{variant}_{head}.yaml"
@@ -103,7 +106,8 @@ def train_jobs(jobs: list[str], out: Path) -> tuple[dict[str, dict[str, Any]], s
 
 def assert_trained(results: dict[str, dict[str, Any]], crash: str, name: str) -> None:
     """The step ran; its loss and every gradient and weight are finite; backbone and neck/head both got gradient;
-    the epoch ended in a checkpoint; every conv geometry computed correct results in the training layout."""
+    the epoch ended in a checkpoint that validates, exports to ONNX and runs there like the .pt; every conv geometry
+    computed correct results in the training layout."""
     assert name in results, crash or f"no result for {name}"
     r = results[name]
     assert r["losses"] and all(map(math.isfinite, r["losses"])), (name, r["losses"])
@@ -111,6 +115,9 @@ def assert_trained(results: dict[str, dict[str, Any]], crash: str, name: str) ->
         assert rec["finite"], (name, part, "non-finite gradient or weight")
         assert rec["grad_norm"] > 0, (name, part, "no gradient reached it")
     assert r["checkpoint"], (name, "no checkpoint written")
+    assert r["metrics"] and all(map(math.isfinite, r["metrics"])), (name, "validation", r["metrics"])
+    onnx = r["onnx"]
+    assert onnx["shapes_match"] and onnx["max_err"] <= onnx["tol"], (name, "ONNX run differs from the .pt", onnx)
     assert r["layout"]["checked"] > 0 and not r["layout"]["failed"], (name, r["layout"]["failed"])
 
 

@@ -1,11 +1,13 @@
 """Run in a subprocess by tests/test_train_every_backbone.py: one real training run per config, a crash fails only that test.
 
-python -m tests.train_worker OUT_DIR TASK=DATA_YAML=CFG [...]: each config trains one epoch of one batch through
-train.run / segment.train.run (the Trainer's own memory layout, optimizer, loss, validation and checkpoints). Before
-each run it prints "training CFG" (so a crash names its config); after it, one "RESULT {json}" line with what the step
-did: the loss items, and per part of the model (backbone row 0, the rest) the gradient norm read from the optimizer's
-first-step state (SGD's momentum buffer or Adam's first moment hold the step's gradient) and whether every gradient
-and parameter is finite; and the layout check of tests/layout_worker.py on the model the Trainer built.
+python -m tests.train_worker OUT_DIR TASK=DATA=CFG [...]: each config trains one epoch of one batch through the task's
+training entry point (train_main with the task's options: the Trainer's own memory layout, optimizer, loss, validation
+and checkpoints), then its checkpoint is exported to ONNX and run through the runtime next to the .pt. Before each run
+it prints "training CFG" (so a crash names its config); after it, one "RESULT {json}" line with what the step did: the
+loss items, the validation metrics, per part of the model (backbone row 0, the rest) the gradient norm read from the
+optimizer's first-step state (SGD's momentum buffer or Adam's first moment hold the step's gradient) and whether every
+gradient and parameter is finite, the layout check of tests/layout_worker.py on the model the Trainer built, and the
+ONNX file's largest difference from the .pt.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from typing import Any
 
 import torch
 
-import train
-from segment import train as seg_train
 from tests.layout_worker import check_model
 from utils.checkpoint import unwrap_model
 from utils.engine.callbacks import Callbacks
+from utils.engine.launch import train_main
+from utils.engine.options import train_options
+from utils.engine.trainer import DistInfo
+
+EXPORT_RTOL = 1e-3  # float32 ONNX vs fused .pt: op order differs; ~1e-5 relative is typical, this leaves a wide margin
 
 GRADIENT_STATE = ("momentum_buffer", "exp_avg")  # per-parameter optimizer state that holds the first step's gradient
 
@@ -60,14 +65,36 @@ def train_one(out: Path, task: str, data: str, cfg: str) -> dict[str, Any]:
     def losses(trainer: Any, epoch: int, losses: torch.Tensor) -> None:
         record["losses"] = [float(x) for x in losses]
 
+    def metrics(trainer: Any, epoch: int, results: Any) -> None:
+        record["metrics"] = [float(x) for x in results]
+
     callbacks.register("on_train_start", check_layout)
     callbacks.register("on_train_batch_end", after_step)
     callbacks.register("on_train_epoch_end", losses)
-    runner = seg_train.run if task == "segment" else train.run
-    best = runner(callbacks=callbacks, cfg=cfg, data=data, epochs=1, imgsz=64, batch_size=2, workers=0, project=str(out),
-                  name=Path(cfg).stem, exist_ok=True, noplots=True, noautoanchor=True, device="cpu")
+    callbacks.register("on_fit_epoch_end", metrics)
+    opt = train_options(task, cfg=cfg, data=data, epochs=1, imgsz=64, batch_size=2, workers=0, project=str(out),
+                        name=Path(cfg).stem, exist_ok=True, noplots=True, noautoanchor=True, device="cpu")
+    best = train_main(opt, callbacks, DistInfo())
     record["checkpoint"] = str(best) if Path(best).is_file() else ""
+    if record["checkpoint"]:
+        record["onnx"] = onnx_parity(Path(best))
     return record
+
+
+def onnx_parity(weights: Path) -> dict[str, Any]:
+    """Export the checkpoint to ONNX and run one batch of a real-looking image through both files' runtimes."""
+    from utils.export.exporter import export_model
+    from utils.runtime.backend import DetectBackend
+
+    (onnx,) = export_model(weights=str(weights), include=("onnx",), imgsz=(64, 64), device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 64, 64, generator=generator)
+    outs = [DetectBackend(w, device=torch.device("cpu"))(x) for w in (weights, onnx)]
+    refs, gots = ([o] if isinstance(o, torch.Tensor) else list(o) for o in outs)
+    match = len(refs) == len(gots) and all(r.shape == g.shape for r, g in zip(refs, gots))
+    err = max((float((r.float() - g.float()).abs().max()) for r, g in zip(refs, gots)), default=0.0) if match else float("inf")
+    scale = max(float(r.abs().max()) for r in refs)
+    return {"shapes_match": match, "max_err": err, "tol": EXPORT_RTOL * max(1.0, scale)}
 
 
 def main(out: str, jobs: list[str]) -> None:

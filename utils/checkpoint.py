@@ -11,8 +11,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from models.model import DetectionModel
 from models.parse import ModelConfigError
-from models.yolo import DetectionModel
 from utils.files import atomic_write, first_line
 
 FORMAT_VERSION = 1

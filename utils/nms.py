@@ -9,7 +9,7 @@ from typing import Sequence, Union
 import torch
 import torchvision
 
-from models.head import head_class
+from models.head import LEGACY_HEAD_KIND, head_class
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -73,7 +73,7 @@ def non_max_suppression(
     prediction = _unwrap(prediction)
     if head == END2END:
         return filter_final(prediction, conf_thres, classes, max_det)
-    layout = head_class(head or "anchor_based")
+    layout = head_class(head or LEGACY_HEAD_KIND)
     # Work in float32: fp16 cannot represent the class offsets (cls * max_wh) exactly.
     boxes, scores, extras = layout.split_output(prediction.detach().float(), nm)
     if layout.nms_free:

@@ -146,10 +146,13 @@ def plot_labels(labels: np.ndarray, names: Names = (), save_path: Path | str = "
 
 
 def result_panels(columns: Sequence[str]) -> list[str]:
-    """results.png panels in YOLOv5's order: train losses, P, R / val losses, mAP50, mAP50-95 (whatever the head's losses are)."""
+    """results.png panels in YOLOv5's order: train losses, the first half of the metrics (P, R) / val losses, the second
+    half (mAP50, mAP50-95), whatever the head's losses and the task's metrics are."""
     train = [c for c in columns if c.startswith("train/")]
     val = [c for c in columns if c.startswith("val/")]
-    return [*train, "metrics/precision", "metrics/recall", *val, "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
+    metrics = [c for c in columns if c.startswith("metrics/")]
+    half = (len(metrics) + 1) // 2
+    return [*train, *metrics[:half], *val, *metrics[half:]]
 
 
 def plot_results(csv_path: Path | str) -> Path:
@@ -234,16 +237,8 @@ def _images_uint8(images) -> np.ndarray:
 def plot_images(images, targets=None, paths: Sequence[str] | None = None, fname: Path | str = "images.jpg",
                 names: Names | None = None, max_size: int = 1920, max_subplots: int = 16) -> np.ndarray:
     """Mosaic of an RGB batch with its [batch_idx, cls, cx, cy, w, h(, conf)] boxes drawn, saved to fname; returns it (RGB)."""
-    imgs = _images_uint8(images)[:max_subplots]
-    bs, h, w, _ = imgs.shape
-    ns = math.ceil(bs ** 0.5)
-    scale = min(1.0, max_size / (ns * max(h, w)))
-    th, tw = math.ceil(h * scale), math.ceil(w * scale)
-    mosaic = np.full((ns * th, ns * tw, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(imgs):
-        y0, x0 = (i // ns) * th, (i % ns) * tw
-        mosaic[y0:y0 + th, x0:x0 + tw] = cv2.resize(im, (tw, th)) if scale < 1 else im
-    mosaic = np.ascontiguousarray(mosaic[..., ::-1])  # draw in BGR for cv2
+    mosaic, ns, scale, (th, tw) = _mosaic(_images_uint8(images)[:max_subplots], max_size)
+    bs = min(len(images), max_subplots)
     lw, lookup = max(round(max(th, tw) / 200), 1), names_dict(names)
     t = np.zeros((0, 6)) if targets is None else _to_numpy(targets)
     t = t.reshape(-1, t.shape[-1] if t.ndim == 2 else 6)
@@ -267,8 +262,44 @@ def plot_images(images, targets=None, paths: Sequence[str] | None = None, fname:
             cv2.rectangle(mosaic, tuple(int(v) for v in box[:2]), tuple(int(v) for v in box[2:]), color, lw, cv2.LINE_AA)
             text = lookup.get(c, str(c)) + (f" {row[6]:.1f}" if has_conf else "")
             _label_box(mosaic, int(box[0]), int(box[1]), text, color, lw)
+    return _write_mosaic(mosaic, fname)
+
+
+def _mosaic(imgs: np.ndarray, max_size: int) -> tuple[np.ndarray, int, float, tuple[int, int]]:
+    """(B, H, W, 3) RGB uint8 -> (square-grid BGR mosaic on white, tiles per side, tile scale, tile (h, w))."""
+    bs, h, w, _ = imgs.shape
+    ns = math.ceil(bs ** 0.5)
+    scale = min(1.0, max_size / (ns * max(h, w)))
+    th, tw = math.ceil(h * scale), math.ceil(w * scale)
+    mosaic = np.full((ns * th, ns * tw, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        y0, x0 = (i // ns) * th, (i % ns) * tw
+        mosaic[y0:y0 + th, x0:x0 + tw] = cv2.resize(im, (tw, th)) if scale < 1 else im
+    return np.ascontiguousarray(mosaic[..., ::-1]), ns, scale, (th, tw)
+
+
+def _write_mosaic(mosaic: np.ndarray, fname: Path | str) -> np.ndarray:
+    """Save a BGR mosaic (creating the folder); returns it as RGB."""
     fname = Path(fname)
     fname.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(fname), mosaic):
         raise ValueError(f"{fname}: could not write image (unsupported extension or unwritable path)")
     return mosaic[..., ::-1].copy()
+
+
+def plot_classified(images, labels, names: Names | None = None, fname: Path | str = "images.jpg", scores=None,
+                    max_size: int = 1920, max_subplots: int = 25) -> np.ndarray:
+    """Mosaic of an RGB batch, each tile titled with its class (and, given (B, nc) scores, the top prediction and its score)."""
+    imgs = _images_uint8(images)[:max_subplots]
+    mosaic, ns, _, (th, tw) = _mosaic(imgs, max_size)
+    lookup, labels = names_dict(names), _to_numpy(labels).reshape(-1).astype(int)
+    top = None if scores is None else _to_numpy(scores)[: len(imgs)]
+    lw = max(round(max(th, tw) / 150), 1)
+    for i in range(len(imgs)):
+        y0, x0 = (i // ns) * th, (i % ns) * tw
+        text = lookup.get(int(labels[i]), str(labels[i]))
+        if top is not None:
+            j = int(top[i].argmax())
+            text = f"{text} -> {lookup.get(j, str(j))} {top[i, j]:.2f}"
+        _label_box(mosaic, x0, y0, text, class_color(int(labels[i])), lw)
+    return _write_mosaic(mosaic, fname)

@@ -34,7 +34,7 @@ from utils.paths import ROOT
 LOGGER = logging.getLogger("mobile_yolo")
 DEFAULT_DATA = ROOT / "data" / "shapes.yaml"
 DOWNLOAD_TIMEOUT = 15.0  # seconds; offline machines fail fast
-GENERATORS = ("shapes", "shapes-seg")  # `generator:` values: the shapes dataset with box or with polygon labels
+GENERATORS = ("shapes", "shapes-seg", "shapes-cls")  # `generator:` values: the shapes dataset with box or polygon labels, or class folders
 ALLOWED_URL_SCHEMES = ("http", "https")  # file://, ftp:// and the like are refused (also as redirect targets)
 
 
@@ -119,13 +119,17 @@ def _make_available(cfg: dict, where: str, autodownload: bool) -> None:
     if cfg.get("generator"):
         if cfg["generator"] not in GENERATORS:
             raise DatasetError(f"{where}: unknown generator '{cfg['generator']}' (supported: {', '.join(GENERATORS)})")
+        from utils.data.shapes_classify import generate_shapes_classify
         from utils.data.shapes_dataset import generate_shapes
 
         LOGGER.info(f"Dataset not found at {root}, generating it from {where} ...")
+        sizes = {k: cfg[k] for k in ("n_train", "n_val", "seed") if k in cfg}
         try:
-            generate_shapes(root, names=cfg["names"], polygons=cfg["generator"] == "shapes-seg",
-                            **{k: cfg[k] for k in ("n_train", "n_val", "seed") if k in cfg})
-        except FileExistsError as e:
+            if cfg["generator"] == "shapes-cls":
+                generate_shapes_classify(root, names=cfg["names"], **sizes)
+            else:
+                generate_shapes(root, names=cfg["names"], polygons=cfg["generator"] == "shapes-seg", **sizes)
+        except (FileExistsError, ValueError) as e:
             raise DatasetError(f"{where}: {e}") from None
         return
     url = cfg.get("download")

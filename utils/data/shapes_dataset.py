@@ -49,7 +49,7 @@ def _hsv_colour(rng: np.random.Generator, s: tuple[int, int], v: tuple[int, int]
     return b, g, r
 
 
-def _background(rng: np.random.Generator, h: int, w: int, noise: float = 8.0) -> np.ndarray:
+def draw_background(rng: np.random.Generator, h: int, w: int, noise: float = 8.0) -> np.ndarray:
     """Dull background with lines and soft blobs that are not objects, plus Gaussian pixel noise of std `noise`."""
     img: np.ndarray = np.empty((h, w, 3), np.uint8)
     img[:] = _hsv_colour(rng, (0, 60), (40, 120))
@@ -76,7 +76,7 @@ def _shape_points(rng: np.random.Generator, cls: int, x1: int, y1: int, size_w: 
     return np.array(pts, np.int32)
 
 
-def _draw_object(img: np.ndarray, rng: np.random.Generator, cls: int, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def draw_shape(img: np.ndarray, rng: np.random.Generator, cls: int, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Draw one filled shape in a saturated colour; returns its exact pixel box [x1, y1, x2, y2] and (k, 2) outline.
 
     OpenCV draws with pixel centres on integers: the circle's outline is centred half a pixel further with half a pixel
@@ -125,7 +125,7 @@ def draw_scene(rng: np.random.Generator, h: int, w: int, nc: int, n_objects: int
 def draw_scene_objects(rng: np.random.Generator, h: int, w: int, nc: int, n_objects: int | None = None, min_object: int = 14,
                        max_fraction: float = 0.45, noise: float = 8.0) -> tuple[np.ndarray, list[SceneObject]]:
     """draw_scene's image and its shapes as SceneObject (class, pixel box, pixel outline)."""
-    img = _background(rng, h, w, noise)
+    img = draw_background(rng, h, w, noise)
     if n_objects is None:
         n_objects = 0 if rng.random() < BACKGROUND_FRACTION else int(rng.integers(1, 7))
     boxes: list[np.ndarray] = []
@@ -140,7 +140,7 @@ def draw_scene_objects(rng: np.random.Generator, h: int, w: int, nc: int, n_obje
         if _overlaps(np.array([x1, y1, x1 + bw, y1 + bh], np.float64), boxes):
             continue
         cls = int(rng.integers(0, nc))
-        b, outline = _draw_object(img, rng, cls, (x1, y1, bw, bh))
+        b, outline = draw_shape(img, rng, cls, (x1, y1, bw, bh))
         boxes.append(b)
         objects.append(SceneObject(cls, b.clip(0, [w, h, w, h]), outline))
     return img, objects

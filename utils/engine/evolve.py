@@ -11,19 +11,23 @@ then every hyperparameter) and the fittest hyperparameters to hyp_evolve.yaml. R
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import yaml
 
+from models.head import HeadPolicy
+from models.model import load_model_config
+from models.parse import config_head
+from utils.checkpoint import read_checkpoint
 from utils.engine.callbacks import EVENTS, Callbacks
+from utils.engine.config import TrainConfig
 from utils.engine.hyp import RTDETR_KEYS, Hyp, HypError
 from utils.engine.torch_utils import NonFiniteLossError
 from utils.engine.trainer import DistInfo, Trainer, TrainError
@@ -57,9 +61,27 @@ ANCHOR_FREE_META: Meta = {
 }
 
 
-def meta_for(loss_names: Sequence[str]) -> Meta:
-    """The mutation table of the head whose loss has these item names (dfl_loss: anchor-free)."""
-    return ANCHOR_FREE_META if "dfl_loss" in loss_names else ANCHOR_BASED_META
+MUTATION_TABLES: dict[str, Meta] = {"anchor_based": ANCHOR_BASED_META, "anchor_free": ANCHOR_FREE_META}
+
+
+def meta_for(table: str) -> Meta:
+    """The mutation table a head's policy names (HeadPolicy.evolve_table); unknown names raise ValueError."""
+    if table not in MUTATION_TABLES:
+        raise ValueError(f"unknown mutation table {table!r}; known: {', '.join(sorted(MUTATION_TABLES))}")
+    return MUTATION_TABLES[table]
+
+
+def evolve_meta(opt: TrainConfig) -> Meta:
+    """The mutation table of the head being trained (from --cfg, else the --weights checkpoint's config), read before any
+    generation trains; a head whose policy has none is refused in one line."""
+    cfg: Any = opt.cfg or read_checkpoint(opt.weights)["cfg"]
+    head = config_head(cfg if isinstance(cfg, dict) else load_model_config(cfg))
+    policy = getattr(head, "policy", None)
+    if not isinstance(policy, HeadPolicy):
+        raise TrainError(f"--evolve: the model's last layer {head.__name__} is not a registered head")
+    if policy.evolve_table is None:
+        raise TrainError(f"--evolve is not supported for {policy.title} models yet")
+    return meta_for(policy.evolve_table)
 
 
 def evolve_columns(loss_names: Sequence[str]) -> tuple[str, ...]:
@@ -195,14 +217,13 @@ def write_best_hyp(path: Path, table: EvolveTable) -> None:
     atomic_write_text(path, head + yaml.safe_dump(table.best_hyp(), sort_keys=False))
 
 
-def plot_evolve(path: Path, table: EvolveTable) -> Path | None:
+def plot_evolve(path: Path, table: EvolveTable, meta: Meta) -> Path | None:
     """evolve.png: fitness against each mutated hyperparameter, the fittest marked; None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    meta = meta_for(table.loss_names)
     keys = [k for k in HYP_KEYS if meta[k][0] > 0]
     ncols = 5
     nrows = math.ceil(len(keys) / ncols)
@@ -246,12 +267,12 @@ def _remove_own_files(gen_dir: Path, files: Sequence[Path]) -> None:
 
 
 def run_generation(
-    opt: argparse.Namespace, gen_dir: Path, hyp: str, device: torch.device, callbacks: Callbacks | None = None,
+    opt: TrainConfig, gen_dir: Path, hyp: str, device: torch.device, callbacks: Callbacks | None = None,
     expect_losses: tuple[str, ...] | None = None,
 ) -> tuple[tuple[float, ...], Hyp, tuple[str, ...]]:
     """Train one candidate in gen_dir and delete its checkpoints; returns (P, R, mAP50, mAP50-95, *val losses), Hyp, loss names."""
-    gopt = argparse.Namespace(**{**vars(opt), "save_dir": str(gen_dir), "hyp": hyp, "evolve": None, "resume": False,
-                                 "noval": True, "nosave": True, "noplots": True, "save_period": -1})
+    gopt = TrainConfig.of(opt).replace(save_dir=str(gen_dir), hyp=hyp, evolve=None, resume=False, noval=True, nosave=True,
+                                       noplots=True, save_period=-1)
     rows: list[tuple[float, ...]] = []
     saved: list[Path] = []
     trainer = Trainer(gopt, device, DistInfo(), _generation_callbacks(callbacks, rows, saved))
@@ -271,14 +292,14 @@ def run_generation(
 
 
 def _next_generation(
-    opt: argparse.Namespace, table: EvolveTable | None, g: int, rng: np.random.Generator, device: torch.device,
+    opt: TrainConfig, table: EvolveTable | None, meta: Meta, g: int, rng: np.random.Generator, device: torch.device,
     callbacks: Callbacks | None,
 ) -> EvolveTable:
     """Mutate a parent (from generation 1 on), train it in gen<g>/ and return the table with its row added."""
     gen_dir = increment_path(Path(opt.save_dir) / f"gen{g:03d}", sep="-")
     hyp = str(opt.hyp or "")
     if table is not None and len(table.rows):
-        child = mutate(select_parent(table, rng), meta_for(table.loss_names), rng)
+        child = mutate(select_parent(table, rng), meta, rng)
         hyp = str(atomic_write_text(gen_dir / "hyp.yaml", yaml.safe_dump(child, sort_keys=False)))
     LOGGER.info(f"\nEvolve: generation {g + 1}/{opt.evolve} in {gen_dir}")
     results, used, names = run_generation(opt, gen_dir, hyp, device, callbacks, table.loss_names if table is not None else None)
@@ -293,18 +314,19 @@ def _check_own_folder(save_dir: Path) -> None:
             raise TrainError(f"{save_dir / name} exists but {save_dir / 'evolve.csv'} does not; choose another --name")
 
 
-def evolve(opt: argparse.Namespace, device: torch.device, callbacks: Callbacks | None = None,
+def evolve(opt: TrainConfig, device: torch.device, callbacks: Callbacks | None = None,
            rng: np.random.Generator | None = None) -> Path:
     """Run generations until evolve.csv holds opt.evolve rows; returns hyp_evolve.yaml (rng: one stream for all, for tests)."""
     save_dir = Path(opt.save_dir)
     csv, best_yaml = save_dir / "evolve.csv", save_dir / "hyp_evolve.yaml"
     _check_own_folder(save_dir)
+    meta = evolve_meta(opt)
     table = read_evolve_csv(csv) if csv.exists() else None  # checked before anything is written
     start = 0 if table is None else len(table.rows)
     if start:
         LOGGER.info(f"Evolve: continuing {csv} with {start} of {opt.evolve} generations done")
-    for g in range(start, opt.evolve):
-        table = _next_generation(opt, table, g, rng or np.random.default_rng([opt.seed % 2**32, g]), device, callbacks)
+    for g in range(start, int(opt.evolve or 0)):
+        table = _next_generation(opt, table, meta, g, rng or np.random.default_rng([opt.seed % 2**32, g]), device, callbacks)
         write_evolve_csv(csv, table)
         write_best_hyp(best_yaml, table)
         fit = table.fitness()
@@ -313,7 +335,7 @@ def evolve(opt: argparse.Namespace, device: torch.device, callbacks: Callbacks |
         raise TrainError(f"{csv}: no generations recorded")
     write_best_hyp(best_yaml, table)
     if not opt.noplots:
-        plot_evolve(save_dir / "evolve.png", table)
+        plot_evolve(save_dir / "evolve.png", table, meta)
     LOGGER.info(f"Evolve: {len(table.rows)} generations in {csv}; best hyperparameters {best_yaml} "
                 f"(train with --hyp {best_yaml})")
     return best_yaml

@@ -7,16 +7,11 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
+from models.head import head_policy
 from utils.files import read_yaml_mapping
 from utils.paths import ROOT
 
 HYP_DIR = ROOT / "data" / "hyps"
-DEFAULT_HYPS = {
-    "anchor_based": HYP_DIR / "hyp.scratch-low.yaml",
-    "anchor_free": HYP_DIR / "hyp.scratch-af.yaml",
-    "rtdetr": HYP_DIR / "hyp.rtdetr.yaml",
-}
-DEFAULT_OPTIMIZERS = {"rtdetr": "AdamW"}  # --optimizer auto: RT-DETR's AdamW, else YOLOv5's SGD
 RTDETR_KEYS = ("giou", "backbone_lr", "clip_grad")  # optional keys RT-DETR's recipe sets (evolve leaves them out)
 
 
@@ -101,10 +96,10 @@ def load_hyp(source: Union[str, Path, dict, Hyp]) -> Hyp:
 
 
 def default_hyp_file(head_kind: str) -> Path:
-    """The hyp file a head trains with when --hyp is not given."""
-    return DEFAULT_HYPS.get(head_kind, DEFAULT_HYPS["anchor_based"])
+    """The hyp file a head trains with when --hyp is not given (its policy's); unknown kinds raise ValueError."""
+    return HYP_DIR / head_policy(head_kind).hyp_file
 
 
 def default_optimizer(head_kind: str) -> str:
-    """The optimizer `--optimizer auto` picks for a head."""
-    return DEFAULT_OPTIMIZERS.get(head_kind, "SGD")
+    """The optimizer `--optimizer auto` picks for a head (its policy's); unknown kinds raise ValueError."""
+    return head_policy(head_kind).optimizer

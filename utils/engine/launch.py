@@ -1,6 +1,6 @@
 """What train.py and segment/train.py run: resolve the options, join DDP when under torchrun, then train or evolve.
 
-Both scripts stay thin entry points (no script imports another); the task ("detect" or "segment") is an option.
+The scripts stay thin entry points (no script imports another); the task (utils.tasks registry name) is an option.
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import torch
 
 from utils.device import select_device
 from utils.engine.callbacks import Callbacks
+from utils.engine.config import TrainConfig
 from utils.engine.evolve import evolve
-from utils.engine.options import DEFAULT_CFGS, check_options, resume_options
+from utils.engine.options import check_options, resume_options
 from utils.engine.trainer import DistInfo, Trainer, TrainError
 from utils.logs import set_logging
 from utils.paths import increment_path
+from utils.tasks import get_task
 
 
-def init_distributed(opt: argparse.Namespace, dist: DistInfo) -> torch.device:
+def init_distributed(opt: TrainConfig, dist: DistInfo) -> torch.device:
     """Device for this process; under torchrun, joins the process group (NCCL on GPU, gloo on CPU)."""
     if dist.local_rank == -1:
         return select_device(opt.device)
@@ -32,26 +34,36 @@ def init_distributed(opt: argparse.Namespace, dist: DistInfo) -> torch.device:
     return torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
 
 
-def train_main(opt: argparse.Namespace, callbacks: Callbacks | None = None, dist: DistInfo | None = None) -> Path:
+def resolve_options(opt: TrainConfig | argparse.Namespace, dist: DistInfo) -> TrainConfig:
+    """The one place options are resolved, before anything runs: checks, the task's own resolution, resume, the default
+    model of the task, the run folder and --batch-size -1 (autobatch)."""
+    config = TrainConfig.of(opt)
+    check_options(config, dist.world_size)
+    config = get_task(config.task).resolve_train_options(config)
+    if config.resume:
+        config = resume_options(config)
+    else:
+        cfg = config.cfg or ("" if config.weights else get_task(config.task).default_cfg)
+        project = Path(config.project).parent / "evolve" if config.evolve else Path(config.project)  # runs/train -> runs/evolve
+        save_dir = str(increment_path(project / config.name, exist_ok=config.exist_ok).resolve())  # resume finds it from any cwd
+        config = config.replace(cfg=cfg, save_dir=save_dir)
+    if config.batch_size == -1:
+        from utils.engine.torch_utils import auto_batch_size
+
+        config = config.replace(batch_size=auto_batch_size(config))
+    return config
+
+
+def train_main(opt: TrainConfig | argparse.Namespace, callbacks: Callbacks | None = None, dist: DistInfo | None = None) -> Path:
     """Resolve options, then train with the Trainer (returns the best, else last, checkpoint) or evolve (hyp_evolve.yaml)."""
     dist = dist or DistInfo.from_env()
     set_logging(rank=dist.rank)
-    check_options(opt, dist.world_size)
-    if opt.resume:
-        opt = resume_options(opt)
-    else:
-        opt.cfg = opt.cfg or ("" if opt.weights else DEFAULT_CFGS[opt.task])
-        project = Path(opt.project).parent / "evolve" if opt.evolve else Path(opt.project)  # runs/train -> runs/evolve
-        opt.save_dir = str(increment_path(project / opt.name, exist_ok=opt.exist_ok).resolve())  # resume finds it from any cwd
-    if opt.batch_size == -1:
-        from utils.engine.torch_utils import auto_batch_size
-
-        opt.batch_size = auto_batch_size(opt)
-    device = init_distributed(opt, dist)
-    if opt.evolve:
-        return evolve(opt, device, callbacks)
+    config = resolve_options(opt, dist)
+    device = init_distributed(config, dist)
+    if config.evolve:
+        return evolve(config, device, callbacks)
     try:
-        return Trainer(opt, device, dist, callbacks).fit()
+        return Trainer(config, device, dist, callbacks).fit()
     finally:
         if dist.local_rank != -1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -7,39 +7,34 @@ from pathlib import Path
 
 from utils.checkpoint import read_checkpoint
 from utils.cli import check_img_size, check_int
+from utils.engine.config import TrainConfig
 from utils.engine.recipe import RECIPES
 from utils.engine.trainer import TrainError
 from utils.paths import ROOT
+from utils.tasks import get_task
 
-DEFAULT_CFG = "models/yolov5_mobilenetv4.yaml"
-TASKS = ("detect", "segment")
-DEFAULT_CFGS = {"detect": DEFAULT_CFG, "segment": "models/yolov5_mobilenetv4-seg.yaml"}  # with neither --cfg nor --weights
-DEFAULT_DATA = {"detect": None, "segment": str(ROOT / "data" / "shapes-seg.yaml")}  # None: the embedded shapes dataset
-DEFAULT_PROJECT = {"detect": ROOT / "runs/train", "segment": ROOT / "runs/train-seg"}
+DEFAULT_CFG = get_task("detect").default_cfg
 
 
-def train_options(task: str = "detect", **overrides: object) -> argparse.Namespace:
-    """Default options of `task` with some replaced (Python callers: benchmarks, tests); unknown names raise TrainError."""
-    opt = train_parser(task).parse_args([])
-    opt.save_dir = ""  # set from --project/--name by train.main; Python callers may give it directly
-    for k, v in overrides.items():
-        if not hasattr(opt, k):
-            raise TrainError(f"unknown training option {k!r}")
-        setattr(opt, k, v)
-    return opt
+def train_options(task: str = "detect", **overrides: object) -> TrainConfig:
+    """Default options of `task` with some replaced (Python callers: benchmarks, tests); unknown names raise TrainError.
+    save_dir is left empty: train_main derives it from project/name (Python callers may give it directly)."""
+    defaults = vars(train_parser(task).parse_args([]))
+    unknown = sorted(set(overrides) - set(defaults) - {"save_dir"})
+    if unknown:
+        raise TrainError(f"unknown training option {unknown[0]!r}")
+    return TrainConfig.from_dict({**defaults, "save_dir": "", **overrides})
 
 
 def train_parser(task: str = "detect") -> argparse.ArgumentParser:
-    """YOLOv5's train.py flags (plus --backbone-weights and --close-mosaic); task "segment" gives segment/train.py's."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    what = "segmentation model" if task == "segment" else "detector"
-    p = argparse.ArgumentParser(description=f"Train a YOLOv5-style {what}")
+    """YOLOv5's train.py flags (plus --backbone-weights and --close-mosaic) with the task's defaults and its own flags
+    (segment: segment/train.py's --mask-ratio, --no-overlap); unknown tasks raise ValueError."""
+    t = get_task(task)
+    p = argparse.ArgumentParser(description=f"Train a YOLOv5-style {t.what}")
     p.set_defaults(task=task)
     p.add_argument("--weights", default="", help="initial weights (.pt checkpoint) for fine-tuning")
-    p.add_argument("--cfg", default="", help=f"model yaml (default {DEFAULT_CFGS[task]} when no --weights)")
-    p.add_argument("--data", default=DEFAULT_DATA[task], help="dataset yaml (default: embedded shapes dataset"
-                   + (" with polygon labels)" if task == "segment" else ")"))
+    p.add_argument("--cfg", default="", help=f"model yaml (default {t.default_cfg} when no --weights)")
+    p.add_argument("--data", default=t.default_data, help="dataset (default: the task's embedded shapes dataset)")
     p.add_argument("--hyp", default="", help="hyperparameters yaml (default: data/hyps/hyp.scratch-low.yaml, hyp.scratch-af.yaml "
                    "for anchor-free heads, hyp.rtdetr.yaml for RT-DETR)")
     p.add_argument("--epochs", type=int, default=100)
@@ -59,7 +54,7 @@ def train_parser(task: str = "detect") -> argparse.ArgumentParser:
                    help="auto: the head's recipe (AdamW for RT-DETR, else SGD)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm, DDP only")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
-    p.add_argument("--project", default=str(DEFAULT_PROJECT[task]))
+    p.add_argument("--project", default=str(ROOT / t.train_project))
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true")
     p.add_argument("--cos-lr", action="store_true")
@@ -77,28 +72,25 @@ def train_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--image-weights", action="store_true", help="draw training images by weights from class rarity and per-class mAP")
     p.add_argument("--quad", action="store_true", help="four-image collate: each 4 images become one of twice the size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass (slow first steps, then faster)")
-    if task == "segment":
-        p.add_argument("--mask-ratio", type=int, default=4, help="ground-truth masks at 1/mask-ratio of the image size")
-        p.add_argument("--no-overlap", action="store_true", help="one mask per instance instead of one index mask per image")
+    t.add_train_args(p)
     return p
 
 
-def resume_options(opt: argparse.Namespace) -> argparse.Namespace:
+def resume_options(opt: TrainConfig | argparse.Namespace) -> TrainConfig:
     """Options of the run being resumed (from its last.pt), pointing at that checkpoint."""
+    opt = TrainConfig.of(opt)
     if opt.resume is True:
         found = sorted(Path(opt.project).glob("**/last.pt"), key=lambda f: f.stat().st_mtime)
         if not found:
             raise TrainError(f"--resume: no last.pt found under {opt.project}")
         path = found[-1]
     else:
-        path = Path(opt.resume)
+        path = Path(str(opt.resume))
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt.get("opt"), dict):
         raise TrainError(f"{path}: checkpoint has no training options; it cannot be resumed")
-    resumed = argparse.Namespace(**{**vars(opt), **ckpt["opt"]})
-    resumed.resume, resumed.cfg, resumed.weights = str(path), "", ""
-    resumed.save_dir = str(_recorded_run_dir(path, ckpt["opt"]))
-    return resumed
+    return TrainConfig.from_dict({**opt.as_dict(), **ckpt["opt"], "resume": str(path), "cfg": "", "weights": "",
+                                  "save_dir": str(_recorded_run_dir(path, ckpt["opt"]))})
 
 
 def _recorded_run_dir(path: Path, opt: dict) -> Path:
@@ -113,7 +105,7 @@ def _recorded_run_dir(path: Path, opt: dict) -> Path:
     return run_dir
 
 
-def check_options(opt: argparse.Namespace, world_size: int = 1) -> None:
+def check_options(opt: TrainConfig, world_size: int = 1) -> None:
     """Reject values that cannot train, before any folder is created (one line naming the flag); world_size: DDP processes."""
     check_int("--epochs", opt.epochs)
     check_int("--batch-size", opt.batch_size, allow=(-1,))
@@ -121,16 +113,12 @@ def check_options(opt: argparse.Namespace, world_size: int = 1) -> None:
     check_int("--workers", opt.workers, minimum=0)
     check_int("--patience", opt.patience, minimum=0)
     check_int("--close-mosaic", opt.close_mosaic, minimum=0)
-    if getattr(opt, "task", "detect") == "segment":
-        check_int("--mask-ratio", opt.mask_ratio)
-        if opt.evolve is not None:  # evolve.csv and its fitness are laid out for the four box metrics
-            raise TrainError("--evolve is not supported for segmentation models yet")
     for i in opt.freeze:
         check_int("--freeze", i, minimum=0)
     _check_sampling_flags(opt, world_size)
 
 
-def _check_sampling_flags(opt: argparse.Namespace, world_size: int) -> None:
+def _check_sampling_flags(opt: TrainConfig, world_size: int) -> None:
     """--evolve, --image-weights and --quad: the combinations that cannot work."""
     if opt.evolve is not None:
         check_int("--evolve", opt.evolve)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from models.head import head_policy
+
 RECIPES = ("auto", "small", "yolov5")
 SMALL_DATASET = 1000  # images; below this `--recipe auto` picks the small-data schedule
 YOLOV5_NOMINAL_BATCH = 64
@@ -36,8 +38,9 @@ class Schedule:
 
 
 def choose_schedule(recipe: str, n_images: int, batch_size: int, batches_per_epoch: int, epochs: int,
-                    warmup_epochs: float, close_mosaic: int) -> Schedule:
-    """The schedule for `recipe` ("auto" picks "small" below SMALL_DATASET images, else "yolov5")."""
+                    warmup_epochs: float, close_mosaic: int, mosaic: bool = True) -> Schedule:
+    """The schedule for `recipe` ("auto" picks "small" below SMALL_DATASET images, else "yolov5"); without mosaic (hyp
+    mosaic 0, e.g. a classifier's) there is no mosaic to close at the end."""
     if recipe not in RECIPES:
         raise ValueError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     if recipe == "auto":
@@ -45,22 +48,24 @@ def choose_schedule(recipe: str, n_images: int, batch_size: int, batches_per_epo
     if recipe == "yolov5":
         warmup = max(round(warmup_epochs * batches_per_epoch), YOLOV5_MIN_WARMUP) if warmup_epochs > 0 else -1
         why = f"YOLOv5 schedule: nominal batch {YOLOV5_NOMINAL_BATCH}, warm-up {warmup} iterations"
-        return Schedule("yolov5", YOLOV5_NOMINAL_BATCH, warmup, close_mosaic, why)
+        return Schedule("yolov5", YOLOV5_NOMINAL_BATCH, warmup, close_mosaic if mosaic else 0, why)
     total = batches_per_epoch * epochs
     warmup = min(round(warmup_epochs * batches_per_epoch), math.ceil(0.1 * total)) if warmup_epochs > 0 else -1
-    closing = close_mosaic or (max(1, round(0.15 * epochs)) if epochs >= 3 else 0)
+    closing = (close_mosaic or (max(1, round(0.15 * epochs)) if epochs >= 3 else 0)) if mosaic else 0
     # few steps cannot fit heavily distorted images: weaker augmentation, rising as sqrt(steps) to full at FULL_AUGMENTATION_STEPS
     strength = round(min(1.0, max(MIN_AUGMENTATION, math.sqrt(total / FULL_AUGMENTATION_STEPS))), 2)
     why = (f"small-data schedule ({n_images} training images < {SMALL_DATASET}): every batch of {batch_size} is an optimizer "
-           f"step ({batches_per_epoch}/epoch, {total} in all), warm-up {max(warmup, 0)} steps, augmentation x{strength:g}, "
-           f"mosaic off for the last {closing} epoch(s); --recipe yolov5 restores YOLOv5's (nominal batch {YOLOV5_NOMINAL_BATCH}, "
+           f"step ({batches_per_epoch}/epoch, {total} in all), warm-up {max(warmup, 0)} steps, augmentation x{strength:g}"
+           + (f", mosaic off for the last {closing} epoch(s)" if mosaic else "")
+           + f"; --recipe yolov5 restores YOLOv5's (nominal batch {YOLOV5_NOMINAL_BATCH}, "
            f">= {YOLOV5_MIN_WARMUP} warm-up iterations, the hyp file's augmentation)")
     return Schedule("small", batch_size, warmup, closing, why, strength)
 
 
 def close_mosaic_epochs(flag: int, head_kind: str, epochs: int) -> int:
-    """--close-mosaic as given; for RT-DETR, whose recipe ends without mosaic, 0 means its last 10 epochs (at most 15% of
-    the run, none for runs under 3 epochs)."""
-    if flag or head_kind != "rtdetr" or epochs < 3:
+    """--close-mosaic as given; for a head whose recipe ends without mosaic (its policy's close_mosaic_share, RT-DETR's
+    0.15), 0 means that share of the run, at most 10 epochs (none for runs under 3 epochs)."""
+    share = head_policy(head_kind).close_mosaic_share
+    if flag or not share or epochs < 3:
         return flag
-    return min(10, max(1, round(0.15 * epochs)))
+    return min(10, max(1, round(share * epochs)))

@@ -12,20 +12,12 @@ LOGGER = logging.getLogger("mobile_yolo")
 
 YOLOV5_LOSSES = ("box_loss", "obj_loss", "cls_loss")
 YOLOV5_SEG_LOSSES = ("box_loss", "seg_loss", "obj_loss", "cls_loss")
-_METRICS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+BOX_METRICS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")  # a detector's (its task's)
 
 
-def metric_columns(loss_names: Sequence[str] = YOLOV5_LOSSES) -> tuple[str, ...]:
-    """The metric columns: box P, R, mAP50, mAP50-95; a loss with a seg_loss item gets YOLOv5-seg's (B) then (M) columns."""
-    if "seg_loss" in loss_names:
-        return (*(f"{m}(B)" for m in _METRICS), *(f"{m}(M)" for m in _METRICS))
-    return _METRICS
-
-
-def columns(loss_names: Sequence[str] = YOLOV5_LOSSES) -> tuple[str, ...]:
-    """The csv columns for a loss with these item names (YOLOv5's layout for its three losses, YOLOv8's for box/cls/dfl,
-    YOLOv5-seg's for box/seg/obj/cls)."""
-    metrics = metric_columns(loss_names)
+def columns(loss_names: Sequence[str] = YOLOV5_LOSSES, metrics: Sequence[str] = BOX_METRICS) -> tuple[str, ...]:
+    """The csv columns for a loss with these item names and a task with these metric columns (Task.metric_columns):
+    YOLOv5's layout, whatever the losses and metrics."""
     return ("epoch", *(f"train/{n}" for n in loss_names), *metrics, *(f"val/{n}" for n in loss_names), "x/lr0", "x/lr1", "x/lr2")
 
 
@@ -34,11 +26,11 @@ COLUMNS = columns()
 
 def append_results(
     csv: Path, epoch: int, train_loss: Sequence[float], results: Sequence[float], lrs: Sequence[float],
-    loss_names: Sequence[str] = YOLOV5_LOSSES,
+    loss_names: Sequence[str] = YOLOV5_LOSSES, metrics: Sequence[str] = BOX_METRICS,
 ) -> None:
-    """Append one epoch (train losses, metrics (see metric_columns), val losses, 3 learning rates); writes the header first."""
+    """Append one epoch (train losses, the task's metrics, val losses, 3 learning rates); writes the header first."""
     values = [epoch, *train_loss, *results, *lrs]
-    cols = columns(loss_names)
+    cols = columns(loss_names, metrics)
     if len(values) != len(cols):
         raise ValueError(f"results row has {len(values)} values, expected {len(cols)}")
     new = not csv.exists()
@@ -48,7 +40,7 @@ def append_results(
         f.write(",".join(f"{v:>20.5g}" if i else f"{int(v):>20}" for i, v in enumerate(values)) + "\n")
 
 
-def truncate_results(csv: Path, last_epoch: int, loss_names: Sequence[str] = YOLOV5_LOSSES) -> None:
+def truncate_results(csv: Path, last_epoch: int, loss_names: Sequence[str] = YOLOV5_LOSSES, metrics: Sequence[str] = BOX_METRICS) -> None:
     """Keep the header and the rows up to `last_epoch` (a resumed run rewrites the epoch in progress); atomic rewrite.
 
     Rows that do not start with an epoch number (a torn write, a stray edit) are dropped with a warning, so a damaged
@@ -57,7 +49,7 @@ def truncate_results(csv: Path, last_epoch: int, loss_names: Sequence[str] = YOL
     if not csv.exists():
         return
     rows = [ln for ln in csv.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    cols = columns(loss_names)
+    cols = columns(loss_names, metrics)
     epochs = [_row_epoch(ln, len(cols)) for ln in rows]
     damaged = sum(e is None for e in epochs) - int(bool(rows) and rows[0].lstrip().startswith("epoch"))
     if damaged:

@@ -187,7 +187,7 @@ def auto_batch_size(source: Any, imgsz: int = 640, fraction: float = 0.8, defaul
     if isinstance(source, nn.Module):
         model = de_parallel(source)
     else:
-        from models.yolo import DetectionModel
+        from models.model import DetectionModel
         from utils.checkpoint import read_checkpoint
 
         device = select_device(getattr(source, "device", ""))

@@ -1,7 +1,8 @@
 """The Trainer: owns model, optimizer, schedule, EMA, loaders, loss, the epoch loop, checkpoints and resume.
 
-Any head trains through it: the loss comes from utils.loss.build_loss (by the head's kind) and validation from
-utils.evaluation, so a new head needs no change here. Rank and world size are passed in (DistInfo), never read at import.
+Any head of any task trains through it: the loss comes from utils.loss.build_loss (by the head's kind), and data, loaders,
+validation and plots from the model's task (utils.tasks), so a new head or task needs no change here. Rank and world
+size are passed in (DistInfo), never read at import.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from models.pretrained import load_backbone_weights
 from models.yolo import DetectionModel
 from utils.checkpoint import load_model, load_state, model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap_model
 from utils.cli import check_img_size
-from utils.data.dataset_config import load_dataset_config
-from utils.data.datasets import create_dataloader, restarted
+from utils.data.datasets import restarted
 from utils.engine.callbacks import Callbacks
+from utils.engine.config import TrainConfig
 from utils.engine.early_stopping import EarlyStopping
 from utils.engine.hyp import Hyp, default_hyp_file, default_optimizer, load_hyp
 from utils.engine.memory_format import to_training_layout
@@ -44,10 +45,9 @@ from utils.engine.torch_utils import (
     smart_optimizer,
     warmup_step,
 )
-from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult, SegmentEvaluator
-from utils.evaluation.validate import evaluate
 from utils.files import atomic_write_text, remove_stale_temps
 from utils.loss import DetectionLoss, build_loss
+from utils.tasks import Task, TrainBatch, get_task, task_of
 
 LOGGER = logging.getLogger("mobile_yolo")
 LOG_INTERVAL = 10  # batches between progress-bar refreshes (each one reads the losses back from the device)
@@ -86,7 +86,7 @@ def transfer_weights(model: DetectionModel, ckpt: dict, weights: str) -> Detecti
     return model
 
 
-def build_model(opt: argparse.Namespace, nc: int, names: list[str], device: torch.device) -> DetectionModel:
+def build_model(opt: TrainConfig, nc: int, names: list[str], device: torch.device) -> DetectionModel:
     """Model from --cfg (or the --weights / resume checkpoint's config), with fine-tuning or backbone weights applied."""
     weights = str(opt.weights or "")
     source = str(opt.resume) if opt.resume else weights  # any file name: a missing or foreign file is one error line
@@ -105,11 +105,6 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str], device: torc
     return to_training_layout(model.to(device))  # channels-last, the loader's layout, where the CPU kernels are correct
 
 
-def plain_opt(opt: argparse.Namespace) -> dict:
-    """Options as plain data (paths as strings) for opt.yaml and checkpoints."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
-
-
 def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
     """Resize the batch to a random size in [0.5, 1.5] x imgsz, a multiple of the stride."""
     size = int(np.random.uniform(imgsz * 0.5, imgsz * 1.5 + gs)) // gs * gs
@@ -120,25 +115,24 @@ def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(imgs, size=new, mode="bilinear", align_corners=False)
 
 
-def _check_task(opt: argparse.Namespace, model: DetectionModel) -> bool:
-    """Whether this run segments; a model whose head does not fit the script (train.py vs segment/train.py) is refused."""
-    segment = getattr(opt, "task", "detect") == "segment"
-    if segment and model.head_kind != "segment":
-        raise TrainError(f"segment/train.py trains segmentation models (a Segment head); this model's head is {model.head_kind!r} "
-                         "(train it with train.py)")
-    if not segment and model.head_kind == "segment":
-        raise TrainError("this model has a Segment head: train it with segment/train.py")
-    if getattr(opt, "evolve", None) is not None and model.head_kind == "rtdetr":  # evolve's mutation tables are the YOLO losses'
-        raise TrainError("--evolve is not supported for RT-DETR models yet")
-    return segment
+def _check_task(task: Task, model: DetectionModel) -> None:
+    """A model whose head belongs to another task than the script's (train.py, segment/train.py, ...) is refused."""
+    own = task_of(model)
+    if own is not task:
+        raise TrainError(f"{task.train_script} trains {task.what}s; this model's {type(model.head).__name__} head makes it a "
+                         f"{own.what}: train it with {own.train_script}")
 
 
 class Trainer:
     """One training run. `fit()` returns the best checkpoint; `callbacks` lets loggers and user code follow along."""
 
     def __init__(
-        self, opt: argparse.Namespace, device: torch.device, dist: DistInfo = DistInfo(), callbacks: Callbacks | None = None
+        self, opt: TrainConfig | argparse.Namespace, device: torch.device, dist: DistInfo = DistInfo(),
+        callbacks: Callbacks | None = None,
     ) -> None:
+        """`opt`: the resolved options (train_main resolves them; a Namespace is read as a TrainConfig). The Trainer never
+        changes them: what it derives (the image size checked against the stride, the hyp file) are its own fields."""
+        opt = TrainConfig.of(opt)
         if not str(getattr(opt, "save_dir", "") or ""):
             raise TrainError("Trainer: options need a save_dir (train.py derives it from --project/--name)")
         self.opt, self.device, self.dist = opt, device, dist
@@ -156,35 +150,41 @@ class Trainer:
         opt = self.opt
         if opt.image_weights and self.dist.world_size > 1:
             raise TrainError(f"--image-weights is not supported with DDP ({self.dist.world_size} processes); train in one process")
-        self.data = load_dataset_config(opt.data)
+        self.task = get_task(getattr(opt, "task", "detect"))
+        self.data = self.task.load_data(opt.data)
         self.names: list[str] = ["item"] if opt.single_cls else [str(n) for n in self.data["names"]]
         self.nc = len(self.names)
         self.maps = np.zeros(self.nc)  # per-class mAP50-95 of the last validation (--image-weights)
         init_seeds(opt.seed + 1 + max(self.dist.rank, 0), deterministic=True)
         self.model: Any = build_model(opt, self.nc, self.names, self.device)
-        self.segment = _check_task(opt, self.model)
+        _check_task(self.task, self.model)
         self.uses_targets = self.model.head.uses_targets  # RT-DETR's training forward builds denoising queries from them
-        freeze = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
+        freeze = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else list(opt.freeze)
         self.frozen = freeze_layers(self.model, freeze)
         self.gs = max(int(self.model.stride.max()), 32)
-        opt.imgsz = check_img_size(opt.imgsz, self.gs)
+        self.imgsz: int = check_img_size(opt.imgsz, self.gs)
         hyp_file = opt.hyp or default_hyp_file(self.model.head_kind)
-        opt.hyp = str(hyp_file)
+        self.hyp_file = Path(hyp_file)
         self.hyp: Hyp = load_hyp(hyp_file)
+        overrides = self.task.hyp_overrides(opt)
+        if overrides:
+            self.hyp = Hyp.from_dict({**self.hyp.as_dict(), **overrides}, f"{hyp_file} with {', '.join(overrides)} from the flags")
         self._open_run_dir()
         self.batch = opt.batch_size // self.dist.world_size
         self._make_loaders()
         self.schedule = choose_schedule(opt.recipe, len(self.dataset), opt.batch_size, len(self.train_loader), opt.epochs,
-                                        self.hyp.warmup_epochs, close_mosaic_epochs(opt.close_mosaic, self.model.head_kind, opt.epochs))
+                                        self.hyp.warmup_epochs, close_mosaic_epochs(opt.close_mosaic, self.model.head_kind, opt.epochs),
+                                        mosaic=self.hyp.mosaic > 0)
         if self.dist.main:
             LOGGER.info(f"Schedule: {self.schedule.reason}")
-        self.dataset.hyp = self.schedule.augment_hyp(self.dataset.hyp)  # before any worker starts with its copy
+        self.task.scale_augmentation(self.dataset, self.schedule, self.hyp.as_dict())  # before any worker starts with its copy
         self.accumulate = self.schedule.accumulate(opt.batch_size)
         self.optimizer = self._build_optimizer()
         self.scheduler, self.lf = build_scheduler(self.optimizer, opt.epochs, self.hyp.lrf, opt.cos_lr)
-        self._check_anchors()
-        loss_hyp = {**self.hyp.as_dict(), **({"overlap_mask": not opt.no_overlap} if self.segment else {})}
-        self.loss: DetectionLoss = build_loss(self.model, loss_hyp, opt.imgsz, opt.label_smoothing)
+        if self.dist.main and not opt.resume:
+            self.task.before_fit(self)
+        loss_hyp = {**self.hyp.as_dict(), **self.task.loss_hyp(opt)}
+        self.loss: DetectionLoss = build_loss(self.model, loss_hyp, self.imgsz, opt.label_smoothing)
         self.ema = ModelEMA(self.model) if self.dist.main else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
         self._wrap_distributed()
@@ -209,51 +209,24 @@ class Trainer:
         for stale in remove_stale_temps(self.wdir, "*.pt"):
             LOGGER.info(f"Removed {stale.name}, left in {stale.parent} by an interrupted checkpoint save")
         if self.dist.main and not self.opt.resume:
-            atomic_write_text(self.save_dir / "opt.yaml", yaml.safe_dump(plain_opt(self.opt), sort_keys=False))
+            atomic_write_text(self.save_dir / "opt.yaml", yaml.safe_dump(self.options_record(), sort_keys=False))
             atomic_write_text(self.save_dir / "hyp.yaml", yaml.safe_dump(self.hyp.as_dict(), sort_keys=False))
 
     def _make_loaders(self) -> None:
-        """Augmented training loader (per rank) and the rectangular validation loader (main rank); with masks when segmenting."""
+        """The task's augmented training loader (per rank) and its validation loader (main rank)."""
         from utils.data.image_weights import EpochWeightedSampler
 
-        opt, nc = self.opt, int(self.data["nc"])
-        make: Any = create_dataloader
-        train_masks: dict[str, Any] = {}
-        val_masks: dict[str, Any] = {}
-        if self.segment:
-            from utils.data.seg_dataset import create_seg_dataloader
-
-            make, train_masks = create_seg_dataloader, {"mask_ratio": opt.mask_ratio, "overlap": not opt.no_overlap}
-            val_masks = {"mask_ratio": 1, "overlap": not opt.no_overlap}  # validation scores masks at full resolution
-        self.train_loader, self.dataset = make(
-            self.data["train"], opt.imgsz, self.batch, self.gs, single_cls=opt.single_cls, hyp=self.hyp.as_dict(), augment=True,
-            cache=opt.cache, rect=opt.rect, workers=opt.workers, shuffle=not opt.rect, prefix="train: ", nc=nc, seed=opt.seed,
-            rank=self.dist.local_rank, quad=opt.quad, image_weights=opt.image_weights, **train_masks,
-        )
+        opt = self.opt
+        hyp, rank = self.hyp.as_dict(), self.dist.local_rank
+        self.train_loader, self.dataset = self.task.train_loader(self.data, opt, hyp, self.imgsz, self.batch, self.gs, rank)
         sampler = self.train_loader.sampler
         self.image_sampler = sampler if isinstance(sampler, EpochWeightedSampler) else None
         self.val_loader = None
         if self.dist.main:
-            self.val_loader = make(
-                self.data["val"], opt.imgsz, self.batch * 2, self.gs, single_cls=opt.single_cls, cache=None if opt.noval else opt.cache,
-                rect=True, pad=0.5, workers=opt.workers, prefix="val: ", nc=nc, **val_masks,
-            )[0]
-
-    def _check_anchors(self) -> None:
-        """Anchor-based heads: refit anchors that fit the labels badly (YOLOv5's AutoAnchor); label statistics plot."""
-        if not self.dist.main or self.opt.resume:
-            return
-        if not self.opt.noautoanchor and hasattr(self.model.head, "anchors"):
-            from utils.engine.autoanchor import check_anchors, label_wh_from_dataset
-
-            wh = label_wh_from_dataset(self.dataset.img_shapes[:, ::-1], self.dataset.labels, self.opt.imgsz)
-            check_anchors(wh, self.model, thr=self.hyp.anchor_t, imgsz=self.opt.imgsz)
-        if not self.opt.noplots:
-            from utils.plots import plot_labels
-
-            labels = [lb[:, :5] for lb in self.dataset.labels if len(lb)]
-            if labels:
-                plot_labels(np.concatenate(labels, 0), self.names, self.save_dir / "labels.jpg")
+            self.val_loader = self.task.val_loader(
+                self.data, "val", self.imgsz, self.batch * 2, self.gs, rect=True, single_cls=opt.single_cls, workers=opt.workers,
+                cache=None if opt.noval else opt.cache, opt=opt,
+            )
 
     def _wrap_distributed(self) -> None:
         """SyncBatchNorm and DistributedDataParallel when running under torchrun."""
@@ -272,15 +245,15 @@ class Trainer:
 
         opt = self.opt
         if opt.resume:
-            self.restore(read_checkpoint(opt.resume))
+            self.restore(read_checkpoint(str(opt.resume)))
         self.scheduler.last_epoch = self.start_epoch - 1
         nb = len(self.train_loader)
         self.warmup_iters = self.schedule.warmup_iters
         self.last_opt_step = self.start_epoch * nb - 1
-        truncate_results(self.save_dir / "results.csv", self.start_epoch - 1, self.loss.names)
+        truncate_results(self.save_dir / "results.csv", self.start_epoch - 1, self.loss.names, self.task.metric_columns)
         self.stopper, t0 = EarlyStopping(opt.patience), time.time()
-        self.tb = TensorBoardLogger(self.save_dir, columns(self.loss.names))
-        LOGGER.info(f"Image sizes {opt.imgsz} train, {opt.imgsz} val\nLogging results to {self.save_dir}")
+        self.tb = TensorBoardLogger(self.save_dir, columns(self.loss.names, self.task.metric_columns))
+        LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val\nLogging results to {self.save_dir}")
         LOGGER.info(f"Starting training for {opt.epochs} epochs...")
         self.callbacks.run("on_train_start", trainer=self)
         epoch = self.start_epoch
@@ -315,11 +288,11 @@ class Trainer:
             LOGGER.info(("%11s" * (4 + len(self.loss.names))) % ("Epoch", "GPU_mem", *self.loss.names, "Instances", "Size"))
         bar = tqdm(enumerate(self.train_loader), total=nb, disable=not self.dist.main, bar_format="{l_bar}{bar:10}{r_bar}")
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (imgs, targets, paths, _, *masks) in bar:  # segmentation batches end in ground-truth masks
+        for i, raw_batch in bar:
             ni = i + nb * epoch
-            imgs = imgs.to(self.device, non_blocking=True).float() / 255
-            extras = [m.to(self.device, non_blocking=True) for m in masks]
-            items = self.train_step(imgs, targets, ni, epoch, last=i == nb - 1, extras=extras)
+            batch = self.task.train_batch(raw_batch, self.device)
+            imgs, targets = batch.imgs, batch.targets
+            items = self.train_step(imgs, targets, ni, epoch, last=i == nb - 1, extras=batch.extras)
             mloss = (mloss * i + items) / (i + 1)
             if i % LOG_INTERVAL == 0 or i == nb - 1:
                 means = mloss.tolist()
@@ -327,7 +300,7 @@ class Trainer:
                 mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
                 row = (f"{epoch + 1}/{self.opt.epochs}", mem, *means, targets.shape[0], imgs.shape[-1])
                 bar.set_description(("%11s" * 2 + "%11.4g" * (len(means) + 2)) % row)
-            self.callbacks.run("on_train_batch_end", trainer=self, ni=ni, imgs=imgs, targets=targets, paths=list(paths))
+            self.callbacks.run("on_train_batch_end", trainer=self, ni=ni, imgs=imgs, targets=targets, paths=list(batch.paths))
         return mloss.cpu()
 
     def train_step(
@@ -335,11 +308,11 @@ class Trainer:
     ) -> torch.Tensor:
         """Warm-up, forward, loss, AMP backward and (every `accumulate` batches) an optimizer + EMA step; returns loss items.
 
-        `extras` are the batch's further loss inputs (ground-truth masks for segmentation)."""
+        `extras` are the batch's further loss inputs (the task's, e.g. ground-truth masks)."""
         if ni <= self.warmup_iters:
             warmup_step(self.optimizer, ni, self.warmup_iters, epoch, self.lf, self.hyp.as_dict())
         if self.opt.multi_scale:
-            imgs = _multi_scale(imgs, self.opt.imgsz, self.gs)
+            imgs = _multi_scale(imgs, self.imgsz, self.gs)
         with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
             targets = targets.to(self.device)
             preds = self.forward(imgs, targets=targets) if self.uses_targets else self.forward(imgs)
@@ -365,18 +338,15 @@ class Trainer:
             self.ema.update(self.model)
 
     def _plot_first_batches(self, ni: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list, **_: Any) -> None:
-        """train_batch0..2.jpg: the first three training mosaics with their labels."""
+        """train_batch0..2.jpg: the first three training batches with their labels, drawn by the task."""
         if ni < 3:
-            from utils.plots import plot_images
-
-            plot_images((imgs.detach() * 255).byte().cpu(), targets.cpu(), paths, self.save_dir / f"train_batch{ni}.jpg", self.names)
+            self.task.plot_train_batch(TrainBatch(imgs, targets, paths, []), self.save_dir / f"train_batch{ni}.jpg", self.names)
 
     # ----- validation and checkpoints ------------------------------------------------------------------------------
-    def validate(self, model: torch.nn.Module, plots: bool, verbose: bool = False) -> DetectionResult:
-        """Evaluate `model` on the validation loader in-process (with the validation loss)."""
-        evaluator = SegmentEvaluator(self.nc, self.names) if self.segment else DetectionEvaluator(self.nc, self.names)
-        result = evaluate(
-            model, self.val_loader, evaluator, device=self.device, compute_loss=self.loss,
+    def validate(self, model: torch.nn.Module, plots: bool, verbose: bool = False) -> Any:
+        """Evaluate `model` on the validation loader in-process (with the validation loss), by the task's loop."""
+        result = self.task.validate(
+            model, self.val_loader, self.task.evaluator(self.nc, self.names), device=self.device, compute_loss=self.loss,
             half=self.device.type == "cuda", plots=plots, save_dir=self.save_dir, names=self.names, single_cls=self.opt.single_cls,
             quiet=not verbose,
         )
@@ -394,10 +364,10 @@ class Trainer:
             result = self.validate(self.ema.ema, plots=final and not opt.noplots)
             row, self.maps, fit = result.results_row(), result.maps, result.fitness()
         else:
-            row, fit = (0.0,) * ((8 if self.segment else 4) + len(self.loss.names)), 0.0
+            row, fit = (0.0,) * (len(self.task.metric_columns) + len(self.loss.names)), 0.0
         stop = self.stopper(epoch, fit)
         self.best_fitness = max(self.best_fitness, fit)
-        append_results(self.save_dir / "results.csv", epoch, mloss.tolist(), row, lrs, self.loss.names)
+        append_results(self.save_dir / "results.csv", epoch, mloss.tolist(), row, lrs, self.loss.names, self.task.metric_columns)
         self.tb.log_epoch(epoch, [*mloss.tolist(), *row, *lrs])
         self.callbacks.run("on_fit_epoch_end", trainer=self, epoch=epoch, results=row)
         if not opt.nosave or epoch + 1 == opt.epochs or stop:
@@ -408,19 +378,23 @@ class Trainer:
                 self.save(self.wdir / f"epoch{epoch}.pt", epoch)
         return stop
 
+    def options_record(self) -> dict[str, Any]:
+        """What opt.yaml and checkpoints record: the options, with the image size and hyp file this run actually used."""
+        return {**self.opt.as_dict(), "imgsz": self.imgsz, "hyp": str(self.hyp_file)}
+
     def save(self, path: Path, epoch: int) -> None:
         """Checkpoint: model + EMA state_dicts, optimizer, epoch, fitness, options, hyp, names (atomic write)."""
         assert self.ema is not None
         save_checkpoint(
             path, unwrap_model(self.model), names=self.names, ema=self.ema.ema.state_dict(), updates=self.ema.updates,
             optimizer=self.optimizer.state_dict(), optimizer_groups=GROUP_ORDER, epoch=epoch, best_fitness=float(self.best_fitness),
-            opt=plain_opt(self.opt), hyp=self.hyp.as_dict(),
+            opt=self.options_record(), hyp=self.hyp.as_dict(),
         )
         self.callbacks.run("on_model_save", trainer=self, path=path)
 
     def restore(self, ckpt: dict) -> None:
         """Load model, EMA, optimizer and counters from a resume checkpoint."""
-        path = self.opt.resume
+        path = str(self.opt.resume)
         load_state(unwrap_model(self.model), ckpt["model"], path)
         if ckpt.get("ema") and self.ema is not None:
             load_state(self.ema.ema, ckpt["ema"], path, "EMA weights")

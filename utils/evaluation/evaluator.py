@@ -1,7 +1,7 @@
 """DetectionEvaluator: per-batch matching, confusion counts, timings and losses of a validation pass -> DetectionResult.
 
 The evaluator sees detections and labels in one pixel space and knows nothing about models, loaders or files, so the
-validation loop (utils.evaluation.validate), the trainer and tests all drive it the same way. A task that scores a second
+validation loops (utils.tasks), the trainer and tests all drive it the same way. A task that scores a second
 kind of match (masks) adds its own MatchStats and feeds it a `correct` matrix from metrics.match_from_iou.
 SegmentEvaluator does that for instance masks (mask IoU in place of box IoU) and returns a SegmentResult.
 """

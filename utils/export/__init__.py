@@ -1,1 +1,1 @@
-"""Export and deployment: format writers, INT8 quantization, the one inference backend."""
+"""Export: the format writers (ONNX, TorchScript, OpenVINO, NCNN, TFLite, Core ML) and INT8 quantization; utils/runtime/ runs the files."""

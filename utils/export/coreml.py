@@ -5,45 +5,29 @@ MobileNetV4 attention blocks under NumPy 2 ("only 0-dimensional arrays can be co
 
 The input is an RGB ImageType scaled by 1/255 (so Core ML feeds the [0, 1] tensor our models take); the output
 'output0' is the head's decoded export layout; the metadata dict is stored in the model's user-defined metadata
-(strings; lists/dicts as JSON). Conversion works on Linux; predictions need the Core ML runtime (macOS only).
+(strings; lists/dicts as JSON). Conversion works on Linux; predictions need the Core ML runtime (macOS only). Reading
+that metadata back and checking for the runtime are utils/runtime/coreml.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
-from utils.export.formats import EXPORT_DESCRIPTION, INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path, import_optional
-
-INSTALL_HINT = "pip install coremltools==9.0"
-
-
-@contextlib.contextmanager
-def _tensorflow_hidden() -> Iterator[None]:
-    """Keep coremltools from importing TensorFlow (unused here; TF then a triton import abort the process on LLVM options)."""
-    hide = "tensorflow" not in sys.modules
-    if hide:
-        sys.modules["tensorflow"] = None  # type: ignore[assignment]  # import tensorflow -> ImportError
-    try:
-        yield
-    finally:
-        if hide and sys.modules.get("tensorflow", 0) is None:
-            del sys.modules["tensorflow"]
+from utils.export.formats import EXPORT_DESCRIPTION, INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path
+from utils.runtime import coreml as runtime_coreml
+from utils.runtime.coreml import coreml_metadata
 
 
 def import_coremltools() -> Any:
     """The coremltools package, or a one-line ExportError naming the pip command."""
-    with _tensorflow_hidden():
-        return import_optional("coremltools", "Core ML export", INSTALL_HINT)
+    return runtime_coreml.import_coremltools("Core ML export", ExportError)
 
 
 def _metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
@@ -89,26 +73,6 @@ def _int8_weights(ct: Any, mlmodel: Any) -> Any:
     """Weights linearly quantised to int8 (symmetric, per channel); activations keep the model's float precision."""
     config = ct.optimize.coreml.OptimizationConfig(global_config=ct.optimize.coreml.OpLinearQuantizerConfig(mode="linear_symmetric"))
     return ct.optimize.coreml.linear_quantize_weights(mlmodel, config=config)
-
-
-def coreml_metadata(path: Union[str, Path]) -> dict[str, Any]:
-    """The user-defined metadata of a saved .mlpackage, JSON values decoded (readable on any OS)."""
-    ct = import_coremltools()
-    spec = ct.utils.load_spec(str(path))
-    meta: dict[str, Any] = {}
-    for k, v in spec.description.metadata.userDefined.items():
-        try:
-            meta[k] = json.loads(v)
-        except ValueError:
-            meta[k] = v
-    return meta
-
-
-def coreml_can_predict() -> tuple[bool, str]:
-    """Whether this machine can run Core ML predictions, and why not (the runtime exists on macOS only)."""
-    if sys.platform != "darwin":
-        return False, f"Core ML predictions need macOS (the Core ML runtime); this is {sys.platform}"
-    return True, ""
 
 
 def is_coreml_export(path: Path) -> bool:

@@ -87,7 +87,7 @@ class End2End(nn.Module):
         super().__init__()
         settings.check()
         self.model, self.settings = model, settings
-        self.split_output = head_class(str(getattr(model, "head_kind", "anchor_based"))).split_output
+        self.split_output = head_class(str(model.head_kind)).split_output
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from typing import Any, Union
 
 import torch
 
+from models.model import DetectionModel
 from models.parse import ModelConfigError
-from models.yolo import DetectionModel
 from utils.checkpoint import load_model
 from utils.cli import check_int
 from utils.device import select_device
@@ -26,19 +26,15 @@ from utils.export.formats import (
     export_onnx_model,
     export_openvino_model,
     export_torchscript_model,
-    is_segmentation,
 )
 from utils.paths import ROOT
+from utils.tasks import task_of
 
 LOGGER = logging.getLogger("mobile_yolo")
 FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")
 NMS_FORMATS = ("onnx", "torchscript", "openvino")  # formats whose graph can hold NMS (export.py --nms)
 INT8_FORMATS = ("onnx", "openvino", "coreml")  # TFLite INT8 is refused: its quantiser collapses box sizes (README)
 CPU_HALF_FORMATS = ("tflite", "coreml")  # fp16 weights written from the fp32 model, no CUDA needed
-SEGMENT_FORMATS = ("onnx", "torchscript", "openvino")  # two outputs (detections with mask coefficients, prototypes)
-RTDETR_FORMATS = ("onnx", "torchscript", "openvino")  # deformable attention: grid_sample, which the other converters lack
-LIMITED_FORMATS = {"segment": (SEGMENT_FORMATS, "segmentation models"), "rtdetr": (RTDETR_FORMATS, "RT-DETR models")}
-RTDETR_MIN_OPSET = 16
 
 
 def _build_model(weights: Any, cfg: Any, device: torch.device) -> tuple[DetectionModel, Path]:
@@ -155,22 +151,21 @@ SINGLE_EXPORTERS = {"torchscript": _export_torchscript, "ncnn": _export_ncnn, "t
 
 
 def _check_head(model: DetectionModel, fmts: list[str], nms: bool, int8: bool, dynamic: bool, opset: int) -> None:
-    """Segmentation and RT-DETR models export to the formats whose backend handles their outputs; other options refused."""
-    kind = model.head_kind
-    if kind not in LIMITED_FORMATS:
-        return
-    able, what = LIMITED_FORMATS[kind]
-    unable = [f for f in fmts if f not in able]
-    if unable:
+    """The options the model's head can export with (its HeadPolicy): formats, --nms, --int8, --dynamic and the opset."""
+    policy = model.head.policy
+    what = f"{policy.title} models"
+    able = policy.export_formats
+    unable = [f for f in fmts if able is not None and f not in able]
+    if unable and able is not None:
         raise ExportError(f"{what} export to {', '.join(able)} only, not {', '.join(unable)}")
-    if nms and kind == "rtdetr":
-        raise ExportError("--nms: RT-DETR predicts one box per object and needs no NMS; export without --nms")
-    if nms or int8:
-        raise ExportError(f"{'--nms' if nms else '--int8'} is not available for {what} yet")
-    if kind == "rtdetr" and dynamic:
-        raise ExportError("--dynamic: RT-DETR's exported graph has its feature-map sizes built in; export one fixed --imgsz")
-    if kind == "rtdetr" and "onnx" in fmts and opset < RTDETR_MIN_OPSET:
-        raise ExportError(f"--opset {opset}: RT-DETR's deformable attention needs grid_sample, ONNX opset >= {RTDETR_MIN_OPSET}")
+    if nms and not policy.nms_export:
+        raise ExportError(f"--nms: {policy.nms_reason or f'not available for {what}'}")
+    if int8 and not policy.int8_export:
+        raise ExportError(f"--int8 is not available for {what} yet")
+    if dynamic and not policy.dynamic_export:
+        raise ExportError(f"--dynamic: the exported graph of {what} has its feature-map sizes built in; export one fixed --imgsz")
+    if "onnx" in fmts and opset < policy.min_opset:
+        raise ExportError(f"--opset {opset}: {what} need ONNX opset >= {policy.min_opset}")
 
 
 def export_model(
@@ -242,7 +237,8 @@ def export_model(
         written[fmt] = SINGLE_EXPORTERS[fmt](model, base, opt, meta)
         timings[fmt] = time.perf_counter() - t1
     files = [written[f] for f in fmts]
-    _summary(files, [timings[f] for f in fmts], size, "segment/" if is_segmentation(model) else "")
+    task = task_of(model)
+    _summary(files, [timings[f] for f in fmts], size, task.predict_script, task.val_script)
     return files
 
 
@@ -252,14 +248,14 @@ def _size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
-def _summary(files: list[Path], seconds: list[float], size: tuple[int, int], scripts: str = "") -> None:
-    """Print what was written and how to use it (scripts: "segment/" for segmentation models)."""
+def _summary(files: list[Path], seconds: list[float], size: tuple[int, int], predict: str, val: str) -> None:
+    """Print what was written and how to use it (with the model's task's scripts)."""
     lines = ["", "Export complete:"]
     lines += [f"  {p}  ({_size_mb(p):.1f} MB, {s:.1f}s)" for p, s in zip(files, seconds)]
     runnable = [p for p in files if p.suffix != ".mlpackage"]  # Core ML runs only on Apple systems
     if runnable:
         lines += [
-            f"Detect:   python {scripts}{'predict' if scripts else 'detect'}.py --weights {runnable[0]} --imgsz {size[0]} {size[1]}",
-            f"Validate: python {scripts}val.py --weights {runnable[0]} --imgsz {max(size)}",
+            f"Predict:  python {predict} --weights {runnable[0]} --imgsz {size[0]} {size[1]}",
+            f"Validate: python {val} --weights {runnable[0]} --imgsz {max(size)}",
         ]
     print("\n".join(lines))

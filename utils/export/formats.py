@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import importlib
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, cast
 
 import torch
 import yaml
@@ -22,12 +21,13 @@ from torch import nn
 from utils.cli import check_img_size
 from utils.export.end2end import End2End, NMSSettings
 from utils.files import remove_stale_temps
+from utils.runtime import packages
+from utils.runtime.openvino import OPENVINO_METADATA
 
 LOGGER = logging.getLogger("mobile_yolo")
-INPUT_NAME, OUTPUT_NAME, PROTO_NAME = "images", "output0", "output1"  # output1: a segmentation model's mask prototypes
+INPUT_NAME, OUTPUT_NAME = "images", "output0"  # further outputs (a head's output_axes) follow as output1, ...
 TORCHSCRIPT_CONFIG = "config.txt"
 EXPORT_DESCRIPTION = "mobile_yolo detector"
-OPENVINO_METADATA = "metadata.yaml"
 
 
 class ExportError(ValueError):
@@ -41,17 +41,11 @@ class ExportModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.segment = is_segmentation(model)
+        self.head: Any = type(cast(Any, model).head)  # a DetectionModel's head class
         self.eval()  # exporters restore the wrapper's mode afterwards; it must be eval, not the nn.Module default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        y = self.model(x)
-        return (y[0], y[1]) if self.segment else y[0]
-
-
-def is_segmentation(model: nn.Module) -> bool:
-    """Whether the model's head is a Segment head (two outputs: detections with mask coefficients, prototypes)."""
-    return getattr(model, "head_kind", None) == "segment"
+        return self.head.inference_outputs(self.model(x))
 
 
 def export_wrapper(model: nn.Module, nms: NMSSettings | None = None) -> nn.Module:
@@ -83,7 +77,8 @@ def export_metadata(model: nn.Module, imgsz: tuple[int, int], batch_size: int, d
         "batch": int(batch_size),
         "dynamic": bool(dynamic),
         "half": bool(half),
-        "head": str(getattr(model, "head_kind", "anchor_based")),
+        "head": str(model.head_kind),
+        "task": str(model.head.policy.task),  # type: ignore[union-attr]  # a DetectionModel's head
     }
 
 
@@ -154,14 +149,11 @@ def export_onnx_model(
 
     wrapper = export_wrapper(model, nms)
     im = _dummy_input(model, imgsz, batch_size)
-    anchor_axis = int(getattr(getattr(model, "head", None), "anchor_axis", 1))
-    out_axes = {0: "batch"} if nms else {0: "batch", anchor_axis: "anchors"}
-    outputs = [OUTPUT_NAME, PROTO_NAME] if is_segmentation(model) and not nms else [OUTPUT_NAME]
+    per_output = [{0: "batch"}] if nms else list(model.head.output_axes())  # type: ignore[union-attr, operator]
+    outputs = [f"output{i}" for i in range(len(per_output))]  # output0 (= OUTPUT_NAME), output1 (prototypes) ...
     axes: dict[str, dict[int, str]] | None = None
     if dynamic:
-        proto_axes = {0: "batch", 2: "mask_height", 3: "mask_width"}
-        axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: out_axes, PROTO_NAME: proto_axes}
-        axes = {k: v for k, v in axes.items() if k == INPUT_NAME or k in outputs}
+        axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, **dict(zip(outputs, per_output))}
     meta = metadata or export_metadata(model, imgsz, batch_size, dynamic, im.dtype == torch.float16)
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -225,16 +217,13 @@ def export_torchscript_model(
 
 
 def import_optional(module: str, purpose: str, pip: str, error: type[Exception] = ExportError) -> Any:
-    """An optional converter or runtime package, or one `error` line naming the pip command that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise error(f"{purpose} needs the {module} package: {pip}") from None
+    """An optional converter package, or one `error` line naming the pip command that installs it."""
+    return packages.import_optional(module, purpose, pip, error)
 
 
 def import_openvino() -> Any:
     """The openvino package, or a one-line ExportError with the install hint."""
-    return import_optional("openvino", "OpenVINO export/inference", "pip install openvino")
+    return import_optional("openvino", "OpenVINO export", "pip install openvino")
 
 
 def export_openvino_model(onnx_path: Union[str, Path], out_dir: Union[str, Path], metadata: dict[str, Any], half: bool = False) -> Path:

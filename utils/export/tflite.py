@@ -1,11 +1,11 @@
-"""TFLite export (float32, float16, full-integer INT8) via ONNX -> onnx2tf (TF SavedModel) -> TFLiteConverter, and a runner.
+"""TFLite export (float32, float16, full-integer INT8) via ONNX -> onnx2tf (TF SavedModel) -> TFLiteConverter.
 
 Path: the fused model is written to ONNX by formats.export_onnx_model, constant-folded with onnxslim (onnx2tf cannot
 convert the head's grid subgraph otherwise), given a final Mul that divides box coordinates by the input width/height
 (so boxes and scores share one [0, 1] range and survive a single INT8 output scale, as in YOLOv5's TF export), then
 converted to an NHWC SavedModel by onnx2tf in a subprocess and to a .tflite flatbuffer by tf.lite.TFLiteConverter.
-The metadata JSON is stored inside the flatbuffer as the Model.metadata entry "mobile_yolo"; TfliteRunner reads it with
-the flatbuffers package only, takes NCHW float [0, 1] batches and returns the PyTorch layout in pixels.
+The metadata JSON is stored inside the flatbuffer as the Model.metadata entry "mobile_yolo"; the runner that reads it
+and runs the file is utils/runtime/tflite.py's TfliteRunner.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import numpy as np
 from torch import nn
 
 from utils.export.formats import ExportError, atomic_path, export_onnx_model
+from utils.runtime.tflite import METADATA_KEY, box_channel_axis
 
 QUANT_SUFFIX = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
-METADATA_KEY = "mobile_yolo"  # name of our Model.metadata entry in the flatbuffer
 INSTALL_HINT = "pip install tensorflow==2.21.0 tf-keras==2.21.0 onnx2tf==1.28.8 onnx-graphsurgeon sng4onnx sne4onnx psutil onnxslim"
-RUNTIME_HINT = "pip install ai-edge-litert"
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf reads this from its cwd, else downloads it
 
 
@@ -44,11 +43,6 @@ def check_tflite_export_packages() -> None:
     missing = [m for m in ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "onnxslim") if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(f"TFLite export needs {', '.join(missing)}: {INSTALL_HINT}")
-
-
-def _channel_axis(metadata: dict[str, Any]) -> int:
-    """Axis of the head output that runs over box/score channels: 1 for anchor-free (B, 4+nc, N), else 2 (B, N, 5+nc)."""
-    return 1 if metadata.get("head") == "anchor_free" else 2
 
 
 def _normalize_boxes_onnx(src: Path, dst: Path, imgsz: tuple[int, int], channel_axis: int) -> list[int]:
@@ -188,32 +182,6 @@ def add_tflite_metadata(model: bytes, metadata: dict[str, Any]) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
 
 
-def read_tflite_metadata(path: Union[str, Path]) -> dict[str, Any]:
-    """The "mobile_yolo" metadata dict of a .tflite file ({} if absent), read with the flatbuffers package only."""
-    from flatbuffers import encode, number_types, packer, table
-
-    data = bytearray(Path(path).read_bytes())
-    model = table.Table(data, encode.Get(packer.uoffset, data, 0))
-
-    def tables(tab: table.Table, field: int) -> list[table.Table]:
-        o = tab.Offset(4 + 2 * field)  # vtable slot of schema field `field`
-        start = tab.Vector(o) if o else 0
-        return [table.Table(data, tab.Indirect(start + 4 * i)) for i in range(tab.VectorLen(o) if o else 0)]
-
-    buffers = tables(model, 4)  # Model.buffers
-    for entry in tables(model, 6):  # Model.metadata: (name: string, buffer: uint)
-        o = entry.Offset(4)
-        if not o or entry.String(o + entry.Pos) != METADATA_KEY.encode():
-            continue
-        b = entry.Offset(6)
-        buf = buffers[entry.Get(number_types.Uint32Flags, b + entry.Pos) if b else 0]
-        d = buf.Offset(4)  # Buffer.data: [ubyte]
-        raw = buf.GetVectorAsNumpy(number_types.Uint8Flags, d).tobytes() if d else b""
-        meta = json.loads(raw.decode()) if raw else {}
-        return meta if isinstance(meta, dict) else {}
-    return {}
-
-
 def export_tflite(
     onnx_or_model: Union[str, Path, nn.Module],
     out: Union[str, Path],
@@ -229,7 +197,7 @@ def export_tflite(
         raise ExportError("TFLite INT8 export needs calibration images (representative data); pass some images")
     check_tflite_export_packages()
     out = Path(out)
-    axis = _channel_axis(metadata)
+    axis = box_channel_axis(metadata)
     with tempfile.TemporaryDirectory(prefix="tflite_") as work_s, atomic_path(out) as tmp:
         work = Path(work_s)
         src = Path(onnx_or_model) if not isinstance(onnx_or_model, nn.Module) else None
@@ -263,68 +231,6 @@ def _converter_main(argv: list[str]) -> None:
     images = list(np.load(work / "calibration.npy")[:, None])
     meta = json.loads((work / "metadata.json").read_text(encoding="utf-8"))
     dst.write_bytes(add_tflite_metadata(_convert_saved_model(work / "saved_model", quant, images), meta))
-
-
-def _interpreter_class() -> Any:
-    """LiteRT's Interpreter (ai-edge-litert), else tensorflow.lite's, else a one-line ExportError with the hint."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf
-
-        return tf.lite.Interpreter
-    except ImportError:
-        raise ExportError(f"TFLite inference needs the LiteRT interpreter: {RUNTIME_HINT}") from None
-
-
-class TfliteRunner:
-    """Run an exported .tflite on NCHW float [0, 1] batches; returns the PyTorch head layout with boxes in pixels."""
-
-    def __init__(self, path: Union[str, Path], num_threads: int | None = None) -> None:
-        self.path = Path(path)
-        self.metadata = read_tflite_metadata(self.path)
-        self.interpreter = _interpreter_class()(model_path=str(self.path), num_threads=num_threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        b, h, w, c = (int(v) for v in self.input["shape"])
-        self.input_shape = (b, c, h, w)  # NCHW, as the PyTorch model and the other backends take it
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Predictions for a (B, 3, H, W) float batch, B a multiple of the model's batch size."""
-        x = np.asarray(x, dtype=np.float32)
-        b = self.input_shape[0]
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape[1:] or x.shape[0] % b:
-            raise ValueError(f"TFLite model takes (k*{b}, {', '.join(map(str, self.input_shape[1:]))}) batches, got {x.shape}")
-        return np.concatenate([self._run(x[i : i + b]) for i in range(0, x.shape[0], b)])
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        """One model-sized batch: NHWC, (de)quantise int tensors, restore the ONNX layout, boxes back to pixels."""
-        x = x.transpose(0, 2, 3, 1)
-        dtype = self.input["dtype"]
-        if np.issubdtype(dtype, np.integer):
-            scale, zero = self.input["quantization"]
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        self.interpreter.set_tensor(self.input["index"], x.astype(dtype))
-        self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self.output["index"])
-        if np.issubdtype(y.dtype, np.integer):
-            scale, zero = self.output["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        y = y.astype(np.float32)
-        shape = tuple(self.metadata.get("output_shape", y.shape))
-        if y.shape != shape and y.ndim == 3 and y.transpose(0, 2, 1).shape == shape:
-            y = y.transpose(0, 2, 1)  # onnx2tf may keep a 3-D output channels-last
-        w, h = self.metadata.get("box_scale", (1, 1))
-        axis = _channel_axis(self.metadata)
-        scale_v = np.ones(y.shape[axis], dtype=np.float32)
-        scale_v[:4] = [w, h, w, h]
-        return y * (scale_v[None, None, :] if axis == 2 else scale_v[None, :, None])
 
 
 if __name__ == "__main__":

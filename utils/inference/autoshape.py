@@ -12,10 +12,12 @@ from torch import nn
 from utils.boxes import scale_boxes
 from utils.cli import check_fraction, check_img_size, check_int
 from utils.data.images import img_to_tensor_layout, letterbox
-from utils.export.backend import DetectBackend
 from utils.inference.inputs import load_inputs
 from utils.inference.results import Detections
 from utils.nms import non_max_suppression
+from utils.runtime.backend import DetectBackend
+from utils.tasks import task_of
+from utils.tasks.detect import DetectTask
 
 
 def batch_shape(shapes: list[tuple[int, int]], size: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -34,10 +36,16 @@ class AutoShape(nn.Module):
     reads them, or "rgb").
     """
 
+    @staticmethod
+    def serves(model: Any) -> bool:
+        """Whether the model's predictions are boxes alone (the detection task's, not a subclass's with more)."""
+        return type(task_of(model)) is DetectTask
+
     def __init__(self, model: DetectBackend) -> None:
         super().__init__()
-        if model.head_kind == "segment":  # Detections has no masks yet; boxes alone would hide that
-            raise ValueError(f"{model.weights}: AutoShape returns boxes only; run segmentation models with segment/predict.py "
+        if not self.serves(model):  # Detections holds boxes alone: masks or class scores would be lost
+            own = task_of(model)
+            raise ValueError(f"{model.weights}: AutoShape returns boxes only; run {own.what}s with {own.predict_script} "
                              "or load them with autoshape=False")
         self.model = model.eval()
         self.conf = 0.25  # NMS confidence threshold

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Union
 
 from torch import nn
 
 from models.flops import count_gflops
+from models.model import DetectionModel
 from models.parse import ModelConfigError
-from models.yolo import DetectionModel
 from utils.checkpoint import load_state, read_checkpoint
 from utils.device import select_device
-from utils.export.backend import DetectBackend
 from utils.inference.autoshape import AutoShape
 from utils.paths import ROOT
+from utils.runtime.backend import DetectBackend
+from utils.tasks import task_of
+
+LOGGER = logging.getLogger("mobile_yolo")
 
 CONFIG_DIR = ROOT / "models"
 DeviceSpec = Union[str, int, None]
@@ -33,20 +37,32 @@ def _report(text: str, verbose: bool) -> None:
 def load_custom(path: Union[str, Path], autoshape: bool = True, device: DeviceSpec = None, verbose: bool = True) -> nn.Module:
     """Any trained or exported model (.pt, .torchscript, .onnx, OpenVINO); AutoShape-wrapped unless autoshape=False.
 
-    Without AutoShape a .pt gives its DetectionModel (trainable, unfused) and an exported file its DetectBackend.
+    Without AutoShape a .pt gives its DetectionModel (trainable, unfused) and an exported file its DetectBackend; so does
+    so does, with a warning, a model AutoShape does not serve (segmentation, classification), as YOLOv5's hub does.
     """
     dev = select_device("" if device is None else device)
     path = Path(path)
+    backend = DetectBackend(path, device=dev)
+    autoshape = autoshape and _autoshape_serves(backend, path)
     if not autoshape and path.suffix == ".pt":
         from utils.checkpoint import load_model
 
         model: nn.Module = load_model(path, device=dev)
     else:
-        backend = DetectBackend(path, device=dev)
         model = AutoShape(backend) if autoshape else backend
     names = getattr(model, "names", [])
     _report(f"Loaded {path} on {dev}: {len(names)} classes ({', '.join(map(str, names[:5]))}{', ...' * (len(names) > 5)})", verbose)
     return model
+
+
+def _autoshape_serves(backend: DetectBackend, where: Union[str, Path]) -> bool:
+    """Whether AutoShape can wrap the model; if not, YOLOv5's warning (the model takes (B, 3, H, W) 0-1 tensors)."""
+    if AutoShape.serves(backend):
+        return True
+    own = task_of(backend)
+    LOGGER.warning(f"WARNING: {where}: a {own.what} is not AutoShape compatible; returning the model itself, which takes "
+                   f"(B, 3, H, W) float 0-1 tensors (or run it with {own.predict_script})")
+    return False
 
 
 def load_config(
@@ -72,7 +88,9 @@ def load_config(
     dev = select_device("" if device is None else device)
     _report(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {nc} classes, "
             f"weights {path if path is not None else 'none (untrained)'}, on {dev}", verbose)
-    return AutoShape(DetectBackend(model, device=dev)) if autoshape else model.to(dev)
+    if autoshape and _autoshape_serves(DetectBackend(model, device=dev), cfg.name):
+        return AutoShape(DetectBackend(model, device=dev))
+    return model.to(dev)
 
 
 def describe_model(model: nn.Module, imgsz: int = 640) -> str:

@@ -27,6 +27,8 @@ from utils.paths import ROOT, increment_path
 from utils.plots import draw_detections, draw_masks
 from utils.predictions import describe, save_crops, write_csv_rows, write_labels, write_polygon_labels
 from utils.segmentation import MASK_THRESHOLD, scale_masks
+from utils.tasks import get_task, task_of
+from utils.tasks.detect import DetectTask
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -159,7 +161,7 @@ def run(
 ) -> Path:
     """Detect objects (and their masks, for a segmentation model) in `source`, save annotated media and labels under
     runs/detect/exp*; returns the run folder. retina_masks: masks resized to the original image before cropping."""
-    from utils.export.backend import DetectBackend
+    from utils.runtime.backend import DetectBackend
 
     check_options(imgsz, conf_thres, iou_thres, max_det, vid_stride, line_thickness, save_format)
     dev = select_device(device)
@@ -167,6 +169,9 @@ def run(
         LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
         half = False
     model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
+    own = task_of(model)
+    if not isinstance(own, DetectTask):  # this loop draws boxes (and masks): the detection family's predictions
+        raise ValueError(f"{model.weights}: a {own.what}; run it with {own.predict_script}")
     stride, names = int(model.stride), list(model.names)
     size = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz) * (2 if len(imgsz) == 1 else 1)
     size = tuple(check_img_size(list(size), stride))
@@ -225,10 +230,10 @@ def check_options(
 
 
 def predict_parser(task: str = "detect") -> argparse.ArgumentParser:
-    """YOLOv5's detect.py flags; task "segment" gives segment/predict.py's (its defaults, plus --retina-masks)."""
-    segment = task == "segment"
-    p = argparse.ArgumentParser(description=f"{'Segment' if segment else 'Detect'} objects with a trained or exported model")
-    default_weights = ROOT / ("runs/train-seg" if segment else "runs/train") / "exp/weights/best.pt"
+    """YOLOv5's detect.py flags with the task's defaults and its own flags (segment/predict.py's --retina-masks)."""
+    t = get_task(task)
+    p = argparse.ArgumentParser(description=f"Predict with a trained or exported {t.what}")
+    default_weights = ROOT / t.train_project / "exp/weights/best.pt"
     p.add_argument("--weights", nargs="+", default=[str(default_weights)], help="model path(s)")
     p.add_argument("--source", default=None, help="file/dir/glob/video/list.txt/webcam index/URL (default: data/images)")
     p.add_argument("--data", default=None, help="dataset yaml (class names fallback)")
@@ -248,7 +253,7 @@ def predict_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", type=int, help="filter by class: --classes 0, or --classes 0 2 3")
     p.add_argument("--agnostic-nms", action="store_true")
     p.add_argument("--augment", action="store_true")
-    p.add_argument("--project", default=str(ROOT / ("runs/predict-seg" if segment else "runs/detect")))
+    p.add_argument("--project", default=str(ROOT / t.predict_project))
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true")
     p.add_argument("--line-thickness", default=3, type=int)
@@ -256,8 +261,7 @@ def predict_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--hide-conf", action="store_true")
     p.add_argument("--half", action="store_true")
     p.add_argument("--vid-stride", type=int, default=1)
-    if segment:
-        p.add_argument("--retina-masks", action="store_true", help="masks at the original image resolution (sharper edges)")
+    t.add_predict_args(p)
     return p
 
 

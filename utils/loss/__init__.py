@@ -13,6 +13,7 @@ from torch import nn
 
 from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
 from utils.loss.anchor_free import AnchorFreeLoss, unwrap_head
+from utils.loss.classify import ClassifyLoss
 from utils.loss.detr import DETRLoss
 from utils.loss.segment import SegmentLoss
 
@@ -47,7 +48,7 @@ def register_loss(kind: str) -> Callable[[LossFactory], LossFactory]:
 
 def build_loss(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float = 0.0) -> DetectionLoss:
     """The loss for `model`'s head (DDP-wrapped models too); unknown head kinds raise ValueError listing the known ones."""
-    kind = getattr(unwrap_head(model), "kind", "anchor_based")
+    kind = str(unwrap_head(model).kind)  # a Head's ClassVar (nn.Module attributes type as Tensor)
     if kind not in _LOSSES:
         raise ValueError(f"no loss for head kind {kind!r}; known: {', '.join(sorted(_LOSSES))}")
     return _LOSSES[kind](model, hyp, imgsz, label_smoothing)
@@ -81,4 +82,13 @@ def _rtdetr(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothin
     return DETRLoss(head.nc, hyp)
 
 
-__all__ = ["AnchorFreeLoss", "ComputeLoss", "DETRLoss", "DetectionLoss", "SegmentLoss", "build_loss", "register_loss", "scale_loss_gains"]
+@register_loss("classify")
+def _classify(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float) -> DetectionLoss:
+    """Cross-entropy with --label-smoothing (YOLOv5's classifier loss); the hyp file's gains do not apply."""
+    return ClassifyLoss(label_smoothing)
+
+
+__all__ = [
+    "AnchorFreeLoss", "ClassifyLoss", "ComputeLoss", "DETRLoss", "DetectionLoss", "SegmentLoss", "build_loss", "register_loss",
+    "scale_loss_gains",
+]

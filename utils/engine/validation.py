@@ -1,6 +1,6 @@
-"""What val.py and segment/val.py run: open the weights, build the validation loader, score a pass and report it.
+"""What val.py and the task scripts' val.py run: open the weights, build the validation loader, score a pass and report it.
 
-The task follows the model: a Segment head is scored on boxes and masks (SegmentEvaluator, a loader that yields masks).
+The task follows the model (utils.tasks.task_of): its data, loader, evaluator and loop, e.g. boxes and masks for a Segment head.
 """
 
 from __future__ import annotations
@@ -15,44 +15,29 @@ import numpy as np
 import torch
 
 from utils.cli import check_fraction, check_img_size, check_int
-from utils.data.dataset_config import load_dataset_config
 from utils.device import select_device
-from utils.evaluation.evaluator import DetectionEvaluator, DetectionResult, SegmentEvaluator
-from utils.evaluation.validate import evaluate
 from utils.paths import ROOT, increment_path
+from utils.tasks import Task, get_task, task_of
 
 LOGGER = logging.getLogger("mobile_yolo")
 
 
 def _load_backend(weights: Any, device: torch.device, half: bool) -> Any:
     """Open the weights through the one inference backend (.pt, ONNX, TorchScript, OpenVINO)."""
-    from utils.export.backend import DetectBackend
+    from utils.runtime.backend import DetectBackend
 
     return DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=device, fp16=half)
 
 
-def _make_loader(
-    data: dict, task: str, imgsz: int, batch_size: int, stride: int, pt: bool, single_cls: bool, workers: int, segment: bool = False
-) -> Any:
-    """Rectangular, padded validation dataloader for the split `task` (with full-resolution masks when segmenting)."""
-    from utils.data.datasets import create_dataloader
-
-    split = task if task in ("train", "val", "test") and data.get(task) else "val"
-    pad, rect = (0.0, False) if task == "speed" else (0.5, pt)
-    make: Any = create_dataloader
-    masks: dict[str, Any] = {}
-    if segment:
-        from utils.data.seg_dataset import create_seg_dataloader
-
-        make, masks = create_seg_dataloader, {"mask_ratio": 1, "overlap": True}
-    loader, _ = make(
-        data[split], imgsz, batch_size, stride, single_cls=single_cls, pad=pad, rect=rect, workers=workers,
-        prefix=f"{split}: ", nc=int(data["nc"]), **masks,
-    )
-    return loader
+def _make_loader(task: Task, data: dict, split: str, imgsz: int, batch_size: int, stride: int, pt: bool, single_cls: bool,
+                 workers: int) -> Any:
+    """The task's validation loader for the split `split` (val.py --task; speed: square, unpadded batches)."""
+    name = split if split in ("train", "val", "test") and data.get(split) else "val"
+    pad, rect = (0.0, False) if split == "speed" else (0.5, pt)
+    return task.val_loader(data, name, imgsz, batch_size, stride, rect=rect, single_cls=single_cls, workers=workers, pad=pad)
 
 
-def _report(result: DetectionResult, verbose: bool) -> None:
+def _report(result: Any, verbose: bool) -> None:
     """Log the results table (and the warning YOLOv5 gives when the split has no labels)."""
     for line in result.table(verbose):
         LOGGER.info(line)
@@ -101,24 +86,27 @@ def run(
 ) -> tuple[tuple[float, ...], np.ndarray, tuple[float, float, float]]:
     """Validate; returns ((P, R, mAP50, mAP50-95, 3 loss items), per-class mAP50-95, ms per image)."""
     in_process = model is not None  # model= and dataloader= given by Python callers
-    data = load_dataset_config(data)
-    names = list(data["names"]) if not single_cls else ["item"]
     if in_process:
         net, dev = model, next(model.parameters()).device
-        save_dir = Path(save_dir) if save_dir is not None else Path(".")
     else:
         opts = dict(batch_size=batch_size, imgsz=imgsz, workers=workers, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
         net, dev, half = _open_model(weights, device, half, opts)
+    model_task = task_of(net)
+    data = model_task.load_data(data)
+    names = list(data["names"]) if not single_cls else ["item"]
+    if in_process:
+        save_dir = Path(save_dir) if save_dir is not None else Path(".")
+    else:
         imgsz = check_img_size(imgsz, int(net.stride))
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # only once the model loaded
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # only once model and data loaded
         if not net.pt:
             batch_size = 1 if not getattr(net, "dynamic", True) else batch_size
         rect = bool(net.pt or net.dynamic)  # rectangular batches need an input shape that can change
-        dataloader = _make_loader(data, task, imgsz, batch_size, int(net.stride), rect, single_cls, workers, is_segment(net))
+        dataloader = _make_loader(model_task, data, task, imgsz, batch_size, int(net.stride), rect, single_cls, workers)
         names = names if single_cls else (list(net.names) if len(net.names) == len(names) else names)
     json_name = f"{Path(str(weights[0] if isinstance(weights, (list, tuple)) else weights or 'model')).stem}_predictions.json"
-    evaluator = SegmentEvaluator(len(names), names) if is_segment(net) else DetectionEvaluator(len(names), names)
-    result = evaluate(net, dataloader, evaluator, device=dev, conf_thres=conf_thres, iou_thres=iou_thres,
+    evaluator = model_task.evaluator(len(names), names)
+    result = model_task.validate(net, dataloader, evaluator, device=dev, conf_thres=conf_thres, iou_thres=iou_thres,
                       max_det=max_det, half=half, augment=augment, single_cls=single_cls, compute_loss=compute_loss, plots=plots,
                       save_dir=save_dir, save_txt=save_txt, save_conf=save_conf, save_json=save_json, json_name=json_name, names=names,
                       quiet=quiet)
@@ -133,15 +121,10 @@ def run(
         result = dataclasses.replace(result, map=coco[0], map50=coco[1]) if coco is not None else result
     if not in_process:
         LOGGER.info(f"Results saved to {save_dir}")
-    row = result.results_row()  # box P R mAP50 mAP50-95 (then the mask four when segmenting) and the loss items
-    if not result.loss:  # YOLOv5 always returned its loss entries: three, four for segmentation
-        row = (*row, *(0.0,) * (4 if is_segment(net) else 3))
+    row = result.results_row()  # the task's metric columns (box P R mAP50 mAP50-95, then mask ones...) and the loss items
+    if not result.loss:  # YOLOv5 always returned its loss entries (three for detection, four for segmentation)
+        row = (*row, *(0.0,) * model_task.val_loss_width)
     return row, result.maps, result.speed
-
-
-def is_segment(model: Any) -> bool:
-    """Whether `model` (a DetectionModel or an inference backend) has a Segment head."""
-    return getattr(model, "head_kind", None) == "segment"
 
 
 def check_options(batch_size: int, imgsz: int, workers: int, conf_thres: float, iou_thres: float, max_det: int) -> None:
@@ -171,13 +154,11 @@ def study(**kwargs: Any) -> Path:
 
 
 def val_parser(task: str = "detect") -> argparse.ArgumentParser:
-    """YOLOv5's val.py flags (segment/val.py: the same, run on a segmentation model and dataset by default)."""
-    segment = task == "segment"
-    what = "segmentation model" if segment else "detector"
-    p = argparse.ArgumentParser(description=f"Validate a {what} (mAP, speed) on a YOLO-format dataset")
-    default_data = str(ROOT / "data" / "shapes-seg.yaml") if segment else None
-    p.add_argument("--data", default=default_data, help="dataset yaml (default: the embedded shapes dataset)")
-    default_weights = str(ROOT / ("runs/train-seg" if segment else "runs/train") / "exp/weights/best.pt")
+    """YOLOv5's val.py flags with the task's defaults (segment/val.py: a segmentation model and dataset by default)."""
+    t = get_task(task)
+    p = argparse.ArgumentParser(description=f"Validate a {t.what} (metrics, speed) on a dataset")
+    p.add_argument("--data", default=t.default_data, help="dataset (default: the task's embedded shapes dataset)")
+    default_weights = str(ROOT / t.train_project / "exp/weights/best.pt")
     p.add_argument("--weights", nargs="+", default=[default_weights], help=".pt, .onnx, .torchscript or OpenVINO dir")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640)
@@ -193,7 +174,8 @@ def val_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--save-txt", action="store_true")
     p.add_argument("--save-conf", action="store_true")
     p.add_argument("--save-json", action="store_true", help="COCO-format predictions (+ pycocotools mAP)")
-    p.add_argument("--project", default=str(ROOT / ("runs/val-seg" if segment else "runs/val")))
+    p.add_argument("--project", default=str(ROOT / t.val_project))
+    t.add_val_args(p)
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true")
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")

@@ -1,4 +1,4 @@
-"""One inference interface over .pt checkpoints and exported TorchScript, ONNX and OpenVINO models."""
+"""One inference interface over .pt checkpoints and exported TorchScript, ONNX, OpenVINO, NCNN and TFLite models."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import torch
 import yaml
 from torch import nn
 
-from models.head import head_class
-from models.yolo import DetectionModel
+from models.head import LEGACY_HEAD_KIND, head_class, head_policy
+from models.model import DetectionModel
 from utils.device import select_device
 from utils.nms import END2END
-from utils.signal_stack import keep_signal_stack
 
 LOGGER = logging.getLogger("mobile_yolo")
 SUPPORTED = ("PyTorch .pt, TorchScript .torchscript, ONNX .onnx, OpenVINO *_openvino_model/ or .xml, NCNN *_ncnn_model/ or .param, "
@@ -48,7 +47,7 @@ def _names_from_data(data: Any) -> list[str] | None:
 
 def _head_kind(value: Any, weights: Path) -> str:
     """The head kind recorded in the metadata (files exported before heads were named: anchor_based); unknown kinds refused."""
-    kind = str(value) if value else "anchor_based"
+    kind = str(value) if value else LEGACY_HEAD_KIND
     try:
         head_class(kind)
     except ValueError as e:
@@ -88,6 +87,7 @@ class DetectBackend(nn.Module):
         self.stride = int(meta.get("stride") or 32)
         self.names = _names_from(meta.get("names")) or _names_from_data(data) or []
         self.head_kind = _head_kind(meta.get("head"), self.weights)
+        self.task = str(meta.get("task") or head_policy(self.head_kind).task)  # files written before tasks were recorded
         if meta.get("nms"):  # NMS inside the graph (export.py --nms): the output is final detections
             self.head_kind = END2END
         self.metadata = meta
@@ -126,7 +126,8 @@ class DetectBackend(nn.Module):
             raise TypeError(f"DetectBackend runs a DetectionModel or a weights path, got {type(model).__name__}")
         model = model.to(self.device).eval().fuse()
         self.model = model.half() if self.fp16 else model.float()
-        return {"stride": int(max(int(model.stride.max()), 32)), "names": list(model.names), "head": model.head_kind}
+        return {"stride": int(max(int(model.stride.max()), 32)), "names": list(model.names), "head": model.head_kind,
+                "task": model.head.policy.task}
 
     def _load_torchscript(self) -> dict:
         self._require_file()
@@ -161,28 +162,16 @@ class DetectBackend(nn.Module):
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def _load_openvino(self) -> dict:
-        from utils.export.formats import OPENVINO_METADATA, import_openvino
+        from utils.runtime.openvino import OpenvinoRunner
 
-        ov = import_openvino()
-        xmls = [self.weights] if self.weights.suffix == ".xml" else sorted(self.weights.glob("*.xml"))
-        xml = xmls[0] if xmls else self.weights / "model.xml"
-        if not xml.is_file():
-            raise FileNotFoundError(f"{self.weights}: no OpenVINO .xml model found")
-        core = ov.Core()
-        model = core.read_model(str(xml))
-        self._set_shape([d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()])
-        meta_file = xml.parent / OPENVINO_METADATA
-        meta = yaml.safe_load(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-        meta = meta if isinstance(meta, dict) else {}
-        # An fp32 export runs in f32: on CPUs with bf16 units OpenVINO's default would silently compute it in bf16
-        config = {} if meta.get("half") else {"INFERENCE_PRECISION_HINT": "f32"}
-        with keep_signal_stack():  # the CPU plugin swaps this thread's signal stack for one it may unmap from another thread
-            self.compiled = core.compile_model(model, "CPU", config)
-        self._run = lambda x: _first_or_all(list(self.compiled(x).values()))
-        return meta
+        runner = OpenvinoRunner(self.weights)
+        self._set_shape(runner.input_shape)
+        self.compiled = runner.compiled
+        self._run = lambda x: _first_or_all(runner(x))
+        return runner.metadata
 
     def _load_tflite(self) -> dict:
-        from utils.export.tflite import TfliteRunner
+        from utils.runtime.tflite import TfliteRunner
 
         self._require_file()
         runner = TfliteRunner(self.weights)
@@ -191,7 +180,7 @@ class DetectBackend(nn.Module):
         return runner.metadata
 
     def _load_ncnn(self) -> dict:
-        from utils.export.ncnn import NcnnRunner
+        from utils.runtime.ncnn import NcnnRunner
 
         runner = NcnnRunner(self.weights)
         self._set_shape(runner.input_shape or ())
@@ -209,7 +198,7 @@ class DetectBackend(nn.Module):
         a segmentation model gives (detections (B,N,5+nc+nm), prototypes (B,nm,H/4,W/4))."""
         if self.pt:
             out = self.model(im.half() if self.fp16 else im.float(), augment=augment)
-            return (out[0], out[1]) if self.head_kind == "segment" else out[0]
+            return self.model.head.inference_outputs(out)
         if augment and not self._warned_augment:
             LOGGER.warning(f"WARNING: test-time augmentation needs a .pt model; running {self.format} without it")
             self._warned_augment = True
