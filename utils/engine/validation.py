@@ -113,7 +113,8 @@ def run(
     _report(result, verbose or (not in_process and len(names) < 50))
     if not in_process:
         shape = (batch_size, 3, imgsz, imgsz)
-        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % result.speed)
+        stage = model_task.postprocess_stage
+        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms {stage} per image at shape {shape}" % result.speed)
     if save_json and (save_dir / json_name).exists():
         from utils.evaluation.coco_eval import evaluate_dataset_json
 

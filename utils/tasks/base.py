@@ -40,6 +40,7 @@ class Task:
     val_project: ClassVar[str] = ""
     predict_project: ClassVar[str] = ""
     metric_columns: ClassVar[tuple[str, ...]] = ()  # results.csv metric columns, in the order of a result's results_row()
+    postprocess_stage: ClassVar[str] = "post-process"  # what val.py's speed line calls the step after inference
     val_loss_width: ClassVar[int] = 0  # loss entries val.py's run() returns after the metrics when it computed none (YOLOv5's)
 
     def add_train_args(self, parser: argparse.ArgumentParser) -> None:

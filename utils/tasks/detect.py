@@ -226,6 +226,7 @@ class DetectTask(Task):
     train_project, val_project, predict_project = "runs/train", "runs/val", "runs/detect"
     metric_columns: ClassVar[tuple[str, ...]] = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
     val_loss_width = 3
+    postprocess_stage = "NMS"
     validator: type[DetectionValidator] = DetectionValidator
     make_loader: Callable[..., tuple[Any, Any]] = staticmethod(create_dataloader)
 
