@@ -8,16 +8,13 @@ Layout: <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, classes named a
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Sequence, Union
 
 import cv2
 import numpy as np
 
-from utils.data.shapes_dataset import SHAPE_NAMES, draw_background, draw_shape
+from utils.data.shapes_dataset import SHAPE_NAMES, build_in_place, draw_background, draw_shape
 from utils.files import safe_component
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -74,24 +71,11 @@ def generate_shapes_classify(root: Union[str, Path], n_train: int = 300, n_val: 
     refused with FileExistsError, so an interrupted run never leaves something that looks complete.
     """
     names = _check_names(names)
-    root = Path(root).resolve()
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return root
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root}: exists but is not a complete shapes-cls dataset; delete it to regenerate")
-    t0 = time.time()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         rng = np.random.default_rng(seed)
         _write_split(tmp / "train", n_train, rng, names, sides)
         _write_split(tmp / "val", n_val, rng, names, sides)
-        if root.exists():
-            root.rmdir()  # empty directory left by someone else
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    LOGGER.info(f"Generated shapes classification dataset ({n_train} train, {n_val} val images per class, {len(names)} classes) "
-                f"at {root} in {time.time() - t0:.1f}s")
-    return root
+
+    return build_in_place(Path(root), ("train", "val"), write, "shapes classification dataset",
+                          f"{n_train} train, {n_val} val images per class, {len(names)} classes")

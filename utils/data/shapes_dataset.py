@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import cv2
 import numpy as np
@@ -174,25 +174,34 @@ def generate_shapes(root: Union[str, Path], n_train: int = 256, n_val: int = 64,
     photo-sized images so that decoding costs what it does on real data. polygons: segmentation labels (each shape's
     outline) for the very same images.
     """
-    root = Path(root).resolve()
-    if (root / "images" / "train").is_dir() and (root / "images" / "val").is_dir():
+    def write(tmp: Path) -> None:
+        rng = np.random.default_rng(seed)
+        _write_split(tmp, "train", n_train, rng, len(names), sides, polygons)
+        _write_split(tmp, "val", n_val, rng, len(names), sides, polygons)
+
+    kind = "segmentation dataset" if polygons else "dataset"
+    return build_in_place(Path(root), ("images/train", "images/val"), write, f"shapes {kind}",
+                          f"{n_train} train, {n_val} val images, {len(names)} classes")
+
+
+def build_in_place(root: Path, splits: Sequence[str], write: Callable[[Path], None], what: str, detail: str) -> Path:
+    """Run write(tmp) in a sibling temp folder, then rename it to root, so an interrupted run never leaves a dataset that
+    looks complete. A root holding every split folder is kept as it is; any other non-empty root is refused."""
+    root = root.resolve()
+    if all((root / s).is_dir() for s in splits):
         return root
     if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root}: exists but is not a complete shapes dataset; delete it to regenerate")
+        raise FileExistsError(f"{root}: exists but is not a complete {what}; delete it to regenerate")
     t0 = time.time()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        rng = np.random.default_rng(seed)
-        _write_split(tmp, "train", n_train, rng, len(names), sides, polygons)
-        _write_split(tmp, "val", n_val, rng, len(names), sides, polygons)
+        write(tmp)
         if root.exists():
             root.rmdir()  # empty directory left by someone else
         os.replace(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    kind = "segmentation dataset" if polygons else "dataset"
-    LOGGER.info(f"Generated shapes {kind} ({n_train} train, {n_val} val images, {len(names)} classes) at {root} "
-                f"in {time.time() - t0:.1f}s")
+    LOGGER.info(f"Generated {what} ({detail}) at {root} in {time.time() - t0:.1f}s")
     return root

@@ -16,7 +16,7 @@ from utils.data.classify_augment import centre_crop
 from utils.data.images import VID_FORMATS
 from utils.device import select_device
 from utils.files import safe_component
-from utils.inference.predict import VideoSink, default_source, open_source
+from utils.inference.predict import VideoSink, default_source, open_source, show_and_save
 from utils.paths import ROOT, increment_path
 from utils.plots import class_color
 from utils.tasks import task_of
@@ -59,15 +59,7 @@ def _save(top: list[tuple[str, float]], im0: np.ndarray, p: Path, dataset: Any, 
             f.writelines(f"{prob:.2f} {name}\n" for name, prob in top)
     if opts["nosave"] and not opts["view_img"]:
         return
-    annotated = draw_top(im0, top, opts["line_thickness"])
-    if opts["view_img"]:
-        cv2.imshow(str(p), annotated)
-        cv2.waitKey(1)
-    if not opts["nosave"]:
-        if is_image:
-            cv2.imwrite(str(save_dir / p.name), annotated)
-        else:
-            sink.write(save_dir / p.stem, annotated, getattr(dataset, "fps", 30.0))
+    show_and_save(draw_top(im0, top, opts["line_thickness"]), p, is_image, dataset, save_dir, opts, sink)
 
 
 @torch.no_grad()

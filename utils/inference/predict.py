@@ -97,7 +97,11 @@ def _emit(
     style = {k: opts[k] for k in ("line_width", "hide_labels", "hide_conf")}
     if masks is not None:
         im0 = draw_masks(im0, masks.numpy(), det[:, 5].long().tolist())
-    annotated = draw_detections(im0, det[:, :6], names, **style)
+    show_and_save(draw_detections(im0, det[:, :6], names, **style), p, is_image, dataset, save_dir, opts, sink)
+
+
+def show_and_save(annotated: np.ndarray, p: Path, is_image: bool, dataset: Any, save_dir: Path, opts: dict, sink: VideoSink) -> None:
+    """--view-img shows the annotated image or frame; unless --nosave it is written (images) or appended to the video."""
     if opts["view_img"]:
         cv2.imshow(str(p), annotated)
         cv2.waitKey(1)
