@@ -1,17 +1,7 @@
 """Detection models. Importing the package registers the built-in yaml modules and heads, in one explicit list:
-YOLOv5/YOLOv8 blocks (common), RT-DETR's RepConv and RepC3 (repconv) and AIFI (transformer), the backbones
-(mobilenetv4, mobileone), YOLOv5's Detect head (yolo), its Segment head (segment, which imports yolo), the anchor-free
-head (anchor_free), RT-DETR's decoder (rtdetr) and the classification head (classify, which imports yolo)."""
+the blocks (models/blocks: Conv, YOLOv5/YOLOv8 blocks, RT-DETR's RepConv/RepC3 and AIFI), the backbones
+(mobilenetv4, mobileone) and the heads (models/heads: Detect, Segment, anchor-free, RT-DETR, Classify)."""
 
-from models import (  # noqa: F401  (each registers its modules by name)
-    anchor_free,
-    classify,
-    common,
-    mobilenetv4,
-    mobileone,
-    repconv,
-    rtdetr,
-    segment,
-    transformer,
-    yolo,
-)
+from models import mobilenetv4, mobileone  # noqa: F401  (each registers its modules by name)
+from models.blocks import conv, repconv, transformer, yolo  # noqa: F401
+from models.heads import anchor_free, classify, detect, rtdetr, segment  # noqa: F401

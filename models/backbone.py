@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterable
+
 import torch
 from torch import nn
+
+from models.registry import add_module
 
 
 class Backbone(nn.Module):
@@ -18,6 +22,40 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def variant_name(family: str, variant: str) -> str:
+    """The yaml name of one variant: family name + the variant in CamelCase ("MobileNetV4", "conv_small" -> "MobileNetV4ConvSmall")."""
+    return family + "".join(part[:1].upper() + part[1:] for part in variant.split("_"))
+
+
+def register_variants(family: type[Backbone], name: str, variants: Iterable[str]) -> list[str]:
+    """Register `name` for the family (variant as first argument) and one argument-free name per variant; returns them.
+
+    A variant's class is a subclass of the family whose constructor fixes the variant and keeps the keyword knobs,
+    so a yaml row `[-1, 1, MobileOneS0, []]` needs no arguments and isinstance checks still see the family.
+    """
+    add_module(name, family, kind="backbone")
+    names = []
+    for variant in variants:
+        cls = type(
+            variant_name(name, variant),
+            (family,),
+            {"__init__": _fixed_variant_init(family, variant), "__module__": family.__module__,
+             "__doc__": f"{name} backbone, variant {variant!r} (keyword arguments as {name}'s)."},
+        )
+        add_module(cls.__name__, cls, kind="backbone")
+        names.append(cls.__name__)
+    return names
+
+
+def _fixed_variant_init(family: type[Backbone], variant: str) -> Callable[..., None]:
+    """A constructor that passes `variant` first and only keyword arguments after it."""
+
+    def __init__(self: Backbone, **knobs: Any) -> None:
+        family.__init__(self, variant, **knobs)
+
+    return __init__
 
 
 class FeatureSelect(nn.Module):

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import Backbone, unwrap_state_dict
-from models.layers import ConvBN
-from models.registry import register_module
+from models.backbone import Backbone, register_variants, unwrap_state_dict
+from models.blocks.conv import TORCH_BN, Conv
 
 LAYER_SCALE_INIT = 1e-5
 STAGE_STRIDES = (4, 8, 16, 32)
@@ -179,8 +178,8 @@ class FusedIB(nn.Module):
     def __init__(self, c1: int, spec: FusedSpec, act: str, drop_path: float = 0.0) -> None:
         super().__init__()
         hidden = make_divisible(c1 * spec.expand)
-        self.expand = ConvBN(c1, hidden, spec.kernel, spec.stride, act=act)
-        self.project = ConvBN(hidden, spec.out, 1)
+        self.expand = Conv(c1, hidden, spec.kernel, spec.stride, act=act, bn=TORCH_BN)
+        self.project = Conv(hidden, spec.out, 1, act=False, bn=TORCH_BN)
         self.residual = spec.stride == 1 and c1 == spec.out
         self.drop_path = _drop_path(drop_path) if self.residual else nn.Identity()
 
@@ -200,11 +199,11 @@ class UIB(nn.Module):
         super().__init__()
         hidden = make_divisible(c1 * spec.expand)
         start_stride = 1 if spec.mid_kernel else spec.stride
-        self.dw_start = ConvBN(c1, c1, spec.start_kernel, start_stride, groups=c1) if spec.start_kernel else nn.Identity()
-        self.pw_exp = ConvBN(c1, hidden, 1, act=act)
+        self.dw_start = Conv(c1, c1, spec.start_kernel, start_stride, g=c1, act=False, bn=TORCH_BN) if spec.start_kernel else nn.Identity()
+        self.pw_exp = Conv(c1, hidden, 1, act=act, bn=TORCH_BN)
         mid_kernel = spec.mid_kernel
-        self.dw_mid = ConvBN(hidden, hidden, mid_kernel, spec.stride, groups=hidden, act=act) if mid_kernel else nn.Identity()
-        self.pw_proj = ConvBN(hidden, spec.out, 1)
+        self.dw_mid = Conv(hidden, hidden, mid_kernel, spec.stride, g=hidden, act=act, bn=TORCH_BN) if mid_kernel else nn.Identity()
+        self.pw_proj = Conv(hidden, spec.out, 1, act=False, bn=TORCH_BN)
         self.layer_scale = LayerScale(spec.out) if layer_scale else nn.Identity()
         self.residual = spec.stride == 1 and c1 == spec.out
         self.drop_path = _drop_path(drop_path) if self.residual else nn.Identity()
@@ -220,7 +219,7 @@ class KVProjection(nn.Module):
 
     def __init__(self, channels: int, dim: int, kv_stride: int) -> None:
         super().__init__()
-        self.down = ConvBN(channels, channels, 3, kv_stride, groups=channels) if kv_stride > 1 else nn.Identity()
+        self.down = Conv(channels, channels, 3, kv_stride, g=channels, act=False, bn=TORCH_BN) if kv_stride > 1 else nn.Identity()
         self.proj = nn.Conv2d(channels, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,7 +275,7 @@ class MobileMQA(nn.Module):
 def build_block(c1: int, spec: BlockSpec, variant: VariantSpec, drop_path: float) -> tuple[nn.Module, int]:
     """Build one block from its spec; returns (module, output channels)."""
     if isinstance(spec, ConvSpec):
-        return ConvBN(c1, spec.out, spec.kernel, spec.stride, act=variant.act), spec.out
+        return Conv(c1, spec.out, spec.kernel, spec.stride, act=variant.act, bn=TORCH_BN), spec.out
     if isinstance(spec, FusedSpec):
         return FusedIB(c1, spec, variant.act, drop_path), spec.out
     if isinstance(spec, UIBSpec):
@@ -289,6 +288,14 @@ def build_block(c1: int, spec: BlockSpec, variant: VariantSpec, drop_path: float
 # ---------------------------------------------------------------------------------------------------------------
 
 
+CONV_TIMM_NAMES = (("conv", "conv"), ("bn1", "bn"))  # timm's ConvNormAct keys -> our Conv's
+
+
+def _timm_names(block: nn.Module) -> tuple[tuple[str, str], ...]:
+    """A stage block's timm -> ours key prefixes: its own table, or a plain Conv's."""
+    return getattr(block, "timm_names", CONV_TIMM_NAMES if isinstance(block, Conv) else ())
+
+
 def _rename(rest: str, names: tuple[tuple[str, str], ...]) -> str | None:
     """Rename the leading part of `rest` using the longest matching (source, target) prefix pair."""
     for src, dst in sorted(names, key=lambda pair: -len(pair[0])):
@@ -297,7 +304,6 @@ def _rename(rest: str, names: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-@register_module("MobileNetV4", kind="backbone")
 class MobileNetV4(Backbone):
     """MobileNetV4 stem + four stages; forward returns the stage-end maps (strides 4, 8, 16, 32) picked by out_indices.
 
@@ -321,7 +327,7 @@ class MobileNetV4(Backbone):
             raise ValueError(f"out_indices must be increasing unique stage indices in 0..3, got {out_indices!r}")
         spec = VARIANTS[variant]
         self.variant, self.out_indices = variant, out_indices
-        self.stem = ConvBN(in_channels, spec.stem, 3, 2, act=spec.act)
+        self.stem = Conv(in_channels, spec.stem, 3, 2, act=spec.act, bn=TORCH_BN)
         stage_specs = spec.stages[: out_indices[-1] + 1]
         depth = sum(len(s) for s in stage_specs)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear from 0 to drop_path_rate
@@ -358,7 +364,7 @@ class MobileNetV4(Backbone):
         s, b = int(parts[1]), int(parts[2])
         if s >= len(self.stages) or b >= len(stage := cast(nn.Sequential, self.stages[s])):
             return None
-        rest = _rename(parts[3], getattr(stage[b], "timm_names", ()))
+        rest = _rename(parts[3], _timm_names(stage[b]))
         return None if rest is None else f"stages.{s}.{b}.{rest}"
 
     def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -375,45 +381,4 @@ class MobileNetV4(Backbone):
         return mapped, unused
 
 
-class _FixedVariant(MobileNetV4):
-    """MobileNetV4 with the variant fixed by the subclass (yaml names that need no arguments)."""
-
-    fixed_variant = "conv_small"
-
-    def __init__(self, *, in_channels: int = 3, out_indices: tuple[int, ...] = (0, 1, 2, 3), drop_path_rate: float = 0.0) -> None:
-        super().__init__(self.fixed_variant, in_channels, out_indices, drop_path_rate)
-
-
-@register_module("MobileNetV4ConvSmall", kind="backbone")
-class MobileNetV4ConvSmall(_FixedVariant):
-    """MobileNetV4-Conv-S backbone (32, 64, 96, 128 channels)."""
-
-    fixed_variant = "conv_small"
-
-
-@register_module("MobileNetV4ConvMedium", kind="backbone")
-class MobileNetV4ConvMedium(_FixedVariant):
-    """MobileNetV4-Conv-M backbone (48, 80, 160, 256 channels)."""
-
-    fixed_variant = "conv_medium"
-
-
-@register_module("MobileNetV4ConvLarge", kind="backbone")
-class MobileNetV4ConvLarge(_FixedVariant):
-    """MobileNetV4-Conv-L backbone (48, 96, 192, 512 channels)."""
-
-    fixed_variant = "conv_large"
-
-
-@register_module("MobileNetV4HybridMedium", kind="backbone")
-class MobileNetV4HybridMedium(_FixedVariant):
-    """MobileNetV4-Hybrid-M backbone (48, 80, 160, 256 channels)."""
-
-    fixed_variant = "hybrid_medium"
-
-
-@register_module("MobileNetV4HybridLarge", kind="backbone")
-class MobileNetV4HybridLarge(_FixedVariant):
-    """MobileNetV4-Hybrid-L backbone (48, 96, 192, 512 channels)."""
-
-    fixed_variant = "hybrid_large"
+register_variants(MobileNetV4, "MobileNetV4", VARIANTS)  # MobileNetV4ConvSmall ... MobileNetV4HybridLarge

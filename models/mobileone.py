@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import Backbone, unwrap_state_dict
-from models.layers import ConvBN
+from models.backbone import Backbone, register_variants, unwrap_state_dict
+from models.blocks.conv import TORCH_BN, Conv
 from models.registry import register_module
 from models.reparam import fold_bn
 
@@ -90,14 +90,15 @@ class MobileOneUnit(nn.Module):
         self.stride, self.groups, self.num_branches, self.use_se = stride, groups, num_branches, use_se
         self.fused: nn.Conv2d | None = None
         self.convs = nn.ModuleList()
-        self.scale: ConvBN | None = None
+        self.scale: Conv | None = None
         self.skip: nn.BatchNorm2d | None = None
         if inference_mode:
             self.fused = self._fused_conv()
         else:
-            self.convs.extend(ConvBN(in_channels, out_channels, kernel_size, stride, groups) for _ in range(num_branches))
+            branch = (in_channels, out_channels, kernel_size, stride)
+            self.convs.extend(Conv(*branch, g=groups, act=False, bn=TORCH_BN) for _ in range(num_branches))
             if kernel_size > 1:
-                self.scale = ConvBN(in_channels, out_channels, 1, stride, groups)
+                self.scale = Conv(in_channels, out_channels, 1, stride, g=groups, act=False, bn=TORCH_BN)
             if in_channels == out_channels and stride == 1:
                 self.skip = nn.BatchNorm2d(out_channels)
         self.se = SqueezeExcite(out_channels) if use_se else None
@@ -147,8 +148,8 @@ class MobileOneUnit(nn.Module):
         """Sum of all BN-folded branches as one (kernel, bias) pair."""
         if self.fused is not None:
             return self.fused.weight, _conv_bias(self.fused)
-        # The branches are ConvBN with a BatchNorm2d until reparameterized (then `fused` is set and they are gone).
-        branches = [cast(ConvBN, m) for m in self.convs]
+        # The branches are Conv with a BatchNorm2d until reparameterized (then `fused` is set and they are gone).
+        branches = [cast(Conv, m) for m in self.convs]
         kernel, bias = fold_bn(branches[0].conv.weight, cast(nn.BatchNorm2d, branches[0].bn))
         for branch in branches[1:]:
             w, b = fold_bn(branch.conv.weight, cast(nn.BatchNorm2d, branch.bn))
@@ -327,50 +328,4 @@ class MobileOne(Backbone):
         return mapped, unused
 
 
-register_module("MobileOne", kind="backbone")(MobileOne)
-
-
-class _FixedVariantMobileOne(MobileOne):
-    """MobileOne with the variant fixed by the subclass; only keyword knobs remain."""
-
-    fixed_variant = "s0"
-
-    def __init__(
-        self, *, in_channels: int = 3, out_indices: tuple[int, ...] = (0, 1, 2, 3), inference_mode: bool = False
-    ) -> None:
-        super().__init__(self.fixed_variant, in_channels, out_indices, inference_mode)
-
-
-@register_module("MobileOneS0", kind="backbone")
-class MobileOneS0(_FixedVariantMobileOne):
-    """MobileOne-S0 backbone."""
-
-    fixed_variant = "s0"
-
-
-@register_module("MobileOneS1", kind="backbone")
-class MobileOneS1(_FixedVariantMobileOne):
-    """MobileOne-S1 backbone."""
-
-    fixed_variant = "s1"
-
-
-@register_module("MobileOneS2", kind="backbone")
-class MobileOneS2(_FixedVariantMobileOne):
-    """MobileOne-S2 backbone."""
-
-    fixed_variant = "s2"
-
-
-@register_module("MobileOneS3", kind="backbone")
-class MobileOneS3(_FixedVariantMobileOne):
-    """MobileOne-S3 backbone."""
-
-    fixed_variant = "s3"
-
-
-@register_module("MobileOneS4", kind="backbone")
-class MobileOneS4(_FixedVariantMobileOne):
-    """MobileOne-S4 backbone (with squeeze-excite)."""
-
-    fixed_variant = "s4"
+register_variants(MobileOne, "MobileOne", VARIANTS)  # MobileOneS0 ... MobileOneS4

@@ -1,7 +1,7 @@
 """DetectionModel: layers built from a yaml config by parse_model, routed by layer index, ending in any registered Head.
 
-Head-agnostic: the head classes (YOLOv5's Detect in models/yolo.py, the anchor-free, Segment, RT-DETR and Classify
-heads) register themselves and parse_model builds the one a config names. models/yolo.py re-exports DetectionModel,
+Head-agnostic: the head classes (models/heads/) register themselves and parse_model builds the one a config names.
+ClassificationModel is YOLOv5's name for a model whose head is Classify. models/yolo.py re-exports DetectionModel,
 Model and load_model_config for YOLOv5's `from models.yolo import DetectionModel`.
 """
 
@@ -18,7 +18,8 @@ import yaml
 from torch import nn
 
 from models.flops import count_gflops
-from models.head import Head
+from models.heads.base import Head
+from models.heads.classify import Classify
 from models.parse import LayerRow, ModelConfigError, parse_model
 from models.reparam import reparameterize_model
 
@@ -188,3 +189,12 @@ class DetectionModel(nn.Module):
 
 
 Model = DetectionModel
+
+
+class ClassificationModel(DetectionModel):
+    """A model built like DetectionModel whose last layer must be Classify (YOLOv5's name for image classifiers)."""
+
+    def __init__(self, cfg: Union[str, Path, dict] = "yolov5s-cls.yaml", ch: int = 3, nc: int | None = None) -> None:
+        super().__init__(cfg, ch, nc)
+        if not isinstance(self.head, Classify):
+            raise ModelConfigError(f"model config: a classifier's last layer must be Classify, got {type(self.head).__name__}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.head import Head
+from models.heads.base import Head
 
 
 class _Augmentable(Protocol):

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from models.model import DetectionModel
 from models.registry import get_module
-from models.yolo import DetectionModel
 from utils.engine.memory_format import to_training_layout
 
 U = 2.0**-24

@@ -10,12 +10,13 @@ import pytest
 import torch
 import yaml
 
-from models.anchor_free import DFL, AnchorFreeDetect
-from models.anchor_points import bbox2dist, dist2bbox, make_anchors
-from models.common import Bottleneck, C2f
+from models.blocks.yolo import Bottleneck, C2f
+from models.heads.anchor_free import DFL, AnchorFreeDetect
+from models.heads.anchor_points import bbox2dist, dist2bbox, make_anchors
+from models.heads.detect import Detect
 from models.mobileone import MobileOneUnit
+from models.model import DetectionModel
 from models.parse import ModelConfigError
-from models.yolo import Detect, DetectionModel
 from tests.conftest import EPS32, calibrate_bn, random_images, rel_err, rounding_tol
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -289,7 +290,7 @@ def test_info_cli_prints_summary(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_test_time_augmentation_keeps_the_anchor_free_layout() -> None:
     """TTA merges 3 passes in (B, 4 + nc, N) layout, dropping the full-size P5 and the smallest pass's P3 rows."""
-    from models.yolo import DetectionModel
+    from models.model import DetectionModel
 
     model = DetectionModel("models/yolov8n.yaml", nc=3).eval()
     x = torch.rand(1, 3, 96, 96)

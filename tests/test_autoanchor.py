@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from utils.tasks.autoanchor import anchor_metrics, check_anchors, kmean_anchors, label_wh_from_dataset
 
 

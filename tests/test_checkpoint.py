@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from utils.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

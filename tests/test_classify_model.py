@@ -11,11 +11,11 @@ import torch
 import yaml
 from torch import nn
 
-from models.classify import ClassificationModel, Classify
-from models.head import head_class
+from models.heads.base import head_class
+from models.heads.classify import Classify
+from models.model import ClassificationModel, DetectionModel, load_model_config
 from models.parse import ModelConfigError, parse_model
 from models.registry import registered
-from models.yolo import DetectionModel, load_model_config
 from tests.conftest import calibrate_bn, random_images, rel_err, rounding_tol
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

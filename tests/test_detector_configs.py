@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.mobileone import MobileOneUnit
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from tests.conftest import TUTORIAL_YAML, calibrate_bn, random_images, rel_err, rounding_tol
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

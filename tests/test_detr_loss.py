@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.rtdetr import DenoisingMeta, DETROutput
+from models.heads.rtdetr import DenoisingMeta, DETROutput
 from tests.conftest import EPS32
 from utils.loss.detr import (
     DETRLoss,

@@ -257,7 +257,7 @@ def fake_loss(raw: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Ten
 
 def seeded_detector(cfg: str, nc: int) -> nn.Module:
     """A DetectionModel whose weights depend only on a seed and the module names (not on construction order)."""
-    from models.yolo import DetectionModel
+    from models.model import DetectionModel
 
     model = DetectionModel(cfg, nc=nc)
     g = torch.Generator().manual_seed(0)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import export
+from models.model import DetectionModel
 from models.registry import get_module
-from models.yolo import DetectionModel
 from tests.conftest import calibrate_bn, random_images, rounding_tol
 from utils.checkpoint import save_checkpoint
 from utils.export.exporter import output_path

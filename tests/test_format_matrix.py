@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_export import assert_close_predictions
 
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from tests.conftest import calibrate_bn, random_images, rounding_tol
 from utils.checkpoint import save_checkpoint
 from utils.export.exporter import export_model

@@ -9,10 +9,11 @@ import pytest
 import torch
 import yaml
 
-from models.anchor_free import AnchorFreeDetect
-from models.head import Head, HeadPolicy, head_class, known_heads, register_head
+from models.heads.anchor_free import AnchorFreeDetect
+from models.heads.base import Head, HeadPolicy, head_class, known_heads, register_head
+from models.heads.detect import Detect
+from models.model import DetectionModel
 from models.parse import ModelConfigError
-from models.yolo import Detect, DetectionModel
 from tests.conftest import EPS32
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

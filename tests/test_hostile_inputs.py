@@ -20,7 +20,7 @@ import detect
 import export
 import train
 import val
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from tests.conftest import tiny_shapes_yaml
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.cli import OptionError, check_img_size, check_int

@@ -10,9 +10,9 @@ import torch
 import yaml
 from torch import nn
 
+from models.model import DetectionModel
 from models.parse import ModelConfigError
 from models.registry import add_module, remove_module
-from models.yolo import DetectionModel
 from tests.conftest import TUTORIAL_YAML, TinyBackbone
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import torch
 
+from models.model import DetectionModel
 from models.tta import forward_augment
-from models.yolo import DetectionModel
 from tests.conftest import EPS32, rel_err, rounding_tol
 from utils.boxes import xywh2xyxy
 from utils.checkpoint import save_checkpoint

@@ -168,3 +168,29 @@ def test_utils_stages_import_only_earlier_stages() -> None:
             if len(dparts) > 2 and dparts[0] == "utils" and dparts[1] != parts[1] and dparts[1] not in STAGE_DEPENDENCIES[parts[1]]:
                 bad.append(f"{module} -> {dep}")
     assert not bad, bad
+
+
+# What each part of models/ may import from models/: blocks build on the registry and BN folding only, backbones and
+# heads on blocks, and none of them on the builder (parse, model, info, tta, pretrained, yolo) that assembles them.
+MODEL_PARTS = {
+    "models.blocks": {"models.registry", "models.reparam", "models.blocks"},
+    "models.heads": {"models.registry", "models.reparam", "models.blocks", "models.heads"},
+    "models.backbone": {"models.registry"},
+    "models.mobilenetv4": {"models.registry", "models.reparam", "models.blocks", "models.backbone"},
+    "models.mobileone": {"models.registry", "models.reparam", "models.blocks", "models.backbone"},
+}
+
+
+def test_models_blocks_heads_and_backbones_do_not_import_the_builder() -> None:
+    graph = import_graph()
+    assert {"models.blocks.conv", "models.heads.detect", "models.mobileone"} <= set(graph)
+    offenders = {}
+    for module, deps in graph.items():
+        part = next((p for p in MODEL_PARTS if module == p or module.startswith(p + ".")), None)
+        if part is None:
+            continue
+        allowed = MODEL_PARTS[part]
+        bad = sorted(d for d in deps if d.startswith("models") and not any(d == a or d.startswith(a + ".") for a in allowed))
+        if bad:
+            offenders[module] = bad
+    assert offenders == {}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from tests.conftest import EPS16, EPS32
 from utils.boxes import bbox_iou
 from utils.loss.anchor_based import ComputeLoss, FocalLoss, scale_loss_gains, smooth_bce

@@ -11,8 +11,9 @@ import yaml
 
 from models.backbone import FeatureSelect
 from models.flops import count_gflops
+from models.heads.detect import Detect
+from models.model import DetectionModel
 from models.parse import ModelConfigError
-from models.yolo import Detect, DetectionModel
 from tests.conftest import TUTORIAL_YAML, calibrate_bn, random_images, rel_err, rounding_tol
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.mobilenetv4 import MobileNetV4
+from models.model import DetectionModel
 from models.pretrained import BackboneWeightsError, find_backbone, load_backbone_weights
-from models.yolo import DetectionModel
 from tests.conftest import calibrate_bn, random_images, rel_err, rounding_tol
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -21,7 +21,7 @@ from test_export import NAMES, assert_close_predictions, checkpoint_tol, make_ch
 
 import detect
 import export
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.cli import OptionError
 from utils.data.images import ImageError

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from tests.conftest import calibrate_bn, tiny_shapes_yaml
 from utils.export.formats import export_onnx_model
 from utils.export.quantize import (

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.common import Conv
+from models.blocks.conv import Conv
+from models.blocks.repconv import RepC3, RepConv
 from models.parse import parse_model
 from models.registry import get_module
 from models.reparam import reparameterize_model
-from models.repconv import RepC3, RepConv
 from tests.conftest import EPS32, calibrate_bn, rel_err, rounding_tol
 
 SIZE = 16  # spatial size of the test inputs (and of the BN calibration batches)

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from models.denoising import denoising_queries
-from models.rtdetr import DETROutput, RTDETRDecoder
-from models.transformer import AIFI
-from models.yolo import DetectionModel
+from models.blocks.transformer import AIFI
+from models.heads.denoising import denoising_queries
+from models.heads.rtdetr import DETROutput, RTDETRDecoder
+from models.model import DetectionModel
 from tests.conftest import EPS32, calibrate_bn, random_images, rounding_tol, tiny_shapes_yaml
 from utils.checkpoint import save_checkpoint
 from utils.engine.hyp import default_hyp_file, default_optimizer, load_hyp

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.segment import crop_to_boxes
-from models.yolo import DetectionModel
+from models.heads.segment import crop_to_boxes
+from models.model import DetectionModel
 from utils.loss import build_loss
 from utils.loss.anchor_based import ComputeLoss
 from utils.loss.segment import SegmentLoss, rank_within_image

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.head import head_class
+from models.heads.base import head_class
+from models.heads.detect import Detect
+from models.heads.segment import Proto, Segment, crop_to_boxes, masks_from_protos
+from models.model import DetectionModel, load_model_config
 from models.parse import ModelConfigError
 from models.registry import get_module
-from models.segment import Proto, Segment, crop_to_boxes, masks_from_protos
-from models.yolo import Detect, DetectionModel, load_model_config
 
 NM = 32
 

@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 import models  # noqa: F401  (registers the built-in heads)
-from models.head import known_heads
+from models.heads.base import known_heads
 from utils.tasks import known_tasks
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import models  # noqa: F401  (registers the built-in heads)
-from models.head import head_class, head_policy, known_heads
-from models.yolo import DetectionModel
+from models.heads.base import head_class, head_policy, known_heads
+from models.model import DetectionModel
 from utils.engine.evolve import MUTATION_TABLES
 from utils.engine.hyp import default_hyp_file, load_hyp
 from utils.engine.options import train_parser

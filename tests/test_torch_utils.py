@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.yolo import DetectionModel
+from models.model import DetectionModel
 from tests.conftest import EPS32
 from utils.device import select_device
 from utils.engine.torch_utils import (
@@ -201,7 +201,7 @@ def test_freeze_layers(tiny):
 
 
 def test_freeze_layers_keeps_fixed_parameters_fixed():
-    from models.yolo import DetectionModel
+    from models.model import DetectionModel
 
     model = DetectionModel("models/yolov8n.yaml", nc=2)
     assert freeze_layers(model, [0]) == [n for n, _ in model.named_parameters() if n.startswith("model.0.")]

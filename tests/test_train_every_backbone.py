@@ -23,7 +23,7 @@ import torch
 import yaml
 
 import models  # noqa: F401  (registers the built-in modules)
-from models.head import head_policy, known_heads
+from models.heads.base import head_policy, known_heads
 from models.parse import row_spec
 from models.registry import get_module, registered
 from utils.tasks import get_task, known_tasks

@@ -9,7 +9,7 @@ from typing import Sequence, Union
 import torch
 import torchvision
 
-from models.head import LEGACY_HEAD_KIND, head_class
+from models.heads.base import LEGACY_HEAD_KIND, head_class
 
 LOGGER = logging.getLogger("mobile_yolo")
 

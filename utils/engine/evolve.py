@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from models.head import HeadPolicy
+from models.heads.base import HeadPolicy
 from models.model import load_model_config
 from models.parse import config_head
 from utils.checkpoint import read_checkpoint

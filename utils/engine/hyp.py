@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
-from models.head import head_policy
+from models.heads.base import head_policy
 from utils.files import read_yaml_mapping
 from utils.paths import ROOT
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.head import head_policy
+from models.heads.base import head_policy
 
 RECIPES = ("auto", "small", "yolov5")
 SMALL_DATASET = 1000  # images; below this `--recipe auto` picks the small-data schedule

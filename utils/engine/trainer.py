@@ -21,8 +21,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from models.model import DetectionModel
 from models.pretrained import load_backbone_weights
-from models.yolo import DetectionModel
 from utils.checkpoint import load_model, load_state, model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap_model
 from utils.cli import check_img_size
 from utils.data.datasets import restarted

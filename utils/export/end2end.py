@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from models.head import head_class
+from models.heads.base import head_class
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from models.segment import crop_to_boxes, masks_from_protos
+from models.heads.segment import crop_to_boxes, masks_from_protos
 from utils.boxes import scale_boxes
 from utils.cli import check_fraction, check_img_size, check_int
 from utils.data.dataset_config import load_dataset_config

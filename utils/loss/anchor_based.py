@@ -11,7 +11,7 @@ from utils.boxes import bbox_iou
 from utils.checkpoint import unwrap_model
 
 if TYPE_CHECKING:
-    from models.yolo import Detect
+    from models.heads.detect import Detect
 
 # Per-level objectness weights: small-stride (dense) levels get more weight because their cells see fewer objects.
 BALANCE_3 = (4.0, 1.0, 0.4)

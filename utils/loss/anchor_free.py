@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.anchor_points import bbox2dist, dist2bbox, make_anchors
+from models.heads.anchor_points import bbox2dist, dist2bbox, make_anchors
 from utils.boxes import bbox_iou, xywh2xyxy
 from utils.loss.assigner import TaskAlignedAssigner
 

@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
 
-from models.rtdetr import DenoisingMeta, DETROutput
+from models.heads.rtdetr import DenoisingMeta, DETROutput
 from utils.boxes import bbox_iou, xywh2xyxy
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]  # per image: (query indices, gt indices) of the matched pairs

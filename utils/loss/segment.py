@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.segment import crop_to_boxes
+from models.heads.segment import crop_to_boxes
 from utils.boxes import xywh2xyxy
 from utils.loss.anchor_based import ComputeLoss, LevelTargets
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from models.head import LEGACY_HEAD_KIND, head_class, head_policy
+from models.heads.base import LEGACY_HEAD_KIND, head_class, head_policy
 from models.model import DetectionModel
 from utils.device import select_device
 from utils.nms import END2END

@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from models.head import LEGACY_HEAD_KIND, head_class
+from models.heads.base import LEGACY_HEAD_KIND, head_class
 from utils.runtime.packages import MissingPackageError
 
 METADATA_KEY = "mobile_yolo"  # name of our Model.metadata entry in the flatbuffer

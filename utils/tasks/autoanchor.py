@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.yolo import Detect
+from models.heads.detect import Detect
 from utils.checkpoint import unwrap_model
 
 LOGGER = logging.getLogger("mobile_yolo")

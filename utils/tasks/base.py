@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from models.head import head_policy
+from models.heads.base import head_policy
 
 
 @dataclass

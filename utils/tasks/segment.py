@@ -7,7 +7,7 @@ from typing import Any, Sequence, cast
 
 import torch
 
-from models.segment import masks_from_protos
+from models.heads.segment import masks_from_protos
 from utils.cli import check_int
 from utils.data.seg_dataset import create_seg_dataloader
 from utils.evaluation.evaluator import SegmentEvaluator

@@ -1,4 +1,4 @@
-"""The RT-DETR decoder's raw output types, shared by the head (models.rtdetr), its denoising queries and the loss."""
+"""The RT-DETR decoder's raw output types, shared by the head (models.heads.rtdetr), its denoising queries and the loss."""
 
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ from typing import ClassVar, cast
 import torch
 from torch import nn
 
-from models.anchor_points import dist2bbox, make_anchors
-from models.common import Conv
-from models.head import Head, HeadPolicy, check_output_width, register_head, xywh_to_xyxy
+from models.blocks.conv import Conv
+from models.heads.anchor_points import dist2bbox, make_anchors
+from models.heads.base import Head, HeadPolicy, check_output_width, register_head, xywh_to_xyxy
 from models.registry import register_module
 
 
@@ -74,7 +74,7 @@ class AnchorFreeDetect(Head):
     @torch.no_grad()
     def _initialize_biases(self) -> None:
         """Box logits start at 2.0; class logits at the prior of ~5 objects per 640x640 image spread over the level's cells."""
-        for box, cls, s in zip(self.cv2, self.cv3, self.stride.tolist()):
+        for box, cls, s in zip(self.cv2, self.cv3, self.level_strides):
             box_conv, cls_conv = cast(nn.Sequential, box)[-1], cast(nn.Sequential, cls)[-1]  # plain Conv2d built with bias
             cast(torch.Tensor, box_conv.bias).fill_(2.0)
             cast(torch.Tensor, cls_conv.bias).fill_(math.log(5 / self.nc / (640 / s) ** 2))

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from models.rtdetr_output import DenoisingMeta
+from models.heads.rtdetr_output import DenoisingMeta
 
 EPS = 1e-5  # keeps inverse_sigmoid finite at 0 and 1
 

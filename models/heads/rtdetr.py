@@ -9,12 +9,12 @@ from typing import ClassVar, cast
 import torch
 from torch import nn
 
-from models.denoising import DenoisingQueries, denoising_queries, inverse_sigmoid
-from models.head import Head, HeadPolicy, check_output_width, register_head, xywh_to_xyxy
-from models.layers import ConvBN
+from models.blocks.conv import TORCH_BN, Conv
+from models.blocks.transformer import MLP, DeformableDecoderLayer
+from models.heads.base import Head, HeadPolicy, check_output_width, register_head, xywh_to_xyxy
+from models.heads.denoising import DenoisingQueries, denoising_queries, inverse_sigmoid
+from models.heads.rtdetr_output import DenoisingMeta, DETROutput
 from models.registry import register_module
-from models.rtdetr_output import DenoisingMeta, DETROutput
-from models.transformer import MLP, DeformableDecoderLayer
 
 ANCHOR_SIZE = 0.05  # anchor width/height at the first level, doubling per level (fraction of the image)
 ANCHOR_EPS = 0.01  # anchors with any coordinate outside (eps, 1 - eps) cannot be selected as queries
@@ -55,7 +55,7 @@ class RTDETRDecoder(Head):
         self.nc, self.nl, self.hd, self.nq, self.ndl = nc, len(ch), hd, nq, ndl
         self.num_dn, self.label_noise, self.box_noise = num_dn, label_noise, box_noise
         self.register_buffer("stride", torch.tensor([float(s) for s in strides]), persistent=False)
-        self.input_proj = nn.ModuleList(ConvBN(c, hd, 1) for c in ch)
+        self.input_proj = nn.ModuleList(Conv(c, hd, 1, act=False, bn=TORCH_BN) for c in ch)
         self.layers = nn.ModuleList(DeformableDecoderLayer(hd, nh, d_ffn, dropout, nn.ReLU, self.nl, ndp) for _ in range(ndl))
         self.denoising_class_embed = nn.Embedding(nc, hd)
         self.query_pos_head = MLP(4, 2 * hd, hd, num_layers=2)
@@ -80,7 +80,7 @@ class RTDETRDecoder(Head):
         for layer in self.query_pos_head.layers:
             nn.init.xavier_uniform_(cast(nn.Linear, layer).weight)
         for proj in self.input_proj:
-            nn.init.xavier_uniform_(cast(ConvBN, proj).conv.weight)
+            nn.init.xavier_uniform_(cast(Conv, proj).conv.weight)
 
     def forward(
         self, xs: list[torch.Tensor], targets: torch.Tensor | None = None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Act, Conv, make_activation
+from models.blocks.conv import Act, Conv, make_activation
 from models.registry import register_module
 from models.reparam import fold_bn
 

@@ -1,4 +1,4 @@
-"""Image classification head (YOLOv5's Classify, timm's MobileNetV4 and MobileOne tails) and ClassificationModel.
+"""Image classification head (YOLOv5's Classify, timm's MobileNetV4 and MobileOne tails).
 
 One yaml row covers the three published tails, arguments [nc, hidden, pool_first]:
 - YOLOv5 (`yolov5s-cls`): [nc] = [nc, 1280, 0]: 1x1 Conv (conv + BN + act) to 1280, global average pool, linear.
@@ -9,17 +9,14 @@ The hidden conv's activation is the config's `activation` key (SiLU without one)
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from models.common import Act, Conv
-from models.head import Head, HeadPolicy, register_head
-from models.parse import ModelConfigError
+from models.blocks.conv import Act, Conv
+from models.heads.base import Head, HeadPolicy, register_head
 from models.registry import register_module
-from models.yolo import DetectionModel
 
 DEFAULT_HIDDEN = 1280  # YOLOv5's Classify width, also timm's MobileNetV4 head width
 
@@ -73,12 +70,3 @@ class Classify(Head):
     def split_output(pred: torch.Tensor, nm: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Not meaningful: a classifier's output is (batch, nc) probabilities, with no boxes to split off."""
         raise NotImplementedError("Classify: the output is (batch, nc) class probabilities; there are no boxes to split")
-
-
-class ClassificationModel(DetectionModel):
-    """A model built like DetectionModel whose last layer must be Classify (YOLOv5's name for image classifiers)."""
-
-    def __init__(self, cfg: Union[str, Path, dict] = "yolov5s-cls.yaml", ch: int = 3, nc: int | None = None) -> None:
-        super().__init__(cfg, ch, nc)
-        if not isinstance(self.head, Classify):
-            raise ModelConfigError(f"model config: a classifier's last layer must be Classify, got {type(self.head).__name__}")

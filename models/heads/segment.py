@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Conv
-from models.head import HeadPolicy, register_head
+from models.blocks.conv import Conv
+from models.heads.base import HeadPolicy, register_head
+from models.heads.detect import Detect
 from models.registry import register_module
-from models.yolo import Detect
 
 
 class Proto(nn.Module):
