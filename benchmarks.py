@@ -18,7 +18,6 @@ import contextlib
 import copy
 import io
 import logging
-import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from models.flops import count_gflops
 from models.mobileone import MobileOneUnit
 from models.model import DetectionModel
 from utils.checkpoint import CheckpointError, load_model
-from utils.cli import check_img_size, error_boundary
+from utils.cli import check_img_size, error_boundary, shell_command
+from utils.files import claim_new_files
 from utils.logs import set_logging
 from utils.paths import ROOT
 from utils.timing import (
@@ -251,20 +251,26 @@ def header_lines(info: dict[str, Any], opt: argparse.Namespace, what: str) -> li
     ]
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path, md: list[str]) -> None:
-    """Print the Markdown lines and write them to `out`.md, and every row's raw columns to `out`.csv."""
+def write_tables(rows: list[dict[str, Any]], out: Path, md: list[str]) -> tuple[Path, Path]:
+    """Print the Markdown lines and write them to `out`.md, and every row's raw columns to `out`.csv (suffixes appended:
+    --out exp.v1 gives exp.v1.md); where either exists, to the next free out-2, out-3, ... pair, as runs/ folders are
+    numbered, so no earlier result is ever replaced and this run's minutes of measuring are never thrown away."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    md_file, csv_file = claim_new_files(out, (".md", ".csv"))
+    md_file.write_text("\n".join(md) + "\n", encoding="utf-8")
     csv = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
-    out.with_suffix(".csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
+    csv_file.write_text("\n".join(csv) + "\n", encoding="utf-8")
     print("\n".join(md))
-    print(f"\nSaved {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+    if md_file.name != f"{out.name}.md":
+        print(f"\n{out}.md or {out.name}.csv exists already: this run is saved under a new name, {md_file.name}")
+    print(f"\nSaved {md_file} and {csv_file}")
+    return md_file, csv_file
 
 
 def command_line(argv: list[str]) -> str:
     """The shell command that reproduces this run."""
-    return shlex.join(["python", "benchmarks.py", *argv])
+    return shell_command("python", "benchmarks.py", *argv)
 
 
 def docs_text(command: str, header: list[str], sections: list[tuple[str, list[str]]]) -> str:
@@ -574,7 +580,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader", action="store_true", help="measure the training loader alone (one process, one thread)")
     p.add_argument("--loader-images", type=int, default=200, help="generated images for --loader without --data")
     p.add_argument("--loader-sides", nargs=2, type=int, default=[480, 640], help="side range of those images, pixels")
-    p.add_argument("--out", default=str(ROOT / "runs/benchmarks/benchmarks"))
+    p.add_argument("--out", default=str(ROOT / "runs/benchmarks/benchmarks"),
+                   help="results go to OUT.md and OUT.csv (OUT-2.md ... when taken; never replaced)")
     opt = p.parse_args(argv)
     check_opt(p, opt)
     return opt

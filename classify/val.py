@@ -30,6 +30,7 @@ def run(**kwargs: Any) -> Any:
     kwargs.setdefault("data", str(ROOT / "data" / "shapes-cls.yaml"))
     kwargs.setdefault("project", str(ROOT / "runs/val-cls"))
     kwargs.setdefault("imgsz", 96)
+    kwargs.setdefault("script_task", "classify")  # detection weights are refused, naming val.py
     return _run(**kwargs)
 
 

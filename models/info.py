@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from models.limits import DEFAULT_MAX_PARAMS, MAX_IMGSZ_ENV, PARAMS_ENV, max_img_size
 from models.model import DetectionModel
 from models.parse import ModelConfigError
 
@@ -75,6 +76,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="batch size of the forward pass")
     parser.add_argument("--device", default="", help="'' (GPU 0 if available, else CPU), cpu, 0 or cuda:0")
     parser.add_argument("--verbose", action="store_true", help="print the per-layer table")
+    parser.add_argument("--max-params", type=int, default=None, help=f"model size limit (default {DEFAULT_MAX_PARAMS:,}, or ${PARAMS_ENV})")
     return parser.parse_args(argv)
 
 
@@ -88,8 +90,10 @@ def main(argv: list[str] | None = None, layer_table: bool = False) -> int:
     try:
         if args.batch_size < 1 or args.imgsz < 1:
             raise ValueError(f"--batch-size {args.batch_size} and --imgsz {args.imgsz} must be positive")
+        if args.imgsz > max_img_size():
+            raise ValueError(f"--imgsz {args.imgsz} exceeds the limit of {max_img_size()} pixels (raise it with {MAX_IMGSZ_ENV})")
         device = resolve_device(args.device)
-        model = DetectionModel(args.cfg)
+        model = DetectionModel(args.cfg, max_params=args.max_params)
     except (ModelConfigError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     stride = int(model.stride.max())

@@ -20,6 +20,7 @@ from torch import nn
 from models.flops import count_gflops
 from models.heads.base import Head
 from models.heads.classify import Classify
+from models.limits import ModelLimits
 from models.parse import LayerRow, ModelConfigError, parse_model
 from models.reparam import reparameterize_model
 
@@ -58,7 +59,15 @@ class DetectionModel(nn.Module):
 
     stride: torch.Tensor
 
-    def __init__(self, cfg: Union[str, Path, dict] = "yolov5s.yaml", ch: int = 3, nc: int | None = None, anchors: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: Union[str, Path, dict] = "yolov5s.yaml",
+        ch: int = 3,
+        nc: int | None = None,
+        anchors: Any = None,
+        max_params: int | None = None,
+    ) -> None:
+        """`max_params` raises or lowers the size limit (models/limits.py) for this model; None reads the environment."""
         super().__init__()
         self.yaml = load_model_config(cfg)
         if nc is not None and nc != self.yaml.get("nc"):
@@ -66,7 +75,7 @@ class DetectionModel(nn.Module):
         if anchors is not None:
             self.yaml["anchors"] = anchors
         self.yaml["ch"] = ch
-        built = parse_model(self.yaml, ch)
+        built = parse_model(self.yaml, ch, ModelLimits.resolve(max_params))
         last = built.layers[-1]
         if not isinstance(last, Head):
             raise ModelConfigError(f"model config: the last layer must be a detection head (Detect), got {type(last).__name__}")

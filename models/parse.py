@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
+from models import limits
 from models.backbone import Backbone, FeatureSelect
+from models.limits import ModelLimits
 from models.registry import ModuleSpec, get_module
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -130,7 +133,7 @@ class _Builder:
         missing = [k for k in REQUIRED_KEYS if k not in cfg]
         if missing:
             raise ModelConfigError(f"model config is missing key(s): {', '.join(missing)}")
-        self.nc = cfg["nc"]
+        self.nc = _check_nc(cfg["nc"])
         self.anchors = cfg.get("anchors")
         self.out = ParsedModel(nn.Sequential(), [], [], [], [])
         self.max_ch: int | None = None
@@ -182,7 +185,10 @@ class _Builder:
         valid = isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n >= 1
         if not valid:
             raise ModelConfigError(f"layer {i} ({name}): number must be a positive integer, got {n!r}")
-        return max(round(n * self.gd), 1) if n > 1 else int(n)
+        repeats = max(round(n * self.gd), 1) if n > 1 else int(n)
+        if repeats > limits.MAX_REPEATS:
+            raise ModelConfigError(f"layer {i} ({name}): number {n!r} x depth {self.gd:g} = {repeats:,}; the limit is {limits.MAX_REPEATS}")
+        return repeats
 
     def _append(self, i: int, f: Any, sources: list[int], n: int, name: str, args: list, module: nn.Module, c2: Any, stride: Any) -> None:
         out = self.out
@@ -191,6 +197,8 @@ class _Builder:
         route = [-1 if x == -1 else j for x, j in zip(items, sources)]
         out.routes.append(route if isinstance(f, (list, tuple)) else route[0])
         out.save.extend(j for x, j in zip(items, sources) if x != -1 and j not in out.save)
+        if stride is not None and not stride <= limits.MAX_STRIDE:
+            raise ModelConfigError(f"layer {i} ({name}): total stride {stride:g} exceeds the limit of {limits.MAX_STRIDE}")
         out.channels.append(c2)
         out.strides.append(stride)
         params = sum(p.numel() for p in module.parameters())
@@ -246,6 +254,9 @@ class _Builder:
         c2 = args[0]
         if c2 != self.no:
             c2 = make_divisible((c2 if self.max_ch is None else min(c2, self.max_ch)) * self.gw, 8)
+        if not 1 <= c2 <= limits.MAX_CHANNELS:
+            msg = f"{c2:,} output channels (width {self.gw:g}); allowed 1 to {limits.MAX_CHANNELS:,}"
+            raise ModelConfigError(f"layer {i} ({spec.name}): {msg}")
         args = [c1, c2, *args[1:]]
         if spec.kind == "csp":
             args.insert(2, n)
@@ -367,12 +378,52 @@ def config_head(cfg: dict) -> type[nn.Module]:
         raise ModelConfigError(f"model config: last row: {e}") from None
 
 
-def parse_model(cfg: dict, ch: int = 3) -> ParsedModel:
-    """Build layers from a YOLOv5/YOLOv8 model dict (backbone + head rows), splicing list-returning backbones."""
+def parse_model(cfg: dict, ch: int = 3, size_limits: ModelLimits | None = None) -> ParsedModel:
+    """Build layers from a YOLOv5/YOLOv8 model dict (backbone + head rows), splicing list-returning backbones.
+
+    The config is first built on the meta device (no storage) and refused if it exceeds the size limits."""
+    check_model_size(cfg, ch, size_limits or ModelLimits.resolve())
+    return _parse(cfg, ch)
+
+
+def check_model_size(cfg: dict, ch: int, size_limits: ModelLimits) -> tuple[int, int]:
+    """(parameters, activation elements at 640) of the config, measured without allocating; ModelConfigError past a limit."""
+    try:
+        with torch.device("meta"):
+            built = _parse(cfg, ch)
+    except (RuntimeError, OverflowError, MemoryError) as e:  # shapes too large for int64 and the like
+        raise ModelConfigError(f"model config: cannot be built, its sizes are out of range ({str(e).splitlines()[0]})") from None
+    params = sum(p.numel() for p in built.layers.parameters())
+    side = limits.ACTIVATION_SIZE
+    acts = int(sum(c * (side / s) ** 2 for c, s in zip(built.channels, built.strides) if c is not None and s))
+    if params > size_limits.max_params:
+        raise ModelConfigError(
+            f"model config: {params:,} parameters exceed the limit of {size_limits.max_params:,} "
+            f"(raise it with --max-params or {limits.PARAMS_ENV})"
+        )
+    if acts > size_limits.max_activations:
+        raise ModelConfigError(
+            f"model config: {acts:,} activation values per {side}x{side} image exceed the limit of "
+            f"{size_limits.max_activations:,} (raise it with {limits.ACTIVATIONS_ENV})"
+        )
+    return params, acts
+
+
+def _parse(cfg: dict, ch: int) -> ParsedModel:
+    """parse_model without the size check."""
     builder = _Builder(cfg, ch)
     if not isinstance(cfg["backbone"], list) or not isinstance(cfg["head"], list):
         raise ModelConfigError("model config: 'backbone' and 'head' must be lists of rows")
+    if len(cfg["backbone"]) + len(cfg["head"]) > limits.MAX_LAYERS:
+        raise ModelConfigError(f"model config: {len(cfg['backbone']) + len(cfg['head']):,} rows; the limit is {limits.MAX_LAYERS:,}")
     backbone_end = len(builder.run(cfg["backbone"]).layers)
     built = builder.run(cfg["head"])
     built.backbone_end = backbone_end
     return built
+
+
+def _check_nc(nc: Any) -> int:
+    """The config's class count: an integer from 1 to MAX_CLASSES."""
+    if isinstance(nc, bool) or not isinstance(nc, int) or not 1 <= nc <= limits.MAX_CLASSES:
+        raise ModelConfigError(f"model config: nc (the number of classes) must be an integer from 1 to {limits.MAX_CLASSES:,}, got {nc!r}")
+    return nc

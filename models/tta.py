@@ -67,8 +67,9 @@ def _clip_augmented(preds: list[torch.Tensor], nl: int) -> list[torch.Tensor]:
 def forward_augment(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, None]:
     """Inference on 3 scales (1, 0.83 flipped, 0.67); returns predictions in `x` pixels, in the head's output layout."""
     det_model = cast(_Augmentable, model)
-    if det_model.task == "segment":  # merged boxes would lose the prototypes their mask coefficients refer to
-        raise ValueError("TTA is not supported for segmentation models")
+    policy = det_model.head.policy
+    if policy.tta_reason:
+        raise ValueError(f"TTA is not supported for {policy.title} models: {policy.tta_reason}")
     if det_model.head.nms_free:  # merging the passes needs NMS, which these heads are built to do without
         raise ValueError(f"TTA is not supported for NMS-free heads ({det_model.head_kind})")
     stride = int(max(det_model.stride.max().item(), 32))

@@ -28,6 +28,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def run(**kwargs: Any) -> Path:
     """Python entry point: run(weights='best.pt', source='data/images'); returns the run folder (runs/predict-seg/exp*)."""
     kwargs.setdefault("project", ROOT / "runs/predict-seg")
+    kwargs.setdefault("script_task", "segment")  # detection weights are refused, naming detect.py
     return _run(**kwargs)
 
 

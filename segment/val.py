@@ -29,6 +29,7 @@ def run(**kwargs: Any) -> Any:
     """Python entry point: ((box P R mAP50 mAP50-95, mask P R mAP50 mAP50-95, losses), per-class maps, speed)."""
     kwargs.setdefault("data", str(ROOT / "data" / "shapes-seg.yaml"))
     kwargs.setdefault("project", str(ROOT / "runs/val-seg"))
+    kwargs.setdefault("script_task", "segment")  # detection weights are refused, naming val.py
     return _run(**kwargs)
 
 

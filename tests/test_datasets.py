@@ -239,7 +239,7 @@ def test_image_cache_modes(tmp_path, cache):
     plain = LoadImagesAndLabels(images, img_size=64)
     cached = LoadImagesAndLabels(images, img_size=64, cache=cache, workers=2)
     if cache == "disk":
-        assert len(list(images.glob("*.npy"))) == 3
+        assert len(list(cached.disk_cache_dir.glob("*.npy"))) == 3 and not list(images.glob("*.npy"))
     else:
         assert all(im is not None for im in cached.ims)
     for i in range(3):

@@ -24,6 +24,7 @@ import yaml
 from utils.data import images as images_mod
 from utils.data.dataset_config import DatasetError, load_dataset_config
 from utils.data.datasets import LoadImagesAndLabels, verify_image
+from utils.data.disk_cache import image_key
 from utils.data.images import ImageError, load_image
 from utils.data.labels import read_label_file
 from utils.data.sources import LoadImages
@@ -262,7 +263,8 @@ def test_label_path_that_is_a_directory_is_corrupt(tmp_path, caplog):
 
 
 def disk_entries(folder: Path, stem: str) -> list[Path]:
-    return sorted(folder.glob(f"{stem}*.npy"))
+    """The disk cache entries of image <folder>/<stem>.png, wherever under the dataset the cache folder is."""
+    return sorted(folder.parent.rglob(f"{image_key(str(folder / f'{stem}.png'))}.*.npy"))
 
 
 def no_temp_files(folder: Path) -> bool:

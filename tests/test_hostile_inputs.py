@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -257,6 +258,8 @@ def test_truncate_results_replaces_the_file_atomically(tmp_path: Path, monkeypat
         (["--epochs", "-3"], "--epochs"),
         (["--img", "0"], "--imgsz"),
         (["--img", "-64"], "--imgsz"),
+        (["--img", "50000"], "--imgsz 50000 exceeds the limit of 8192 pixels (raise it with MOBILE_YOLO_MAX_IMGSZ=50000)"),
+        (["--max-params", "1000"], "parameters exceed the limit of 1,000 (raise it with --max-params"),
         (["--device", "foo"], "--device foo"),
     ],
 )
@@ -270,7 +273,8 @@ def test_train_bad_values_one_line_no_run_folder(argv: list[str], needle: str, t
 @pytest.mark.parametrize(
     "argv, needle",
     [(["--img", "0"], "--imgsz"), (["--img", "-1"], "--imgsz"), (["--batch-size", "0"], "--batch-size"),
-     (["--device", "foo"], "--device foo"), (["--conf-thres", "2"], "--conf-thres")],
+     (["--device", "foo"], "--device foo"), (["--conf-thres", "2"], "--conf-thres"),
+     (["--img", "50000"], "--imgsz 50000 exceeds the limit of 8192")],
 )
 def test_val_bad_values_one_line(argv: list[str], needle: str, run_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
     weights = str(run_dir / "weights" / "best.pt")
@@ -340,3 +344,23 @@ def test_check_int_names_the_flag() -> None:
     for bad in (0, -2, 1.5, "4", True, None):
         with pytest.raises(OptionError, match="--batch-size"):
             check_int("--batch-size", bad, allow=(-1,))
+
+
+@pytest.mark.parametrize("script", [detect, export])
+def test_image_size_limit_on_predict_and_export(script: Any, run_dir: Path, tmp_path: Path) -> None:
+    """`--img 50000` once filled 8 GB before a cv2 traceback; every script refuses sizes past the limit in one line."""
+    weights = str(run_dir / "weights" / "best.pt")
+    extra = ["--source", str(tmp_path)] if script is detect else ["--include", "onnx"]
+    with pytest.raises(SystemExit) as e:
+        script.main(["--weights", weights, "--img", "50000", *extra])
+    _one_line_exit(e, script.__name__, "--imgsz 50000 exceeds the limit of 8192 pixels")
+
+
+def test_image_size_limit_is_raisable(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(OptionError, match="exceeds the limit of 8192"):
+        check_img_size(8193)
+    monkeypatch.setenv("MOBILE_YOLO_MAX_IMGSZ", "16384")
+    assert check_img_size(8193, 32) == 8224
+    monkeypatch.setenv("MOBILE_YOLO_MAX_IMGSZ", "-5")
+    with pytest.raises(ValueError, match="environment variable MOBILE_YOLO_MAX_IMGSZ must be a positive integer, got '-5'"):
+        check_img_size(640)

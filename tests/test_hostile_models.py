@@ -153,3 +153,72 @@ def test_check_strides_keeps_state_dict_and_modes() -> None:
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for m in model.modules()] == modes
+
+
+# ---- Size limits (models/limits.py): refused before any weight is allocated ----
+
+C3_ROW = "[-1, 3, C3, [128]]"  # yolov5n layer 2
+
+
+def _yolov5n_with(old: str, new: str) -> str:
+    text = _yolov5n()
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle"),
+    [
+        (C3_ROW, "[-1, 1000000000, C3, [128]]", "layer 2 (C3): number 1000000000 x depth 0.33 = 330,000,000; the limit is 100"),
+        ("depth_multiple: 0.33", "depth_multiple: 1.0e+9", "layer 2 (C3): number 3 x depth 1e+09 = 3,000,000,000; the limit is 100"),
+        ("width_multiple: 0.25", "width_multiple: 1.0e+6", "layer 0 (Conv): 64,000,000 output channels (width 1e+06); allowed 1 to 16,384"),
+        (P2_ROW, "[-1, 1, Conv, [128, 1000000, 2]]", "parameters exceed the limit of 200,000,000 (raise it with --max-params"),
+        (P2_ROW, "[-1, 1, Conv, [128, 3, 1000000000]]", "layer 1 (Conv): total stride 2e+09 exceeds the limit of 1024"),
+        ("nc: 80", "nc: 1000000000", "nc (the number of classes) must be an integer from 1 to 100,000, got 1000000000"),
+        ("nc: 80", "nc: abc", "nc (the number of classes) must be an integer from 1 to 100,000, got 'abc'"),
+        ("nc: 80", "nc: -3", "nc (the number of classes) must be an integer from 1 to 100,000, got -3"),
+        ("nc: 80", "nc: 2.5", "nc (the number of classes) must be an integer from 1 to 100,000, got 2.5"),
+    ],
+    ids=["number", "depth_multiple", "width_multiple", "kernel", "stride", "nc-huge", "nc-text", "nc-negative", "nc-float"],
+)
+def test_oversized_or_mistyped_numbers_are_refused_before_allocating(old: str, new: str, needle: str) -> None:
+    assert needle in _bad(_yolov5n_with(old, new))
+
+
+def test_kernel_beyond_int64_shapes_is_one_line() -> None:
+    msg = _bad(_yolov5n_with(P2_ROW, "[-1, 1, Conv, [128, 100000000000, 2]]"))
+    assert msg.startswith("model config: ") or msg.startswith("layer 1 (Conv)")
+
+
+def test_too_many_rows_are_refused() -> None:
+    cfg = yaml.safe_load(_yolov5n())
+    cfg["backbone"] = cfg["backbone"] + [[-1, 1, "nn.Identity", []]] * 1000
+    assert _bad(cfg).startswith("model config: 1,0")
+
+
+def test_parameter_limit_is_raisable_by_argument_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ModelConfigError, match=r"1,872,157 parameters exceed the limit of 1,000,000 \(raise it with"):
+        DetectionModel(MODELS / "yolov5n.yaml", max_params=1_000_000)
+    monkeypatch.setenv("MOBILE_YOLO_MAX_PARAMS", "1e6")
+    with pytest.raises(ModelConfigError, match="exceed the limit of 1,000,000"):
+        DetectionModel(MODELS / "yolov5n.yaml")
+    assert DetectionModel(MODELS / "yolov5n.yaml", max_params=2_000_000).yaml["nc"] == 80  # the argument wins
+    monkeypatch.setenv("MOBILE_YOLO_MAX_ACTIVATIONS", "1000")
+    with pytest.raises(ModelConfigError, match=r"activation values per 640x640 image exceed the limit of 1,000 \(raise it with"):
+        DetectionModel(MODELS / "yolov5n.yaml", max_params=2_000_000)
+    monkeypatch.setenv("MOBILE_YOLO_MAX_PARAMS", "lots")
+    with pytest.raises(ValueError, match="environment variable MOBILE_YOLO_MAX_PARAMS must be a positive integer, got 'lots'"):
+        DetectionModel(MODELS / "yolov5n.yaml")
+
+
+@pytest.mark.parametrize("cfg", sorted(p.name for p in MODELS.glob("*.yaml")))
+def test_size_estimate_equals_the_built_model(cfg: str) -> None:
+    """The meta-device count is the real count for every shipped config (so the limit measures what gets allocated)."""
+    from models.limits import ModelLimits
+    from models.model import load_model_config
+    from models.parse import check_model_size
+
+    params, acts = check_model_size(load_model_config(MODELS / cfg), 3, ModelLimits())
+    model = DetectionModel(MODELS / cfg)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert 1e6 < acts < 1e8  # layer outputs at 640: 1.8M (mobilenetv4_conv_small-cls) to 41M (yolov5x)

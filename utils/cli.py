@@ -9,13 +9,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shlex
 from collections.abc import Iterator, Sequence
 from typing import Any, Union
 
+from models.limits import MAX_IMGSZ_ENV, max_img_size
 from utils.files import describe_os_error, first_line
 
 LOGGER = logging.getLogger("mobile_yolo")
 ImgSize = Union[int, Sequence[int]]
+
+
+def shell_command(*words: object) -> str:
+    """A command (or flags) printed for the user to paste: every word quoted for a POSIX shell where it needs it, so a
+    path with a space, a quote or a newline pastes as that one path."""
+    return shlex.join(str(w) for w in words)
 
 
 class OptionError(ValueError):
@@ -42,6 +50,9 @@ def check_img_size(imgsz: ImgSize, stride: int = 1, flag: str = "--imgsz") -> An
     sizes = [imgsz] if isinstance(imgsz, int) and not isinstance(imgsz, bool) else list(imgsz) if isinstance(imgsz, (list, tuple)) else None
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise OptionError(f"{flag} must be one or more positive integers (pixels), got {imgsz!r}")
+    limit = max_img_size()
+    if max(sizes) > limit:
+        raise OptionError(f"{flag} {max(sizes)} exceeds the limit of {limit} pixels (raise it with {MAX_IMGSZ_ENV}={max(sizes)})")
     new = [int(math.ceil(s / stride) * stride) for s in sizes]
     if new != sizes:
         shown = new[0] if isinstance(imgsz, int) else new

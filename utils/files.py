@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
 import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Union
 
@@ -36,9 +38,19 @@ def safe_component(name: object, fallback: str = "_") -> str:
     return text[:200]
 
 
+def resolve_path(path: PathLike, error: type[ValueError], where: str, what: str = "path") -> Path:
+    """Path(path).resolve(), with a symbolic-link loop (RuntimeError before Python 3.13, OSError after) raised as
+    `error`: one line '<where>: <what> <path>: symbolic link loop ...' instead of a traceback."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        reason = "symbolic link loop" if isinstance(e, RuntimeError) or e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise error(f"{where}: {what} {path}: {reason}, cannot resolve it") from None
+
+
 def ensure_inside(path: PathLike, root: PathLike, what: str = "path") -> Path:
-    """Resolve `path` (symlinks included) and raise UnsafePathError unless it lies inside `root`."""
-    resolved, base = Path(path).resolve(), Path(root).resolve()
+    """Resolve `path` (symlinks included) and raise UnsafePathError unless it lies inside `root` (or cannot resolve)."""
+    resolved, base = resolve_path(path, UnsafePathError, what), resolve_path(root, UnsafePathError, what, "root")
     if resolved != base and not resolved.is_relative_to(base):
         raise UnsafePathError(f"{what} {path} resolves to {resolved}, outside {base}; refusing to write there")
     return resolved
@@ -66,6 +78,27 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     with atomic_write(path, "w") as f:
         f.write(text)
     return Path(path)
+
+
+def claim_new_files(base: PathLike, suffixes: Sequence[str], sep: str = "-") -> list[Path]:
+    """Create empty files `base` + each suffix (appended, so exp.v1 gives exp.v1.md: a dot in the name stays), all new:
+    where any of them exists, the first free numbered set instead (exp.v1-2.md, ...; the run-folder rule of
+    utils.paths.increment_path). Each is created exclusively, so an existing file is never opened, let alone replaced."""
+    base = Path(base)
+    for n in itertools.count(1):
+        stem = base.name if n == 1 else f"{base.name}{sep}{n}"
+        paths = [base.with_name(stem + s) for s in suffixes]
+        created: list[Path] = []
+        try:
+            for p in paths:
+                p.open("x").close()  # FileExistsError if taken (or taken meanwhile)
+                created.append(p)
+        except FileExistsError:
+            for p in created:
+                p.unlink(missing_ok=True)
+            continue
+        return paths
+    raise AssertionError("unreachable")
 
 
 def remove_stale_temps(folder: PathLike, target_glob: str = "*") -> list[Path]:
@@ -104,7 +137,7 @@ def read_yaml_mapping(path: Path, error: type[ValueError], expected: str) -> dic
     if not path.is_file():
         raise error(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # -sig: a leading BOM is not text
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise error(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

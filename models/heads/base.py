@@ -35,6 +35,7 @@ class HeadPolicy:
     int8_export: bool = True  # whether --int8 quantisation is supported
     evolve_table: str | None = None  # name of evolve's mutation table for its loss gains; None: --evolve is refused
     nms_reason: str = ""  # the one-line reason given when --nms is refused
+    tta_reason: str = ""  # why --augment (TTA) cannot merge its passes; empty: TTA is supported
 
 
 class Head(nn.Module):
@@ -54,6 +55,11 @@ class Head(nn.Module):
     nc: int
     nl: int
     stride: torch.Tensor  # buffer, declared for the type checker (nn.Module.__getattr__ is untyped)
+
+    @property
+    def max_detections(self) -> int | None:
+        """The most objects this head can output for one image (RT-DETR: its queries); None: bounded only by NMS's max_det."""
+        return None
 
     @classmethod
     def output_axes(cls) -> tuple[dict[int, str], ...]:

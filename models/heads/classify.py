@@ -33,6 +33,7 @@ class Classify(Head):
         task="classify", title="classification", hyp_file="hyp.cls.yaml", optimizer="Adam", nms_export=False,
         export_formats=("onnx", "torchscript", "openvino"),
         nms_reason="a classifier outputs class probabilities, not boxes; export without --nms",
+        tta_reason="TTA merges boxes from several scales and a classifier has none",
     )
     export_layout: ClassVar[str] = "(batch, nc)"
     yaml_args: ClassVar[tuple[str, ...]] = ("nc", "hidden", "pool_first")

@@ -82,6 +82,11 @@ class RTDETRDecoder(Head):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(cast(Conv, proj).conv.weight)
 
+    @property
+    def max_detections(self) -> int | None:
+        """One object per query: an image never yields more than `nq` detections (the yaml's queries argument)."""
+        return int(self.nq)
+
     def forward(
         self, xs: list[torch.Tensor], targets: torch.Tensor | None = None
     ) -> DETROutput | tuple[torch.Tensor, DETROutput]:

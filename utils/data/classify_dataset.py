@@ -21,7 +21,7 @@ from utils.data.dataset_config import DatasetError, _make_available, _names_list
 from utils.data.datasets import collect_image_files, seed_worker, stack_channels_last, verify_image
 from utils.data.images import IMG_FORMATS, ImageError, load_image
 from utils.data.shapes_dataset import SHAPE_NAMES
-from utils.files import read_yaml_mapping
+from utils.files import read_yaml_mapping, resolve_path
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -72,11 +72,11 @@ def _split_folder(value: Any, root: Path, key: str, where: str) -> Path | None:
         raise DatasetError(f"{where}: '{key}' must be one folder path (class folders inside), got {value!r}")
     p = Path(value).expanduser()
     if p.is_absolute():
-        return p.resolve()
+        return resolve_path(p, DatasetError, where, f"'{key}'")
     joined = Path(os.path.normpath(root / p))
     if joined != root and not joined.is_relative_to(root):
         raise DatasetError(f"{where}: '{key}: {value}' escapes the dataset root {root} via '..'")
-    return joined.resolve()
+    return resolve_path(joined, DatasetError, where, f"'{key}'")
 
 
 def _from_folder(folder: Path) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def _from_yaml(cfg: dict, where: str, base: Path, autodownload: bool) -> dict[st
     if missing and (cfg.get("generator") or cfg.get("download")):  # otherwise load_classify_data names the missing folder
         fallback = list(SHAPE_NAMES) if cfg.get("generator") == "shapes-cls" else []
         _make_available({**cfg, "path": str(root), "names": names or fallback}, where, autodownload)
-    return {"path": root.resolve(), **splits, "names": names, "where": where}
+    return {"path": resolve_path(root, DatasetError, where, "'path'"), **splits, "names": names, "where": where}
 
 
 def _resolve(data: Union[PathLike, dict, None], autodownload: bool) -> dict[str, Any]:
@@ -117,12 +117,12 @@ def _resolve(data: Union[PathLike, dict, None], autodownload: bool) -> dict[str,
         if not p.is_file():
             raise DatasetError(f"{p}: dataset YAML not found")
         cfg = read_yaml_mapping(p, DatasetError, "keys (path, train, val, names)")
-        return _from_yaml(cfg, str(p), p.resolve().parent, autodownload)
+        return _from_yaml(cfg, str(p), resolve_path(p, DatasetError, str(p), "dataset YAML").parent, autodownload)
     if not p.is_dir() and not p.is_absolute() and (ROOT / "datasets" / p).is_dir():
         p = ROOT / "datasets" / p
     if not p.is_dir():
         raise DatasetError(f"{p}: classification dataset not found (expected a folder with train/ and val/, or a dataset YAML)")
-    return _from_folder(p.resolve())
+    return _from_folder(resolve_path(p, DatasetError, str(p), "dataset folder"))
 
 
 def load_classify_data(data: Union[PathLike, dict, None] = None, autodownload: bool = True) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any, Union
 from xml.etree import ElementTree
 
-from utils.files import UnsafePathError, ensure_inside, read_yaml_mapping
+from utils.files import UnsafePathError, ensure_inside, read_yaml_mapping, resolve_path
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -51,7 +51,8 @@ def _read_yaml(data: Union[str, Path, dict, None]) -> tuple[dict, str, Path | No
         file = ROOT / "data" / file
     if not file.is_file():
         raise DatasetError(f"{file}: dataset YAML not found")
-    return read_yaml_mapping(file, DatasetError, "keys (path, train, val, names)"), str(file), file.resolve()
+    cfg = read_yaml_mapping(file, DatasetError, "keys (path, train, val, names)")
+    return cfg, str(file), resolve_path(file, DatasetError, str(file), "dataset YAML")
 
 
 def _names_list(names: Any, nc: Any, where: str) -> list[str]:
@@ -76,7 +77,8 @@ def _resolve_split(value: Any, root: Path, key: str, where: str) -> Union[str, l
     items = value if isinstance(value, (list, tuple)) else [value]
     if not all(isinstance(v, str) and v for v in items):
         raise DatasetError(f"{where}: '{key}' must be a path string or a list of path strings")
-    out = [str(p if (p := Path(v).expanduser()).is_absolute() else (root / p).resolve()) for v in items]
+    out = [str(p if (p := Path(v).expanduser()).is_absolute() else resolve_path(root / p, DatasetError, where, f"'{key}'"))
+           for v in items]
     return out if isinstance(value, (list, tuple)) else out[0]
 
 
@@ -98,7 +100,7 @@ def load_dataset_config(data: Union[str, Path, dict, None] = None, autodownload:
     names = _names_list(cfg["names"], cfg.get("nc"), where)
     base = file.parent if file is not None else Path.cwd()
     root = Path(str(cfg["path"])).expanduser() if cfg.get("path") else base
-    root = (root if root.is_absolute() else ROOT / root).resolve()
+    root = resolve_path(root if root.is_absolute() else ROOT / root, DatasetError, where, "'path'")
     out = {**cfg, "path": str(root), "names": names, "nc": len(names), "yaml_file": str(file) if file else None}
     for key in ("train", "val", "test"):
         out[key] = _resolve_split(cfg.get(key), root, key, where)
@@ -331,7 +333,7 @@ def convert_voc(root: Union[str, Path], names: list[str]) -> int:
             img_out, lb_out = root / "images" / f"{list_file.stem}{year}", root / "labels" / f"{list_file.stem}{year}"
             img_out.mkdir(parents=True, exist_ok=True)
             lb_out.mkdir(parents=True, exist_ok=True)
-            for stem in list_file.read_text().split():
+            for stem in list_file.read_text(encoding="utf-8-sig").split():
                 try:
                     lines = _voc_xml_to_lines(year_dir / "Annotations" / f"{stem}.xml", names)
                 except (ElementTree.ParseError, OSError, AttributeError, TypeError, ValueError) as e:

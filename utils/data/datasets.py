@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from utils.data.augmentations import Warp, augment_hsv, flip_labels, keep_visibl
 from utils.data.dataset_config import DatasetError
 from utils.data.images import IMG_FORMATS, ImageError, check_image_size, jpeg_reduction, letterbox, load_image, resize_long_side
 from utils.data.labels import img2label_paths, read_label_file
-from utils.files import atomic_write_text
+from utils.files import atomic_write_text, resolve_path
 
 LOGGER = logging.getLogger("mobile_yolo")
 CACHE_VERSION = 1
@@ -33,6 +34,10 @@ MIN_IMAGE_SIDE = 10
 # Augmentation defaults when augment=True but no hyp is given (the scratch-low values).
 DEFAULT_AUG_HYP = {"hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
                    "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0}
+RAM_CACHE_MARGIN = 0.1  # --cache ram is used only when the images plus this fraction fit in the available memory (YOLOv5's)
+# (limit, usage) files of a container's memory cgroup, v2 then v1: its headroom can be below the machine's MemAvailable
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
 PathLike = Union[str, Path]
 # lb_file, nc -> (the label fields of a cache record, one-line note or None, status): what scanning stores per image
 LabelReader = Callable[[str, Union[int, None]], tuple[dict[str, Any], Union[str, None], str]]
@@ -46,10 +51,9 @@ def collect_image_files(path: Union[PathLike, list[PathLike]], prefix: str = "")
         if p.is_dir():
             files += [str(f) for f in p.rglob("*") if f.is_file()]
         elif p.is_file() and p.suffix.lower() == ".txt":
-            for line in p.read_text(encoding="utf-8").splitlines():
+            for line in p.read_text(encoding="utf-8-sig").splitlines():
                 if line.strip():
-                    q = Path(line.strip())
-                    files.append(str(q if q.is_absolute() else (p.parent / q).resolve()))
+                    files.append(_list_entry(p, line.strip()))
         elif p.is_file():
             files.append(str(p))
         else:
@@ -58,6 +62,18 @@ def collect_image_files(path: Union[PathLike, list[PathLike]], prefix: str = "")
     if not files:
         raise DatasetError(f"{prefix}{path}: no images found (supported formats: {', '.join(IMG_FORMATS)})")
     return files
+
+
+def _list_entry(list_file: Path, entry: str) -> str:
+    """An image list entry as a path: relative ones resolved against the list's folder; one that cannot be resolved (a
+    symbolic link loop) stays as written, to be reported as a corrupt image when it is verified."""
+    q = Path(entry)
+    if q.is_absolute():
+        return str(q)
+    try:
+        return str(resolve_path(list_file.parent / q, DatasetError, str(list_file), "entry"))
+    except DatasetError:
+        return str(list_file.parent / q)
 
 
 def verify_image(im_file: str) -> tuple[tuple[int, int] | None, str | None]:
@@ -173,6 +189,36 @@ def scan_dataset(im_files: list[str], cache_path: Path, nc: int | None, workers:
     return records, counts
 
 
+def _meminfo_available(meminfo: PathLike) -> int | None:
+    """MemAvailable of a /proc/meminfo file in bytes, or None."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(meminfo).read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    return None
+
+
+def _cgroup_headroom(cgroup: Sequence[tuple[PathLike, PathLike]]) -> int | None:
+    """Bytes the container's memory cgroup still allows (limit - usage), or None outside one or without a limit."""
+    for limit_file, usage_file in cgroup:
+        with contextlib.suppress(OSError, ValueError):  # v2 writes "max" when there is no limit
+            return int(Path(limit_file).read_text().strip()) - int(Path(usage_file).read_text().strip())
+    return None
+
+
+def available_ram(meminfo: PathLike = "/proc/meminfo", cgroup: Sequence[tuple[PathLike, PathLike]] = CGROUP_MEMORY) -> int | None:
+    """Bytes of memory this process can still fill: psutil's figure if it is installed, else meminfo's MemAvailable,
+    lowered to the headroom of the container's memory cgroup ((limit, usage) files); None when the system tells neither."""
+    try:
+        import psutil  # optional, not a requirement
+
+        avail: int | None = int(psutil.virtual_memory().available)
+    except ImportError:
+        avail = _meminfo_available(meminfo)
+    headroom = _cgroup_headroom(cgroup)
+    return headroom if avail is None else avail if headroom is None else min(avail, headroom)
+
+
 def rect_batch_shapes(shapes_hw: np.ndarray, batch_size: int, img_size: int, stride: int, pad: float) -> tuple[np.ndarray, np.ndarray]:
     """Sort order by aspect ratio and per-batch (h, w) shapes (stride multiples) for rectangular batches."""
     ar = shapes_hw[:, 0] / shapes_hw[:, 1]
@@ -196,6 +242,8 @@ class LoadImagesAndLabels(Dataset):
     Subclasses that keep more per instance override read_labels, cache_suffix and cache_tag (their own label cache),
     _set_records and _reorder (their own fields), label_columns and _placed_labels (extra columns of the pixel label
     rows that loading and augmentation carry along: outline points x y ... after the box, see augmentations.py).
+    cache="ram" is dropped with one warning when the images would not fit in ram_available bytes (None: the
+    system's figure, available_ram()); cache="disk" keeps its entries in disk_cache_dir, beside the label cache.
     """
 
     cache_suffix = ".cache"  # label cache file: <labels folder or image list><suffix>
@@ -204,7 +252,8 @@ class LoadImagesAndLabels(Dataset):
 
     def __init__(self, path: Union[PathLike, list[PathLike]], img_size: int = 640, batch_size: int = 16, augment: bool = False,
                  hyp: dict | None = None, rect: bool = False, cache: str | None = None, single_cls: bool = False,
-                 stride: int = 32, pad: float = 0.0, nc: int | None = None, workers: int = 8, prefix: str = "") -> None:
+                 stride: int = 32, pad: float = 0.0, nc: int | None = None, workers: int = 8, prefix: str = "",
+                 ram_available: int | None = None) -> None:
         if cache and cache not in ("ram", "disk", True):
             raise DatasetError(f"{prefix}cache must be None, 'ram' or 'disk', got {cache!r}")
         self.img_size, self.augment, self.rect, self.stride = img_size, augment, rect, stride
@@ -213,7 +262,9 @@ class LoadImagesAndLabels(Dataset):
         self.mosaic_border = (-img_size // 2, -img_size // 2)
         files = collect_image_files(path, prefix)
         p0 = Path(path[0] if isinstance(path, (list, tuple)) else path)
-        cache_path = (p0 if p0.is_file() else Path(img2label_paths(files)[0]).parent).with_suffix(self.cache_suffix)
+        base = p0 if p0.is_file() else Path(img2label_paths(files)[0]).parent  # the image list, or the labels folder
+        cache_path = base.with_suffix(self.cache_suffix)
+        self.disk_cache_dir = base.with_suffix(".disk-cache")  # --cache disk entries (utils.data.disk_cache), any task
         records, self.stats = scan_dataset(files, cache_path, nc, workers, prefix, str(path), self.read_labels, self.cache_tag)
         records = [r for r in records if r["status"] != "corrupt"]
         if not records:
@@ -227,6 +278,8 @@ class LoadImagesAndLabels(Dataset):
             self._reorder(order)
         self.ims: list[np.ndarray | None] = [None] * n
         self.cache = "ram" if cache is True else (cache or None)
+        if self.cache == "ram" and not self._ram_cache_fits(available_ram() if ram_available is None else ram_available, prefix):
+            self.cache = None
         if self.cache:
             self._cache_images(workers, prefix)
 
@@ -259,11 +312,22 @@ class LoadImagesAndLabels(Dataset):
         except ImageError as e:
             raise DatasetError(str(e)) from None
 
+    def _ram_cache_fits(self, available: int | None, prefix: str) -> bool:
+        """Whether every image at the training size (known from the scan, nothing decoded) plus RAM_CACHE_MARGIN fits in
+        `available` bytes (None: unknown, assumed to fit); one warning line when it does not."""
+        need = sum(h * w * 3 for h, w in map(self.resized_shape, range(len(self))))
+        if available is None or need * (1 + RAM_CACHE_MARGIN) <= available:
+            return True
+        LOGGER.warning(f"{prefix}WARNING: --cache ram needs {need / 1e9:.2f} GB (+{RAM_CACHE_MARGIN:.0%} margin) for "
+                       f"{len(self)} images but only {available / 1e9:.2f} GB of memory is available; not caching images")
+        return False
+
     def _cache_images(self, workers: int, prefix: str) -> None:
-        """Cache resized images in RAM, or original decoded images as keyed .npy files beside them (utils.data.disk_cache)."""
+        """Cache resized images in RAM, or original decoded images as keyed .npy files in the dataset's disk cache folder
+        (utils.data.disk_cache)."""
         def work(i: int) -> int:
             if self.cache == "disk":
-                return disk_cache.ensure_entry(self.im_files[i], self._decode)
+                return disk_cache.ensure_entry(self.im_files[i], self._decode, self.disk_cache_dir)
             im = self.ims[i] = self.load_image(i)[0]
             return im.nbytes
 
@@ -286,7 +350,7 @@ class LoadImagesAndLabels(Dataset):
         if cached is not None:
             return cached, (h0, w0), (cached.shape[0], cached.shape[1])
         if self.cache == "disk":
-            im = disk_cache.load_entry(self.im_files[i], self._decode)
+            im = disk_cache.load_entry(self.im_files[i], self._decode, self.disk_cache_dir)
         else:  # training never upsamples a big JPEG again, so it decodes at the smallest DCT scale that stays >= img_size
             im = self._decode(self.im_files[i], jpeg_reduction(self.im_files[i], (h0, w0), self.img_size) if self.augment else 1)
         im = resize_long_side(im, self.img_size, self.augment)
@@ -355,7 +419,7 @@ class LoadImagesAndLabels(Dataset):
         if cached is not None:
             return cached
         if self.cache == "disk":
-            return disk_cache.load_entry(self.im_files[i], self._decode)
+            return disk_cache.load_entry(self.im_files[i], self._decode, self.disk_cache_dir)
         h0, w0 = (int(v) for v in self.img_shapes[i])
         return self._decode(self.im_files[i], jpeg_reduction(self.im_files[i], (h0, w0), math.ceil(self.img_size * zoom)))
 

@@ -1,13 +1,17 @@
-"""`--cache disk`: each decoded image kept as `<image name>.<size>-<mtime_ns>.npy` beside the image.
+"""`--cache disk`: each decoded image kept as `<cache folder>/<key>.<size>-<mtime_ns>.npy`, where the key is a hash of the
+image's resolved path.
 
-The name is the key: editing the image (new size or modification time) changes the name, so a stale entry is never
-read, and writing the new entry deletes that image's older ones. Entries are written atomically (temp file + rename),
-and an entry that is damaged (truncated, wrong dtype or shape) is rebuilt from the image with one warning.
+The cache folder is the dataset's own (LoadImagesAndLabels puts it beside its label cache: `labels/train.disk-cache/`
+for a `labels/train/` folder, `train.disk-cache/` beside a `train.txt` image list), so no file is ever written beside
+a user's images, even when an image list points outside the dataset. The name is the key: editing the image (new size
+or modification time) changes the name, so a stale entry is never read, and writing the new entry deletes that image's
+older ones. Entries are written atomically (temp file + rename), and an entry that is damaged (truncated, wrong dtype or
+shape) is rebuilt from the image with one warning.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -22,11 +26,15 @@ Decoder = Callable[[str], np.ndarray]
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def entry_path(im_file: str) -> Path:
-    """The cache entry of an image, keyed on its current size and modification time (OSError if the image is gone)."""
-    src = Path(im_file)
-    st = src.stat()
-    return src.with_name(f"{src.name}.{st.st_size}-{st.st_mtime_ns}.npy")
+def image_key(im_file: str) -> str:
+    """The part of an image's entry names that says which image it is: a hash of its resolved path."""
+    return hashlib.sha256(str(Path(im_file).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def entry_path(im_file: str, folder: Path) -> Path:
+    """The image's entry in the cache folder, keyed on its current size and modification time (OSError if it is gone)."""
+    st = Path(im_file).stat()
+    return Path(folder) / f"{image_key(im_file)}.{st.st_size}-{st.st_mtime_ns}.npy"
 
 
 def entry_problem(f: Path) -> str | None:
@@ -54,9 +62,9 @@ def write_entry(im_file: str, f: Path, im: np.ndarray) -> None:
     except OSError as e:
         LOGGER.warning(f"WARNING: {f}: cannot write disk cache entry ({e.strerror or e}), using the decoded image")
         return
-    name = Path(im_file).name
-    stale = re.compile(re.escape(name) + r"\.\d+-\d+\.npy")
-    for old in f.parent.glob(glob.escape(name) + ".*.npy"):
+    key = image_key(im_file)
+    stale = re.compile(re.escape(key) + r"\.\d+-\d+\.npy")
+    for old in f.parent.glob(key + ".*.npy"):
         if old != f and stale.fullmatch(old.name):
             old.unlink(missing_ok=True)
 
@@ -70,9 +78,9 @@ def _rebuild(im_file: str, f: Path, decode: Decoder, problem: str | None) -> np.
     return im
 
 
-def ensure_entry(im_file: str, decode: Decoder) -> int:
-    """Make sure a whole entry exists for the image (checked by header only); returns its size in bytes."""
-    f = entry_path(im_file)
+def ensure_entry(im_file: str, decode: Decoder, folder: Path) -> int:
+    """Make sure a whole entry exists for the image in the cache folder (checked by header only); returns its size in bytes."""
+    f = entry_path(im_file, folder)
     if not f.is_file():
         return _rebuild(im_file, f, decode, None).nbytes
     problem = entry_problem(f)
@@ -81,9 +89,9 @@ def ensure_entry(im_file: str, decode: Decoder) -> int:
     return f.stat().st_size
 
 
-def load_entry(im_file: str, decode: Decoder) -> np.ndarray:
-    """The cached image, building a missing entry and rebuilding a damaged one from the image."""
-    f = entry_path(im_file)
+def load_entry(im_file: str, decode: Decoder, folder: Path) -> np.ndarray:
+    """The cached image from the cache folder, building a missing entry and rebuilding a damaged one from the image."""
+    f = entry_path(im_file, folder)
     if not f.is_file():
         return _rebuild(im_file, f, decode, None)
     problem = entry_problem(f)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -12,6 +15,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from utils.files import first_line
+
+LOGGER = logging.getLogger("mobile_yolo")
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
 # The one image-size limit of every reader (detect/val sources via load_image, dataset scanning via verify_image):
@@ -21,10 +27,54 @@ VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "
 MAX_IMAGE_PIXELS = 89_478_485
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# What one image can fail with while it is decoded, resized, run through the model or drawn (bad pixels, an OpenCV
+# assertion, a shape the model cannot take): prediction skips that image and goes on. Not caught: OSError (a full disk
+# fails every image alike, and the scripts report it once), MemoryError, and programming errors such as TypeError.
+PER_IMAGE_ERRORS: tuple[type[Exception], ...] = (ValueError, cv2.error, RuntimeError, ArithmeticError, IndexError)
 
 
 class ImageError(ValueError):
     """An image file that cannot be decoded; the message is one line naming the file."""
+
+
+def image_failure(name: Union[str, Path], e: BaseException) -> str:
+    """'name: problem' in one line for an image that failed (the name is not repeated when the message starts with it)."""
+    text = first_line(e, limit=300)
+    return text if text.startswith((str(name), str(Path(name)))) else f"{name}: {text}"
+
+
+@contextlib.contextmanager
+def skip_failed_image(name: Union[str, Path], failures: list[str] | None = None, warn: bool = True) -> Iterator[None]:
+    """Run one image's work; a PER_IMAGE_ERRORS failure ends it with one 'WARNING: name: problem, skipped' line (the
+    'name: problem' text appended to `failures`) instead of ending the run, so the other images are still done and saved.
+    warn=False only collects the text (see settle_failures)."""
+    try:
+        yield
+    except PER_IMAGE_ERRORS as e:
+        problem = image_failure(name, e)
+        if warn:
+            LOGGER.warning(f"WARNING: {problem}, skipped")
+        if failures is not None:
+            failures.append(problem)
+
+
+def _first_of(failures: list[str]) -> str:
+    return failures[0] + (f" (and {len(failures) - 1} more failed)" if len(failures) > 1 else "")
+
+
+def check_some_succeeded(source: Union[str, Path], failures: list[str], done: int) -> None:
+    """After a run that skipped failed images: ValueError (one line) if none succeeded, as the cause is then likely not
+    the images (e.g. an export for another size); otherwise the others' results stand."""
+    if failures and not done:
+        raise ValueError(f"{source}: no image could be processed; {_first_of(failures)}")
+
+
+def settle_failures(failures: list[str], done: int) -> None:
+    """For failures collected quietly: ImageError naming the first when no image is left, else one warning line each."""
+    if failures and not done:
+        raise ImageError(_first_of(failures))
+    for problem in failures:
+        LOGGER.warning(f"WARNING: {problem}, skipped")
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -196,14 +246,17 @@ def letterbox(
     scaleup: bool = True,
     stride: int = 32,
 ) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
-    """Resize keeping aspect ratio and pad to new_shape (or, with auto, to the next stride multiple)."""
+    """Resize keeping aspect ratio and pad to new_shape (or, with auto, to the next stride multiple).
+
+    A side that would round to 0 pixels (a 1x3000 image into 640) keeps 1 pixel, so degenerate images still letterbox.
+    """
     h0, w0 = img.shape[:2]
     if isinstance(new_shape, int):
         new_shape = (new_shape, new_shape)
     r = min(new_shape[0] / h0, new_shape[1] / w0)
     if not scaleup:
         r = min(r, 1.0)
-    new_w, new_h = int(round(w0 * r)), int(round(h0 * r))
+    new_w, new_h = max(1, int(round(w0 * r))), max(1, int(round(h0 * r)))
     dw, dh = new_shape[1] - new_w, new_shape[0] - new_h
     if auto:
         dw, dh = dw % stride, dh % stride

@@ -3,7 +3,8 @@
 Detection (read_label_file): rows `cls cx cy w h`; a polygon row counts as its enclosing box; any malformed row makes
 the file corrupt. Segmentation (read_segment_label_file): rows `cls x1 y1 ... xn yn` (>= 3 points, normalised) keep
 their polygon, box rows beside them become rectangles; a malformed row (odd coordinate count, under 3 points, NaN or
-infinite values) is skipped rather than spoiling the file. Both note every repair in one line per file.
+infinite values) is skipped rather than spoiling the file. Both note every repair in one line per file. Files are
+UTF-8; a leading byte-order mark (Windows editors write one) is skipped.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Sequence, Union
 import numpy as np
 
 from utils.boxes import xywh2xyxy, xyxy2xywh
-from utils.data.polygons import box_polygon, polygon_area
+from utils.data.polygons import box_polygon, polygon_has_area
 
 # Coordinates outside [0, 1] by no more than this are rounding noise and clipped silently.
 CLIP_TOLERANCE = 1e-3
 STATUSES = ("ok", "background", "repaired", "corrupt")
-MIN_POLYGON_AREA = 1e-12  # normalised area at or under which an outline is degenerate (collinear points)
+MIN_POLYGON_AREA = 1e-12  # normalised area at or under which an outline is degenerate (collinear points; a bow-tie counts its lobes)
 
 
 def img2label_paths(img_paths: Sequence[Union[str, Path]]) -> list[str]:
@@ -117,7 +118,7 @@ def _label_text(path: Path) -> tuple[str | None, str | None, str]:
             return None, _corrupt_note(path, f"the label path is {kind}"), "corrupt"
         return None, None, "background"
     try:
-        return path.read_text(encoding="utf-8", errors="strict"), None, "ok"
+        return path.read_text(encoding="utf-8-sig", errors="strict"), None, "ok"  # -sig: a leading BOM is not text
     except (UnicodeDecodeError, OSError) as e:
         return None, _corrupt_note(path, _error_reason(e)), "corrupt"
 
@@ -197,7 +198,7 @@ def _clean_polygons(cls: np.ndarray, polygons: list[np.ndarray], nc: int | None,
     cls, polygons = _keep(cls, polygons, ~_bad_classes(cls, nc, notes))
     _note_clip(max((float(np.maximum(-p, p - 1).max()) for p in polygons), default=0.0), notes)
     polygons = [p.clip(0.0, 1.0) for p in polygons]
-    solid = [polygon_area(p) > MIN_POLYGON_AREA for p in polygons]
+    solid = [polygon_has_area(p, MIN_POLYGON_AREA) for p in polygons]
     if not all(solid):
         notes.append(f"dropped {solid.count(False)} zero-area {kind}")
     cls, polygons = _keep(cls, polygons, solid)

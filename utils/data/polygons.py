@@ -10,7 +10,7 @@ all round, the image grid keeps that to half an image pixel, as YOLOv5's full-si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -18,12 +18,91 @@ import numpy as np
 SEGMENT_POINTS = 1000  # points every outline is resampled to before it is warped (YOLOv5's count)
 _SHIFT = 4  # fractional bits of the fixed-point coordinates given to cv2.fillPoly
 _FAR = 1e7  # points are clamped to +-_FAR px so fixed-point coordinates stay inside int32
+# polygon_has_area's exact even-odd area, where the shoelace sum cancels, for outlines up to this many points whose
+# slabs x edges (the work, see _slabs) stay under EXACT_AREA_WORK: well under a second each
+EXACT_AREA_POINTS, EXACT_AREA_WORK = 2048, 1 << 24
 
 
 def polygon_area(xy: np.ndarray) -> float:
     """Unsigned area of a closed (k, 2) polygon (shoelace formula)."""
     x, y = np.asarray(xy, np.float64).T
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def _edge_crossings_x(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """x of every point where two edges a -> b ((k, 2) each) meet, their shared corners included."""
+    d, out = b - a, [np.zeros(0)]
+    for i in range(0, len(a), chunk):
+        ai, di = a[i:i + chunk, None], d[i:i + chunk, None]  # (c, 1, 2) against all (k, 2)
+        r = a[None] - ai
+        den = di[..., 0] * d[:, 1] - di[..., 1] * d[:, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (r[..., 0] * d[:, 1] - r[..., 1] * d[:, 0]) / den
+            u = (r[..., 0] * di[..., 1] - r[..., 1] * di[..., 0]) / den
+            hit = (den != 0) & (t >= 0) & (t <= 1) & (u >= 0) & (u <= 1)
+            out.append((ai[..., 0] + t * di[..., 0])[hit])
+    return np.concatenate(out)
+
+
+def _covered_lengths(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Even-odd covered length along each vertical line x (m,) of the non-vertical edges a -> b ((e, 2) each); a line
+    through no corner crosses an even number of edges."""
+    lo, hi = np.minimum(a[:, 0], b[:, 0]), np.maximum(a[:, 0], b[:, 0])
+    span = (lo < x[:, None]) & (x[:, None] < hi)
+    y = a[:, 1] + (x[:, None] - a[:, 0]) / (b[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+    y = np.sort(np.where(span, y, np.inf), 1)
+    if y.shape[1] % 2:
+        y = np.concatenate((y, np.full((len(x), 1), np.inf)), 1)
+    with np.errstate(invalid="ignore"):
+        gaps = y[:, 1::2] - y[:, 0::2]  # inside from each odd crossing to the next; inf - inf (no more edges): NaN
+    return np.where(np.isfinite(gaps), gaps, 0.0).sum(1)
+
+
+def _slabs(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted x of the corners and crossings, starts, ends of the non-vertical edges) of a closed (k, 2) polygon."""
+    a = np.asarray(xy, np.float64).reshape(-1, 2)
+    b = np.roll(a, -1, 0)
+    xs = np.unique(np.concatenate((a[:, 0], _edge_crossings_x(a, b))))
+    sloped = a[:, 0] != b[:, 0]  # vertical edges bound no slab
+    return xs, a[sloped], b[sloped]
+
+
+def _slab_areas(xs: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 256) -> Iterator[float]:
+    """The even-odd area between the edges a -> b, chunk by chunk of the vertical slabs between consecutive xs (see
+    _slabs): no two edges cross inside a slab, so the covered length is linear in x there and its value at the slab's
+    middle times the slab's width is exactly the slab's area."""
+    for s in range(0, len(xs) - 1, chunk):
+        edges = xs[s:s + chunk + 1]
+        yield float(np.dot(_covered_lengths(a, b, (edges[:-1] + edges[1:]) / 2), np.diff(edges)))
+
+
+def even_odd_area(xy: np.ndarray) -> float:
+    """Area a closed (k, 2) polygon covers under the even-odd rule, the one cv2.fillPoly fills (and so the masks);
+    exact for self-intersecting outlines too, whose shoelace sum cancels (a symmetric bow-tie's is 0). Slow for long
+    outlines with many crossings: polygon_has_area uses it only where the shoelace formula cannot decide."""
+    return sum(_slab_areas(*_slabs(xy)))
+
+
+def polygon_has_area(xy: np.ndarray, min_area: float) -> bool:
+    """True when a closed (k, 2) outline covers more than min_area: its shoelace area, or, where that sum cancels (a
+    bow-tie's two lobes), its even-odd area (what the masks are filled with), summed only until it is enough.
+
+    An outline too long or too tangled for the exact area (EXACT_AREA_POINTS, EXACT_AREA_WORK) is kept unless all its
+    points are collinear."""
+    p = np.asarray(xy, np.float64).reshape(-1, 2)
+    if polygon_area(p) > min_area:
+        return True
+    if len(p) <= EXACT_AREA_POINTS:
+        xs, a, b = _slabs(p)
+        if len(xs) * len(a) <= EXACT_AREA_WORK:
+            total = 0.0
+            for part in _slab_areas(xs, a, b):
+                total += part
+                if total > min_area:
+                    return True
+            return False
+    r = p - p[0]
+    return float(np.abs(r[:-1, 0] * r[1:, 1] - r[:-1, 1] * r[1:, 0]).sum()) / 2 > min_area
 
 
 def resample_polygon(xy: np.ndarray, n: int = SEGMENT_POINTS) -> np.ndarray:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from utils.data.dataset_config import DatasetError
-from utils.data.images import IMG_FORMATS, VID_FORMATS, ImageError, img_to_tensor_layout, letterbox, load_image
+from utils.data.images import IMG_FORMATS, VID_FORMATS, img_to_tensor_layout, letterbox, load_image, skip_failed_image
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -32,7 +32,7 @@ def expand_source(source: Union[str, Path, list]) -> list[str]:
         elif p.is_dir():
             files += sorted(str(f) for f in p.iterdir() if f.is_file())
         elif p.is_file() and p.suffix.lower() == ".txt":
-            lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
             files += expand_source([ln if Path(ln).is_absolute() else str(p.parent / ln) for ln in lines]) if lines else []
         elif p.is_file():
             files.append(s)
@@ -81,10 +81,27 @@ class LoadImages:
                 if not ok:
                     break
                 self.frame += 1
-                yield path, self._prepare(im0), im0, f"video {i + 1}/{self.nf} ({self.frame}/{self.frames}) {path}: "
+                im = self._prepare_frame(path, im0)
+                if im is None:
+                    return  # every frame of a video has the same size: the rest would fail alike
+                yield path, im, im0, f"video {i + 1}/{self.nf} ({self.frame}/{self.frames}) {path}: "
+            self._check_frame_count(path)
         finally:
             cap.release()
             self.cap = None
+
+    def _prepare_frame(self, path: str, im0: np.ndarray) -> np.ndarray | None:
+        """The letterboxed frame, or None after one warning line naming the video, the frame and the problem."""
+        with skip_failed_image(f"{path} frame {self.frame} (rest of the video)"):
+            return self._prepare(im0)
+        return None
+
+    def _check_frame_count(self, path: str) -> None:
+        """Warn when a video ended before the frame count its container declares (a truncated or half-written file);
+        whatever the container, since OpenCV reads what is there and reports the early end as a normal one."""
+        if self.frames > 0 and self.frame < self.frames:
+            LOGGER.warning(f"WARNING: {path}: video ended after {self.frame} of the {self.frames} frames its header "
+                           "declares (truncated or damaged file?); the frames read were processed")
 
     def _prepare(self, im0: np.ndarray) -> np.ndarray:
         return img_to_tensor_layout(letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0])
@@ -94,10 +111,15 @@ class LoadImages:
             if video:
                 yield from self._video_frames(i, path)
                 continue
-            try:
-                im0 = load_image(path)
-            except ImageError as e:
-                LOGGER.warning(f"WARNING: {e}, skipped")
+            item = self._load(path)
+            if item is None:
                 self.skipped += 1
                 continue
-            yield path, self._prepare(im0), im0, f"image {i + 1}/{self.nf} {path}: "
+            yield path, item[0], item[1], f"image {i + 1}/{self.nf} {path}: "
+
+    def _load(self, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(letterboxed, original) of one image file, or None after one warning line naming the file and the problem."""
+        with skip_failed_image(path):
+            im0 = load_image(path)
+            return self._prepare(im0), im0
+        return None

@@ -7,7 +7,7 @@ from typing import Iterator, Union
 import cv2
 import numpy as np
 
-from utils.data.images import letterbox
+from utils.data.images import letterbox, skip_failed_image
 
 
 class StreamError(ValueError):
@@ -40,6 +40,15 @@ class LoadStreams:
                 self.cap.release()
                 return
             self.frame += 1
-            im = letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0]
-            im = np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)[None])
+            im = self._prepare(name, im0)
+            if im is None:  # a stream's frames share one size: the next ones would fail alike
+                self.cap.release()
+                return
             yield [name], im, [im0], f"{name} frame {self.frame}: "
+
+    def _prepare(self, name: str, im0: np.ndarray) -> np.ndarray | None:
+        """The letterboxed (1, 3, H, W) RGB frame, or None after one warning line naming the stream and the problem."""
+        with skip_failed_image(f"{name} frame {self.frame} (rest of the stream)"):
+            im = letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0]
+            return np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1)[None])
+        return None

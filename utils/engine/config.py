@@ -51,6 +51,7 @@ class TrainConfig:
     close_mosaic: int = 0
     recipe: str = "auto"
     backbone_weights: str = ""
+    max_params: Union[int, None] = None  # the model size limit (models/limits.py); None: environment or default
     evolve: Union[int, None] = None
     image_weights: bool = False
     quad: bool = False

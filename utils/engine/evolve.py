@@ -26,9 +26,10 @@ from models.heads.base import HeadPolicy
 from models.model import load_model_config
 from models.parse import config_head
 from utils.checkpoint import read_checkpoint
+from utils.cli import shell_command
 from utils.engine.callbacks import EVENTS, Callbacks
 from utils.engine.config import TrainConfig
-from utils.engine.hyp import RTDETR_KEYS, Hyp, HypError
+from utils.engine.hyp import RTDETR_KEYS, Hyp, HypError, clip_hyp
 from utils.engine.torch_utils import NonFiniteLossError
 from utils.engine.trainer import DistInfo, Trainer, TrainError
 from utils.files import atomic_write, atomic_write_text, first_line
@@ -119,7 +120,8 @@ class EvolveTable:
 
 
 def mutate(parent: dict[str, float], meta: Meta, rng: np.random.Generator, prob: float = 0.8, sigma: float = 0.2) -> dict[str, float]:
-    """A child of `parent`: keys of scale > 0 multiplied by random gains (at least one changes), clipped to their bounds."""
+    """A child of `parent`: keys of scale > 0 multiplied by random gains (at least one changes), clipped to their bounds
+    and to the ranges a hyp file may hold (HYP_RANGES)."""
     keys = list(parent)
     scale = np.array([meta.get(k, (0.0, 0.0, 0.0))[0] for k in keys], dtype=np.float64)
     gains = np.ones(len(keys))
@@ -133,7 +135,7 @@ def mutate(parent: dict[str, float], meta: Meta, rng: np.random.Generator, prob:
             continue
         lo, hi = meta[k][1:]
         child[k] = float(f"{min(max(parent[k] * g, lo), hi):.5g}")
-    return child
+    return clip_hyp(child)  # a table's bounds wider than what a hyp file may hold cannot produce a refused file
 
 
 def select_parent(table: EvolveTable, rng: np.random.Generator, mode: str = "single", top: int = 5) -> dict[str, float]:
@@ -337,5 +339,5 @@ def evolve(opt: TrainConfig, device: torch.device, callbacks: Callbacks | None =
     if not opt.noplots:
         plot_evolve(save_dir / "evolve.png", table, meta)
     LOGGER.info(f"Evolve: {len(table.rows)} generations in {csv}; best hyperparameters {best_yaml} "
-                f"(train with --hyp {best_yaml})")
+                f"(train with {shell_command('--hyp', best_yaml)})")
     return best_yaml

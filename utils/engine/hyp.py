@@ -20,6 +20,64 @@ class HypError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a hyperparameter may take: lo..hi, each end closed unless marked open."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        """Whether v lies inside."""
+        return (v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        """Interval notation, e.g. (0, 1]."""
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def clip(self, v: float) -> float:
+        """v moved to the nearest value inside (an open end: 1e-4 of the span inside it)."""
+        if v in self:
+            return v
+        margin = (self.hi - self.lo) * 1e-4
+        if v <= self.lo:
+            return self.lo + margin if self.lo_open else self.lo
+        return self.hi - margin if self.hi_open else self.hi
+
+
+_UNIT, _GAIN = Range(0.0, 1.0), Range(0.0, 50.0)
+# The sane range of every key: wide enough for any recipe (the shipped files sit well inside), narrow enough to refuse
+# a typo such as lr0: 1e12 when the file is loaded instead of after an epoch of NaN losses.
+HYP_RANGES: dict[str, Range] = {
+    "lr0": Range(0.0, 1.0, lo_open=True), "lrf": _UNIT, "momentum": Range(0.0, 1.0, hi_open=True),
+    "weight_decay": Range(0.0, 0.1), "warmup_epochs": Range(0.0, 100.0), "warmup_momentum": Range(0.0, 1.0, hi_open=True),
+    "warmup_bias_lr": _UNIT, "box": _GAIN, "cls": _GAIN, "cls_pw": Range(0.0, 10.0, lo_open=True), "obj": _GAIN,
+    "obj_pw": Range(0.0, 10.0, lo_open=True), "iou_t": _UNIT, "anchor_t": Range(1.0, 20.0), "fl_gamma": Range(0.0, 10.0),
+    "hsv_h": _UNIT, "hsv_s": _UNIT, "hsv_v": _UNIT, "degrees": Range(0.0, 180.0), "translate": _UNIT,
+    "scale": Range(0.0, 1.0, hi_open=True), "shear": Range(0.0, 45.0), "perspective": Range(0.0, 0.01), "flipud": _UNIT,
+    "fliplr": _UNIT, "mosaic": _UNIT, "mixup": _UNIT, "copy_paste": _UNIT, "dfl": _GAIN, "giou": _GAIN,
+    "backbone_lr": _UNIT, "clip_grad": Range(0.0, 100.0),
+}
+
+
+def clip_hyp(values: dict[str, float]) -> dict[str, float]:
+    """Every value moved into its key's HYP_RANGES range (evolve's mutations); unknown keys are left as they are."""
+    return {k: HYP_RANGES[k].clip(v) if k in HYP_RANGES else v for k, v in values.items()}
+
+
+def _check_value(source: str, key: str, v: Any) -> None:
+    """One HypError line naming the file, key, value and allowed range unless v is a finite number inside it."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise HypError(f"{source}: {key} must be a finite number, got {v!r}")
+    allowed = HYP_RANGES[key]
+    if v < 0 <= allowed.lo:
+        raise HypError(f"{source}: {key} must not be negative, got {v!r} (allowed: {allowed})")
+    if v not in allowed:
+        raise HypError(f"{source}: {key} {v!r} is outside the sane range {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Hyp:
     """YOLOv5's hyperparameters (every key required, as in its hyp files) plus optional keys of the other heads."""
 
@@ -58,7 +116,7 @@ class Hyp:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "hyperparameters") -> Hyp:
-        """Validate keys and values (finite numbers) and build the object."""
+        """Validate keys and values (finite numbers inside HYP_RANGES) and build the object."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
@@ -68,10 +126,7 @@ class Hyp:
         if missing:
             raise HypError(f"{source}: missing key(s) {', '.join(missing)}")
         for k, v in values.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise HypError(f"{source}: {k} must be a finite number, got {v!r}")
-            if v < 0:
-                raise HypError(f"{source}: {k} must not be negative, got {v!r}")
+            _check_value(source, k, v)
         return cls(**{k: float(v) for k, v in values.items()})
 
     def as_dict(self) -> dict[str, float]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.limits import DEFAULT_MAX_PARAMS, PARAMS_ENV
 from utils.checkpoint import read_checkpoint
-from utils.cli import check_img_size, check_int
+from utils.cli import check_img_size, check_int, shell_command
 from utils.engine.config import TrainConfig
 from utils.engine.recipe import RECIPES
 from utils.engine.trainer import TrainError
@@ -67,6 +68,8 @@ def train_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="auto", choices=RECIPES,
                    help="schedule: small (optimizer steps, for < 1000 images), yolov5 (nominal batch 64), auto picks by size")
     p.add_argument("--backbone-weights", default="", help="ImageNet backbone weights: file path or timm:<name>")
+    p.add_argument("--max-params", type=int, default=None,
+                   help=f"refuse a model config with more parameters (default {DEFAULT_MAX_PARAMS:,}, or ${PARAMS_ENV})")
     p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
                    help="evolve hyperparameters for N generations (300 if N is omitted); results in <project>/../evolve/<name>")
     p.add_argument("--image-weights", action="store_true", help="draw training images by weights from class rarity and per-class mAP")
@@ -97,11 +100,12 @@ def _recorded_run_dir(path: Path, opt: dict) -> Path:
     """The run folder the checkpoint was trained in: the only place a resume writes to; refused when it is gone."""
     save_dir = opt.get("save_dir")
     if not isinstance(save_dir, str) or not save_dir:
-        raise TrainError(f"{path}: checkpoint does not record its run folder; start a new run with --weights {path} instead")
+        raise TrainError(f"{path}: checkpoint does not record its run folder; "
+                         f"start a new run with {shell_command('--weights', path)} instead")
     run_dir = Path(save_dir)
     if not (run_dir / "opt.yaml").is_file():
         raise TrainError(f"{path}: its run folder {run_dir} no longer exists (no opt.yaml there); "
-                         f"start a new run with --weights {path} instead")
+                         f"start a new run with {shell_command('--weights', path)} instead")
     return run_dir
 
 

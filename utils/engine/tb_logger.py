@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from utils.cli import shell_command
+
 LOGGER = logging.getLogger("mobile_yolo")
 
 
@@ -20,7 +22,7 @@ class TensorBoardLogger:
             self.writer = None
             return
         self.writer = SummaryWriter(str(log_dir))
-        LOGGER.info(f"TensorBoard: view with 'tensorboard --logdir {log_dir.parent}'")
+        LOGGER.info(f"TensorBoard: view with {shell_command('tensorboard', '--logdir', log_dir.parent)}")
 
     def log_epoch(self, epoch: int, values: Sequence[float]) -> None:
         """values: the results.csv row without the epoch column."""

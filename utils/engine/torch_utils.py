@@ -174,11 +174,17 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
     return frozen
 
 
-def check_finite_loss(loss: torch.Tensor, epoch: int, batch_i: int) -> None:
-    """Raise NonFiniteLossError when the loss is nan/inf, so training stops with a hint instead of silently diverging."""
+def check_finite_loss(loss: torch.Tensor, epoch: int, batch_i: int, hint: str = "lower --lr0 or check labels") -> None:
+    """Raise NonFiniteLossError (ending in `hint`) when the loss is nan/inf, so training stops instead of silently diverging."""
     if not bool(torch.isfinite(loss.detach()).all()):
         kind = "nan" if bool(torch.isnan(loss.detach()).any()) else "inf"
-        raise NonFiniteLossError(f"loss became {kind} at epoch {epoch} batch {batch_i}; lower --lr0 or check labels")
+        raise NonFiniteLossError(f"loss became {kind} at epoch {epoch} batch {batch_i}; {hint}")
+
+
+def all_finite(tensors: Any) -> bool:
+    """Whether every floating-point tensor of an iterable holds only finite values (one device sync in all)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def auto_batch_size(source: Any, imgsz: int = 640, fraction: float = 0.8, default: int = 16) -> int:

@@ -37,6 +37,8 @@ from utils.engine.tb_logger import TensorBoardLogger
 from utils.engine.torch_utils import (
     GROUP_ORDER,
     ModelEMA,
+    NonFiniteLossError,
+    all_finite,
     build_scheduler,
     check_finite_loss,
     freeze_layers,
@@ -96,7 +98,7 @@ def build_model(opt: TrainConfig, nc: int, names: list[str], device: torch.devic
     if ckpt is not None and (opt.resume or not opt.cfg):
         model = model_from_checkpoint(ckpt, source, nc=nc)
     else:
-        model = DetectionModel(opt.cfg, ch=3, nc=nc)
+        model = DetectionModel(opt.cfg, ch=3, nc=nc, max_params=opt.max_params)
     if ckpt is not None and weights:
         transfer_weights(model, ckpt, weights)
     elif not opt.resume and (opt.backbone_weights or model.yaml.get("backbone_weights")):
@@ -140,6 +142,7 @@ class Trainer:
         self.save_dir = Path(opt.save_dir)
         self.wdir = self.save_dir / "weights"
         self.best_fitness, self.start_epoch, self.last_opt_step = 0.0, 0, -1
+        self.saved_epoch: int | None = None  # the epoch last.pt holds (None: none written by or for this run yet)
         self.setup()
         if dist.main and not opt.noplots:
             self.callbacks.register("on_train_batch_end", self._plot_first_batches)
@@ -172,6 +175,9 @@ class Trainer:
         self._open_run_dir()
         self.batch = opt.batch_size // self.dist.world_size
         self._make_loaders()
+        if self.dist.main:
+            val_set = getattr(self.val_loader, "dataset", None)
+            self.task.warn_output_cap(self.model, {"training set": self.dataset, "validation set": val_set})
         self.schedule = choose_schedule(opt.recipe, len(self.dataset), opt.batch_size, len(self.train_loader), opt.epochs,
                                         self.hyp.warmup_epochs, close_mosaic_epochs(opt.close_mosaic, self.model.head_kind, opt.epochs),
                                         mosaic=self.hyp.mosaic > 0)
@@ -267,8 +273,12 @@ class Trainer:
             lrs = [g["lr"] for g in self.optimizer.param_groups][:3]  # x/lr0..2: the (non-backbone) YOLOv5 groups
             self.scheduler.step()
             self.callbacks.run("on_train_epoch_end", trainer=self, epoch=epoch, losses=mloss)
-            stop = self._end_epoch(epoch, mloss, lrs) if self.dist.main else False
-            if self._broadcast_stop(stop):
+            stop, diverged = False, ""
+            try:
+                stop = self._end_epoch(epoch, mloss, lrs) if self.dist.main else False
+            except NonFiniteLossError as e:  # nothing of this epoch was saved: last.pt and best.pt keep finite weights
+                diverged = str(e)
+            if self._broadcast_stop(stop, diverged):
                 break
         return self._finish(t0, epoch - self.start_epoch + 1)
 
@@ -296,7 +306,7 @@ class Trainer:
             mloss = (mloss * i + items) / (i + 1)
             if i % LOG_INTERVAL == 0 or i == nb - 1:
                 means = mloss.tolist()
-                check_finite_loss(torch.tensor(means), epoch, i)
+                check_finite_loss(torch.tensor(means), epoch, i, hint=self._divergence_hint())
                 mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
                 row = (f"{epoch + 1}/{self.opt.epochs}", mem, *means, targets.shape[0], imgs.shape[-1])
                 bar.set_description(("%11s" * 2 + "%11.4g" * (len(means) + 2)) % row)
@@ -360,9 +370,14 @@ class Trainer:
         opt = self.opt
         final = epoch + 1 == opt.epochs or self.stopper.possible_stop
         assert self.ema is not None  # the main rank always keeps one
+        if not all_finite([*self.model.parameters(), *self.ema.ema.state_dict().values()]):
+            raise NonFiniteLossError(f"the weights became NaN/inf at epoch {epoch} (the training loss was still finite); "
+                                     f"{self._divergence_hint()}")
         if not opt.noval or final:
             result = self.validate(self.ema.ema, plots=final and not opt.noplots)
             row, self.maps, fit = result.results_row(), result.maps, result.fitness()
+            if not all(math.isfinite(v) for v in (*row, fit)):
+                raise NonFiniteLossError(f"the validation losses or metrics became NaN/inf at epoch {epoch}; {self._divergence_hint()}")
         else:
             row, fit = (0.0,) * (len(self.task.metric_columns) + len(self.loss.names)), 0.0
         stop = self.stopper(epoch, fit)
@@ -372,11 +387,19 @@ class Trainer:
         self.callbacks.run("on_fit_epoch_end", trainer=self, epoch=epoch, results=row)
         if not opt.nosave or epoch + 1 == opt.epochs or stop:
             self.save(self.wdir / "last.pt", epoch)
+            self.saved_epoch = epoch
             if self.best_fitness == fit:
                 self.save(self.wdir / "best.pt", epoch)
             if opt.save_period > 0 and epoch % opt.save_period == 0:
                 self.save(self.wdir / f"epoch{epoch}.pt", epoch)
         return stop
+
+    def _divergence_hint(self) -> str:
+        """The likely cause of a diverged run and what is kept on disk, ending its one-line error."""
+        where = "--lr0" if "lr0" in self.task.hyp_overrides(self.opt) else str(self.hyp_file)
+        kept = (f"{self.wdir / 'last.pt'} (epoch {self.saved_epoch}) and best.pt keep the last finite weights"
+                if self.saved_epoch is not None else "no weights were saved")
+        return f"the learning rate is likely too high (lr0 {self.hyp.lr0:g} from {where}): lower it, or check the labels; {kept}"
 
     def options_record(self) -> dict[str, Any]:
         """What opt.yaml and checkpoints record: the options, with the image size and hyp file this run actually used."""
@@ -403,17 +426,19 @@ class Trainer:
             state = optimizer_state_in_current_order(ckpt["optimizer"], ckpt.get("optimizer_groups"))
             load_state(self.optimizer, state, path, "optimizer state")
         self.start_epoch = int(ckpt.get("epoch", -1)) + 1
+        self.saved_epoch = self.start_epoch - 1
         if self.start_epoch >= self.opt.epochs:
             raise TrainError(f"{path}: training already finished ({self.start_epoch} epochs); nothing to resume")
         self.best_fitness = float(ckpt.get("best_fitness", 0.0))
         LOGGER.info(f"Resuming training from {path} at epoch {self.start_epoch + 1} of {self.opt.epochs}")
 
-    def _broadcast_stop(self, stop: bool) -> bool:
-        """Share the main rank's early-stop decision with every DDP rank."""
-        if self.dist.rank == -1:
-            return stop
-        flag = [stop]
-        torch.distributed.broadcast_object_list(flag, 0)
+    def _broadcast_stop(self, stop: bool, diverged: str = "") -> bool:
+        """Share the main rank's early-stop decision with every DDP rank; a divergence message stops all of them with it."""
+        flag: list[Any] = [stop, diverged]
+        if self.dist.rank != -1:
+            torch.distributed.broadcast_object_list(flag, 0)
+        if flag[1]:
+            raise NonFiniteLossError(str(flag[1]))
         return bool(flag[0])
 
     def _finish(self, t0: float, epochs_done: int) -> Path:

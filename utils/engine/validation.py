@@ -17,7 +17,7 @@ import torch
 from utils.cli import check_fraction, check_img_size, check_int
 from utils.device import select_device
 from utils.paths import ROOT, increment_path
-from utils.tasks import Task, get_task, task_of
+from utils.tasks import Task, check_script_task, get_task
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -83,15 +83,17 @@ def run(
     plots: bool = True,
     compute_loss: Any = None,
     quiet: bool = False,
+    script_task: str = "detect",
 ) -> tuple[tuple[float, ...], np.ndarray, tuple[float, float, float]]:
-    """Validate; returns ((P, R, mAP50, mAP50-95, 3 loss items), per-class mAP50-95, ms per image)."""
+    """Validate; returns ((P, R, mAP50, mAP50-95, 3 loss items), per-class mAP50-95, ms per image). script_task: the
+    task whose script runs this (segment/val.py: 'segment'); weights of a task its scripts do not run are refused."""
     in_process = model is not None  # model= and dataloader= given by Python callers
     if in_process:
         net, dev = model, next(model.parameters()).device
     else:
         opts = dict(batch_size=batch_size, imgsz=imgsz, workers=workers, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
         net, dev, half = _open_model(weights, device, half, opts)
-    model_task = task_of(net)
+    model_task = check_script_task(get_task(script_task), net, "val", weights[0] if isinstance(weights, (list, tuple)) else weights)
     data = model_task.load_data(data)
     names = list(data["names"]) if not single_cls else ["item"]
     if in_process:
@@ -105,6 +107,7 @@ def run(
         dataloader = _make_loader(model_task, data, task, imgsz, batch_size, int(net.stride), rect, single_cls, workers)
         names = names if single_cls else (list(net.names) if len(net.names) == len(names) else names)
     json_name = f"{Path(str(weights[0] if isinstance(weights, (list, tuple)) else weights or 'model')).stem}_predictions.json"
+    model_task.warn_output_cap(net, {f"{task} split": getattr(dataloader, "dataset", None)})
     evaluator = model_task.evaluator(len(names), names)
     result = model_task.validate(net, dataloader, evaluator, device=dev, conf_thres=conf_thres, iou_thres=iou_thres,
                       max_det=max_det, half=half, augment=augment, single_cls=single_cls, compute_loss=compute_loss, plots=plots,
@@ -180,6 +183,7 @@ def val_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true")
     p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    p.set_defaults(script_task=t.name)  # the weights are checked against the script's task
     return p
 
 

@@ -15,7 +15,7 @@ import torch
 from models.model import DetectionModel
 from models.parse import ModelConfigError
 from utils.checkpoint import load_model
-from utils.cli import check_int
+from utils.cli import check_int, shell_command
 from utils.device import select_device
 from utils.export.end2end import NMSSettings
 from utils.export.formats import (
@@ -255,7 +255,7 @@ def _summary(files: list[Path], seconds: list[float], size: tuple[int, int], pre
     runnable = [p for p in files if p.suffix != ".mlpackage"]  # Core ML runs only on Apple systems
     if runnable:
         lines += [
-            f"Predict:  python {predict} --weights {runnable[0]} --imgsz {size[0]} {size[1]}",
-            f"Validate: python {val} --weights {runnable[0]} --imgsz {max(size)}",
+            f"Predict:  {shell_command('python', predict, '--weights', runnable[0], '--imgsz', size[0], size[1])}",
+            f"Validate: {shell_command('python', val, '--weights', runnable[0], '--imgsz', max(size))}",
         ]
     print("\n".join(lines))

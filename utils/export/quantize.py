@@ -309,6 +309,6 @@ def _list_images(src: Path) -> list[Path]:
     if src.is_dir():
         return sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if src.suffix == ".txt" and src.is_file():
-        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in src.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         return [p if (p := Path(ln)).is_absolute() else (src.parent / p).resolve() for ln in lines]
     return []

@@ -13,13 +13,13 @@ import torch
 
 from utils.cli import check_img_size, check_int
 from utils.data.classify_augment import centre_crop
-from utils.data.images import VID_FORMATS
+from utils.data.images import VID_FORMATS, check_some_succeeded, skip_failed_image
 from utils.device import select_device
 from utils.files import safe_component
-from utils.inference.predict import VideoSink, default_source, open_source, show_and_save
+from utils.inference.predict import VideoSink, default_source, item_name, open_source, show_and_save
 from utils.paths import ROOT, increment_path
 from utils.plots import class_color
-from utils.tasks import task_of
+from utils.tasks import check_script_task, get_task
 from utils.tasks.classify import ClassifyTask
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -89,32 +89,35 @@ def run(
     dev = select_device(device)
     half = half and dev.type == "cuda"
     model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
-    if not isinstance(task_of(model), ClassifyTask):
-        own = task_of(model)
-        raise ValueError(f"{model.weights}: a {own.what}; run it with {own.predict_script}")
+    check_script_task(get_task(ClassifyTask.name), model, "predict", model.weights)
     size = check_img_size(size, int(model.stride)) if model.dynamic else int((model.input_shape or (1, 3, size))[2])
     names = list(model.names)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-    dataset = open_source(str(source) if source is not None else default_source(), (size, size), 32, False, vid_stride)
+    source = str(source) if source is not None else default_source()
+    dataset = open_source(source, (size, size), 32, False, vid_stride)
     sink, seen, times = VideoSink(), 0, np.zeros(3)
     opts = dict(save_txt=save_txt, nosave=nosave, view_img=view_img, line_thickness=line_thickness)
+    failures: list[str] = []
     for path, _, im0s, desc in dataset:
         if isinstance(path, str) and Path(path).suffix[1:].lower() in VID_FORMATS and (dataset.frame - 1) % max(vid_stride, 1):
             continue
         for i, im0 in enumerate(im0s if isinstance(im0s, list) else [im0s]):
-            t0 = time.perf_counter()
-            x = classify_input(im0, size, dev, half)
-            t1 = time.perf_counter()
-            probs = model(x)
-            probs = (probs[0] if isinstance(probs, (tuple, list)) else probs)[0]
-            t2 = time.perf_counter()
-            top = top_classes(probs, names)
-            times += (t1 - t0, t2 - t1, time.perf_counter() - t2)
-            seen += 1
-            _save(top, im0, Path(path[i] if isinstance(path, list) else path), dataset, save_dir, opts, sink)
-            LOGGER.info(f"{desc}{size}x{size} {', '.join(f'{n} {p:.2f}' for n, p in top)}, {(t2 - t1) * 1e3:.1f}ms")
+            item = path[i] if isinstance(path, list) else path
+            with skip_failed_image(item_name(item, dataset), failures):  # one bad image or frame never ends the run
+                t0 = time.perf_counter()
+                x = classify_input(im0, size, dev, half)
+                t1 = time.perf_counter()
+                probs = model(x)
+                probs = (probs[0] if isinstance(probs, (tuple, list)) else probs)[0]
+                t2 = time.perf_counter()
+                top = top_classes(probs, names)
+                _save(top, im0, Path(item), dataset, save_dir, opts, sink)
+                times += (t1 - t0, t2 - t1, time.perf_counter() - t2)
+                seen += 1
+                LOGGER.info(f"{desc}{size}x{size} {', '.join(f'{n} {p:.2f}' for n, p in top)}, {(t2 - t1) * 1e3:.1f}ms")
     sink.close()
+    check_some_succeeded(source, failures, seen)
     pre, inf, post = tuple(times / max(seen, 1) * 1e3)
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {inf:.1f}ms inference, {post:.1f}ms post-process per image at shape "
                 f"(1, 3, {size}, {size})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Union
 
@@ -22,11 +23,24 @@ LOGGER = logging.getLogger("mobile_yolo")
 
 CONFIG_DIR = ROOT / "models"
 DeviceSpec = Union[str, int, None]
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a config's file stem: no path separators, no leading dot
 
 
 def shipped_configs() -> list[str]:
     """Names of the model configs in models/ (yolov5s, yolov5_mobilenetv4, ...), one torch.hub entry each."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_path(name: str) -> Path:
+    """models/<name>.yaml for a model name (letters, digits, '_', '-', '.'; no path, no '..'); ValueError for anything
+    else, so a name never reaches a yaml outside models/ (weights files are passed separately, as `path`)."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"model name {name!r}: must be the name of a config in models/ (letters, digits, '_', '-', '.'; "
+                         "no folders, no '..'); see python hubconf.py --list; weights files go in path= (--path)")
+    cfg = CONFIG_DIR / f"{name}.yaml"
+    if not cfg.is_file() or cfg.resolve().parent != CONFIG_DIR.resolve():
+        raise ValueError(f"{name}: no such model config; known: {', '.join(shipped_configs())}")
+    return cfg
 
 
 def _report(text: str, verbose: bool) -> None:
@@ -70,9 +84,7 @@ def load_config(
     device: DeviceSpec = None, path: Union[str, Path, None] = None, verbose: bool = True,
 ) -> nn.Module:
     """Build models/<name>.yaml, with the trained weights of a local checkpoint `path`; no detector weights are bundled."""
-    cfg = CONFIG_DIR / f"{name}.yaml"
-    if not cfg.is_file():
-        raise ValueError(f"{name}: no such model config; known: {', '.join(shipped_configs())}")
+    cfg = config_path(name)
     if path is None and pretrained:
         raise ValueError(f"{name}: no pretrained detector weights are bundled with this repository; pass path='best.pt' "
                          f"(a checkpoint trained from {name}.yaml) or pretrained=False for an untrained model")

@@ -13,7 +13,16 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from utils.data.images import IMG_FORMATS, ImageError, array_to_bgr, decode_image_bytes, load_image, pil_to_bgr
+from utils.data.images import (
+    IMG_FORMATS,
+    ImageError,
+    array_to_bgr,
+    decode_image_bytes,
+    load_image,
+    pil_to_bgr,
+    settle_failures,
+    skip_failed_image,
+)
 from utils.data.sources import expand_source
 from utils.files import safe_component
 
@@ -64,14 +73,23 @@ def _paths(text: str) -> list[str]:
     return files
 
 
-def _expand(item: Any, index: int, channel_order: str) -> list[tuple[str, np.ndarray]]:
-    """(suggested name, BGR image) pairs for one input item."""
+def _load_files(files: list[str], failures: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(name, BGR image) of each file that reads; the 'file: problem' of each that does not goes to `failures`."""
+    pairs = []
+    for f in files:
+        with skip_failed_image(f, failures, warn=False):
+            pairs.append((Path(f).name, load_image(f)))
+    return pairs
+
+
+def _expand(item: Any, index: int, channel_order: str, failures: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(suggested name, BGR image) pairs for one input item; a folder's or glob's unreadable files go to `failures`."""
     if isinstance(item, (str, Path)):
         text = str(item)
         if is_url(text):
             name = Path(urllib.parse.urlsplit(text).path).name or f"image{index}.jpg"
             return [(name, read_url(text))]
-        return [(Path(f).name, load_image(f)) for f in _paths(text)]
+        return _load_files(_paths(text), failures)
     if isinstance(item, np.ndarray):
         return [(f"image{index}.jpg", array_to_bgr(item, channel_order))]
     if isinstance(item, Image.Image):
@@ -96,10 +114,23 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def _item_name(item: Any, index: int) -> str:
+    """What a failure message calls an input item: its path or URL, else its position and kind."""
+    return str(item) if isinstance(item, (str, Path)) else f"image{index} ({type(item).__name__})"
+
+
 def load_inputs(ims: Any, channel_order: str = "bgr") -> list[NamedImage]:
-    """Read one input or a list of inputs (a folder or glob counts as its images) into named BGR images."""
+    """Read one input or a list of inputs (a folder or glob counts as its images) into named BGR images.
+
+    An image that cannot be read is skipped with one warning line naming it; ImageError (the first problem) when none is
+    left. A missing path (FileNotFoundError) or an object of another type (TypeError) is the caller's mistake and raises."""
     items = list(ims) if isinstance(ims, (list, tuple)) else [ims]
-    pairs = [pair for i, item in enumerate(items) for pair in _expand(item, i, channel_order)]
+    pairs: list[tuple[str, np.ndarray]] = []
+    failures: list[str] = []
+    for i, item in enumerate(items):
+        with skip_failed_image(_item_name(item, i), failures, warn=False):
+            pairs += _expand(item, i, channel_order, failures)
+    settle_failures(failures, len(pairs))
     if not pairs:
         raise ImageError("no images given")
     names = _unique_names([name for name, _ in pairs])

@@ -19,7 +19,7 @@ from models.heads.segment import crop_to_boxes, masks_from_protos
 from utils.boxes import scale_boxes
 from utils.cli import check_fraction, check_img_size, check_int
 from utils.data.dataset_config import load_dataset_config
-from utils.data.images import VID_FORMATS
+from utils.data.images import VID_FORMATS, check_some_succeeded, skip_failed_image
 from utils.device import select_device
 from utils.files import safe_component
 from utils.nms import non_max_suppression
@@ -27,8 +27,7 @@ from utils.paths import ROOT, increment_path
 from utils.plots import draw_detections, draw_masks
 from utils.predictions import describe, save_crops, write_csv_rows, write_labels, write_polygon_labels
 from utils.segmentation import MASK_THRESHOLD, scale_masks
-from utils.tasks import get_task, task_of
-from utils.tasks.detect import DetectTask
+from utils.tasks import check_script_task, get_task
 
 LOGGER = logging.getLogger("mobile_yolo")
 
@@ -133,6 +132,37 @@ def _prepare(im: np.ndarray, device: torch.device, half: bool) -> torch.Tensor:
     return t[None] if t.ndim == 3 else t
 
 
+def item_name(path: Any, dataset: Any) -> str:
+    """What a warning calls one item of a source: the image file, 'video.mp4 frame 7' or the stream's name."""
+    p = str(path[0] if isinstance(path, list) else path)
+    is_image = Path(p).suffix[1:].lower() not in VID_FORMATS and getattr(dataset, "mode", "image") == "image"
+    return p if is_image else f"{p} frame {getattr(dataset, 'frame', 0)}"
+
+
+def _predict_item(model: Any, im: np.ndarray, im0s: Any, path: Any, desc: str, dataset: Any, step: dict,
+                  sink: VideoSink) -> tuple[np.ndarray, int]:
+    """Detect, save and log one item of the source (an image, a video frame or a stream batch); returns the
+    (pre-process, inference, NMS) seconds and the number of images done."""
+    t0 = time.perf_counter()
+    x = _prepare(im, step["device"], step["half"])
+    t1 = time.perf_counter()
+    out = model(x, augment=True) if step["augment"] else model(x)
+    pred, protos = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)  # segmentation: (detections, prototypes)
+    t2 = time.perf_counter()
+    nm = 0 if protos is None else protos.shape[1]
+    dets = non_max_suppression(pred, **step["nms"], head=model.head_kind, nm=nm)
+    took = np.array((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    frames = im0s if isinstance(im0s, list) else [im0s]
+    hw = (int(x.shape[2]), int(x.shape[3]))
+    for i, det in enumerate(dets):
+        p = Path(path[i] if isinstance(path, list) else path)
+        masks = None if protos is None else instance_masks(det, protos[i], hw, frames[i].shape[:2], step["retina_masks"])
+        det[:, :4] = scale_boxes(hw, det[:, :4], frames[i].shape[:2]).round()
+        _emit(det.float().cpu(), frames[i].copy(), p, dataset, step["save_dir"], step["names"], step["opts"], sink, masks)
+        LOGGER.info(f"{desc}{x.shape[2]}x{x.shape[3]} {describe(det, step['names'])}, {(t2 - t1) * 1e3:.1f}ms")
+    return took, len(dets)
+
+
 @torch.no_grad()
 def run(
     weights: Any = ROOT / "runs/train/exp/weights/best.pt",
@@ -162,9 +192,11 @@ def run(
     half: bool = False,
     vid_stride: int = 1,
     retina_masks: bool = False,
+    script_task: str = "detect",
 ) -> Path:
     """Detect objects (and their masks, for a segmentation model) in `source`, save annotated media and labels under
-    runs/detect/exp*; returns the run folder. retina_masks: masks resized to the original image before cropping."""
+    runs/detect/exp*; returns the run folder. retina_masks: masks resized to the original image before cropping;
+    script_task: the task whose script runs this (segment/predict.py: 'segment'), refusing weights it cannot run."""
     from utils.runtime.backend import DetectBackend
 
     check_options(imgsz, conf_thres, iou_thres, max_det, vid_stride, line_thickness, save_format)
@@ -173,9 +205,7 @@ def run(
         LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
         half = False
     model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
-    own = task_of(model)
-    if not isinstance(own, DetectTask):  # this loop draws boxes (and masks): the detection family's predictions
-        raise ValueError(f"{model.weights}: a {own.what}; run it with {own.predict_script}")
+    check_script_task(get_task(script_task), model, "predict", model.weights)  # detect.py draws a segmentation model's masks too
     stride, names = int(model.stride), list(model.names)
     size = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz) * (2 if len(imgsz) == 1 else 1)
     size = tuple(check_img_size(list(size), stride))
@@ -186,28 +216,17 @@ def run(
     sink, seen, times = VideoSink(), 0, np.zeros(3)
     opts = dict(save_txt=save_txt, save_format=save_format, save_csv=save_csv, save_conf=save_conf, save_crop=save_crop,
                 view_img=view_img, nosave=nosave, line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
+    step = dict(device=dev, half=half, augment=augment, retina_masks=retina_masks, save_dir=save_dir, names=names, opts=opts,
+                nms=dict(conf_thres=conf_thres, iou_thres=iou_thres, classes=classes, agnostic=agnostic_nms, max_det=max_det))
+    failures: list[str] = []
     for path, im, im0s, desc in dataset:
         if isinstance(path, str) and Path(path).suffix[1:].lower() in VID_FORMATS and (dataset.frame - 1) % max(vid_stride, 1):
             continue
-        t0 = time.perf_counter()
-        x = _prepare(im, dev, half)
-        t1 = time.perf_counter()
-        out = model(x, augment=augment) if augment else model(x)
-        pred, protos = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)  # segmentation: (detections, prototypes)
-        t2 = time.perf_counter()
-        nm = 0 if protos is None else protos.shape[1]
-        dets = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det, head=model.head_kind, nm=nm)
-        times += (t1 - t0, t2 - t1, time.perf_counter() - t2)
-        frames = im0s if isinstance(im0s, list) else [im0s]
-        hw = (int(x.shape[2]), int(x.shape[3]))
-        for i, det in enumerate(dets):
-            seen += 1
-            p = Path(path[i] if isinstance(path, list) else path)
-            masks = None if protos is None else instance_masks(det, protos[i], hw, frames[i].shape[:2], retina_masks)
-            det[:, :4] = scale_boxes(hw, det[:, :4], frames[i].shape[:2]).round()
-            _emit(det.float().cpu(), frames[i].copy(), p, dataset, save_dir, names, opts, sink, masks)
-            LOGGER.info(f"{desc}{x.shape[2]}x{x.shape[3]} {describe(det, names)}, {(t2 - t1) * 1e3:.1f}ms")
+        with skip_failed_image(item_name(path, dataset), failures):  # one bad image or frame never ends the run
+            took, n = _predict_item(model, im, im0s, path, desc, dataset, step, sink)
+            times, seen = times + took, seen + n
     sink.close()
+    check_some_succeeded(source, failures, seen)
     per_image = tuple(times / max(seen, 1) * 1e3)
     pre, inf, nms = per_image
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {inf:.1f}ms inference, {nms:.1f}ms NMS per image at shape (1, 3, {size[0]}, {size[1]})")
@@ -266,6 +285,7 @@ def predict_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true")
     p.add_argument("--vid-stride", type=int, default=1)
     t.add_predict_args(p)
+    p.set_defaults(script_task=t.name)  # the weights are checked against the script's task
     return p
 
 

@@ -43,6 +43,11 @@ class Task:
     postprocess_stage: ClassVar[str] = "post-process"  # what val.py's speed line calls the step after inference
     val_loss_width: ClassVar[int] = 0  # loss entries val.py's run() returns after the metrics when it computed none (YOLOv5's)
 
+    def handles(self, other: Task) -> bool:
+        """Whether this task's val and predict scripts run models of task `other`: its own and those of tasks derived from
+        it (val.py and detect.py run a segmentation model in full, boxes and masks; segment/val.py refuses a detector)."""
+        return isinstance(other, type(self))
+
     def add_train_args(self, parser: argparse.ArgumentParser) -> None:
         """Flags of this task's training script beyond train.py's."""
 
@@ -105,6 +110,14 @@ class Task:
     def plot_train_batch(self, batch: TrainBatch, file: Path, names: Sequence[str]) -> None:
         """train_batch<i>.jpg: a training batch as the model sees it."""
 
+    def warn_output_cap(self, model: Any, datasets: dict[str, Any]) -> None:
+        """One warning line when images of `datasets` (description -> dataset) hold more objects than `model` can output
+        (its head's max_detections); tasks without object counts have nothing to check."""
+
+    def script(self, role: str) -> str:
+        """The script users run to 'train', 'val' or 'predict' with this task's models."""
+        return {"train": self.train_script, "val": self.val_script, "predict": self.predict_script}[role]
+
 
 _TASKS: dict[str, Task] = {}
 
@@ -135,3 +148,12 @@ def task_of(model: Any) -> Task:
     """The task of a model (DetectionModel or inference backend): its own `task`, else its head kind's policy."""
     name = getattr(model, "task", None)
     return get_task(name if isinstance(name, str) else head_policy(str(model.head_kind)).task)
+
+
+def check_script_task(task: Task, model: Any, role: str, weights: Any) -> Task:
+    """The model's task when `task`'s `role` script ('val', 'predict') handles it (Task.handles), else ValueError naming
+    the script to use instead; every validation and prediction entry point checks its weights through this."""
+    own = task_of(model)
+    if not task.handles(own):
+        raise ValueError(f"weights {weights} are a {own.what}, not a {task.what}: use {own.script(role)}")
+    return own

@@ -298,6 +298,22 @@ class DetectTask(Task):
             if labels:
                 plot_labels(np.concatenate(labels, 0), trainer.names, trainer.save_dir / "labels.jpg")
 
+    def warn_output_cap(self, model: Any, datasets: dict[str, Any]) -> None:
+        """One warning line when images hold more labelled objects than the head's max_detections (RT-DETR: its queries)."""
+        head = next((h for h in (getattr(m, "head", None) for m in (model, getattr(model, "model", None))) if h is not None), None)
+        cap = getattr(head, "max_detections", None)  # a DetectionModel's head, or the one of the model a .pt backend holds
+        if head is None or cap is None:
+            return
+        over = []
+        for what, dataset in datasets.items():
+            counts = [len(lb) for lb in getattr(dataset, "labels", None) or []]
+            n = sum(c > cap for c in counts)
+            if n:
+                over.append(f"{n} image(s) of the {what} hold more (up to {max(counts)})")
+        if over:
+            LOGGER.warning(f"WARNING: this {head.policy.title} model outputs at most {cap} objects per image, but {'; '.join(over)}: "
+                           f"the objects beyond {cap} can never be detected, which caps recall on those images")
+
     def plot_train_batch(self, batch: TrainBatch, file: Path, names: Sequence[str]) -> None:
         """The mosaic with its label boxes."""
         from utils.plots import plot_images
