@@ -189,3 +189,12 @@ def tiny_shapes_yaml(root: Path, n_train: int, n_val: int, seed: int, polygons: 
     cfg.pop("generator", None)
     (root / "shapes.yaml").write_text(yaml.safe_dump(cfg))
     return root / "shapes.yaml"
+
+
+def one_line_exit(excinfo: pytest.ExceptionInfo, prog: str, *needles: str) -> str:
+    """The SystemExit message of a script: one line, starting 'prog: error:', containing every needle."""
+    msg = str(excinfo.value.code)
+    assert msg.startswith(f"{prog}: error: ") and "\n" not in msg and "Traceback" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg

@@ -22,7 +22,7 @@ import export
 import train
 import val
 from models.model import DetectionModel
-from tests.conftest import tiny_shapes_yaml
+from tests.conftest import one_line_exit, tiny_shapes_yaml
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.cli import OptionError, check_img_size, check_int
 from utils.engine.results import COLUMNS, append_results, truncate_results
@@ -36,15 +36,6 @@ TINY_CFG = "models/yolov5n.yaml"
 
 def _files_under(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*")}
-
-
-def _one_line_exit(excinfo: pytest.ExceptionInfo, prog: str, *needles: str) -> str:
-    """The SystemExit message: one line, starting 'prog: error:', containing every needle."""
-    msg = str(excinfo.value.code)
-    assert msg.startswith(f"{prog}: error: ") and "\n" not in msg and "Traceback" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +104,7 @@ def test_export_refuses_to_replace_a_user_folder(tmp_path: Path) -> None:
     (user / "thesis.txt").write_text("years of work")
     with pytest.raises(SystemExit) as e:
         export.main(["--cfg", TINY_CFG, "--include", "onnx", "--imgsz", "64", "--output", str(user)])
-    _one_line_exit(e, "export", str(user), "did not create")
+    one_line_exit(e, "export", str(user), "did not create")
     assert (user / "thesis.txt").read_text() == "years of work"
 
 
@@ -149,7 +140,7 @@ def test_export_into_read_only_folder_is_one_line(tmp_path: Path, monkeypatch: p
     try:
         with pytest.raises(SystemExit) as e:
             export.main(["--cfg", TINY_CFG, "--include", "torchscript", "--imgsz", "64", "--output", str(ro / "m.torchscript")])
-        _one_line_exit(e, "export", str(ro), "Permission denied")
+        one_line_exit(e, "export", str(ro), "Permission denied")
     finally:
         ro.chmod(0o700)
 
@@ -166,7 +157,7 @@ def test_resume_of_a_copied_checkpoint_never_writes_beside_it(run_dir: Path, tmp
     before = {p: p.read_bytes() for p in _files_under(outside) if p.is_file()}
     with pytest.raises(SystemExit) as e:
         train.cli(["--resume", str(last)])
-    _one_line_exit(e, "train", "no longer exists")
+    one_line_exit(e, "train", "no longer exists")
     assert {p: p.read_bytes() for p in _files_under(outside) if p.is_file()} == before
     assert not (outside / "weights").exists()
 
@@ -198,7 +189,7 @@ def test_weights_with_any_suffix_are_loaded(run_dir: Path, tmp_path: Path) -> No
 def test_missing_pth_weights_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         train.cli(["--weights", str(tmp_path / "missing.pth"), "--project", str(tmp_path / "p")])
-    _one_line_exit(e, "train", "missing.pth", "not found")
+    one_line_exit(e, "train", "missing.pth", "not found")
     assert not (tmp_path / "p").exists()  # setup failures leave no run folder behind
 
 
@@ -266,7 +257,7 @@ def test_truncate_results_replaces_the_file_atomically(tmp_path: Path, monkeypat
 def test_train_bad_values_one_line_no_run_folder(argv: list[str], needle: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         train.cli([*argv, "--project", str(tmp_path / "p"), "--cfg", TINY_CFG])
-    _one_line_exit(e, "train", needle)
+    one_line_exit(e, "train", needle)
     assert not (tmp_path / "p").exists()
 
 
@@ -280,7 +271,7 @@ def test_val_bad_values_one_line(argv: list[str], needle: str, run_dir: Path, ti
     weights = str(run_dir / "weights" / "best.pt")
     with pytest.raises(SystemExit) as e:
         val.main([*argv, "--weights", weights, "--data", str(tiny_data), "--project", str(tmp_path / "v")])
-    _one_line_exit(e, "val", needle)
+    one_line_exit(e, "val", needle)
     assert not (tmp_path / "v").exists()
 
 
@@ -288,7 +279,7 @@ def test_val_bad_values_one_line(argv: list[str], needle: str, run_dir: Path, ti
 def test_detect_bad_values_one_line(argv: list[str], needle: str, run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         detect.main([*argv, "--weights", str(run_dir / "weights" / "best.pt"), "--project", str(tmp_path / "d")])
-    _one_line_exit(e, "detect", needle)
+    one_line_exit(e, "detect", needle)
     assert not (tmp_path / "d").exists()
 
 
@@ -300,7 +291,7 @@ def test_resume_with_mismatched_state_dict_is_one_line(run_copy: Path) -> None:
     torch.save(ckpt, last)
     with pytest.raises(SystemExit) as e:
         train.cli(["--resume", str(last)])
-    _one_line_exit(e, "train", str(last), "do not fit")
+    one_line_exit(e, "train", str(last), "do not fit")
 
 
 @pytest.mark.parametrize("cfg", [{"nc": 3}, {"nc": 3, "anchors": 3, "backbone": 5, "head": None}, 42, "models/does_not_exist.yaml"])
@@ -311,7 +302,7 @@ def test_resume_with_malformed_cfg_is_one_line(cfg: object, run_copy: Path) -> N
     torch.save(ckpt, last)
     with pytest.raises(SystemExit) as e:
         train.cli(["--resume", str(last)])
-    _one_line_exit(e, "train", str(last))
+    one_line_exit(e, "train", str(last))
 
 
 def test_full_disk_during_checkpoint_save_is_one_line_and_keeps_last(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,7 +315,7 @@ def test_full_disk_during_checkpoint_save_is_one_line_and_keeps_last(run_copy: P
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit) as e:
         train.cli(["--resume", str(last)])
-    _one_line_exit(e, "train", "last.pt", "No space left on device")
+    one_line_exit(e, "train", "last.pt", "No space left on device")
     assert last.read_bytes() == before
     assert not list(last.parent.glob(".*.tmp"))
 
@@ -353,7 +344,7 @@ def test_image_size_limit_on_predict_and_export(script: Any, run_dir: Path, tmp_
     extra = ["--source", str(tmp_path)] if script is detect else ["--include", "onnx"]
     with pytest.raises(SystemExit) as e:
         script.main(["--weights", weights, "--img", "50000", *extra])
-    _one_line_exit(e, script.__name__, "--imgsz 50000 exceeds the limit of 8192 pixels")
+    one_line_exit(e, script.__name__, "--imgsz 50000 exceeds the limit of 8192 pixels")
 
 
 def test_image_size_limit_is_raisable(monkeypatch: pytest.MonkeyPatch) -> None:

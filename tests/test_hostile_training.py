@@ -21,7 +21,7 @@ from classify import val as cls_val
 from models.model import DetectionModel
 from segment import predict as seg_predict
 from segment import val as seg_val
-from tests.conftest import tiny_shapes_yaml
+from tests.conftest import one_line_exit, tiny_shapes_yaml
 from utils.checkpoint import save_checkpoint
 from utils.engine.callbacks import Callbacks
 from utils.engine.evolve import HYP_KEYS, MUTATION_TABLES, mutate
@@ -39,15 +39,6 @@ RTDETR_TINY = {  # test_rtdetr.py's small RT-DETR with 3 queries: fewer than the
     "head": [[-1, 1, "Conv", [64, 1, 1, None, 1, 1, False]], [-1, 1, "AIFI", [128, 4]], [-1, 1, "RepC3", [64, 0.5]],
              [[2, 3, 7], 1, "RTDETRDecoder", ["nc", 64, 3, 4, 4, 2]]],
 }
-
-
-def _one_line(excinfo: pytest.ExceptionInfo, prog: str, *needles: str) -> str:
-    """The SystemExit message: one line starting 'prog: error: ' and holding every needle."""
-    msg = str(excinfo.value.code)
-    assert msg.startswith(f"{prog}: error: ") and "\n" not in msg and "Traceback" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
 
 
 def _hyp_file(folder: Path, **changes: float) -> Path:
@@ -93,7 +84,7 @@ def test_train_refuses_lr0_1e12_before_making_a_run_folder(data: Path, tmp_path:
     with pytest.raises(SystemExit) as e:
         train.cli(["--cfg", TINY_CFG, "--data", str(data), "--hyp", str(hyp), "--epochs", "1", "--img", "64", "--batch", "4",
                    "--workers", "0", "--device", "cpu", "--noplots", "--noautoanchor", "--project", str(tmp_path / "runs")])
-    _one_line(e, "train", str(hyp), "lr0", "1000000000000.0", "(0, 1]")
+    one_line_exit(e, "train", str(hyp), "lr0", "1000000000000.0", "(0, 1]")
     assert not (tmp_path / "runs").exists()
 
 
@@ -127,7 +118,7 @@ def test_real_divergence_exits_one_line_and_saves_no_nan_weights(data: Path, tmp
     with pytest.raises(SystemExit) as e:
         train.cli(["--cfg", TINY_CFG, "--data", str(data), "--hyp", str(hyp), "--epochs", "1", "--img", "64", "--batch", "4",
                    "--workers", "0", "--device", "cpu", "--noplots", "--noautoanchor", "--project", str(tmp_path / "runs")])
-    _one_line(e, "train", "at epoch 0", f"lr0 1 from {hyp}", "no weights were saved")
+    one_line_exit(e, "train", "at epoch 0", f"lr0 1 from {hyp}", "no weights were saved")
     assert not list(tmp_path.rglob("*.pt"))
 
 
@@ -195,7 +186,7 @@ def test_val_and_predict_scripts_refuse_another_tasks_weights(script: object, pr
     argv += ["--source", str(ROOT / "data" / "images")] if prog.endswith(("predict", "detect")) else ["--data", str(data)]
     with pytest.raises(SystemExit) as e:
         script.main(argv)  # type: ignore[attr-defined]
-    _one_line(e, prog, f"weights {weights[kind]} are a {get_task(kind).what}", f"use {use}")
+    one_line_exit(e, prog, f"weights {weights[kind]} are a {get_task(kind).what}", f"use {use}")
     assert not (tmp_path / "runs").exists()
 
 
