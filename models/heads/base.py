@@ -29,6 +29,7 @@ class HeadPolicy:
     optimizer: str = "SGD"  # what --optimizer auto picks
     close_mosaic_share: float = 0.0  # --close-mosaic 0 means this share of the epochs (at most 10); 0: keep mosaic to the end
     export_formats: tuple[str, ...] | None = None  # formats whose converter and runtime handle its outputs; None: all
+    export_refusals: tuple[tuple[str, str], ...] = ()  # (format, one-line reason naming the blocking op) for formats left out
     min_opset: int = 0  # lowest ONNX opset its graph exports with
     dynamic_export: bool = True  # whether --dynamic shapes export (False: sizes are built into the graph)
     nms_export: bool = True  # whether --nms can put NMS in the graph (False: NMS-free, or outputs NMS cannot take)

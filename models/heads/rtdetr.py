@@ -31,11 +31,15 @@ class RTDETRDecoder(Head):
     """
 
     kind: ClassVar[str] = "rtdetr"
-    # Deformable attention needs grid_sample (ONNX opset 16; the NCNN, TFLite and CoreML converters lack it), the
-    # graph has its feature-map sizes built in, and one query predicts one object, so there is nothing for NMS to do.
+    # Deformable attention needs grid_sample (ONNX opset 16; the TFLite and CoreML converters lack it; PNNX converts it to
+    # ncnn's GridSample, but NCNN is blocked by the query selection, see export_refusals), the graph has its feature-map
+    # sizes built in, and one query predicts one object, so there is nothing for NMS to do.
     policy: ClassVar[HeadPolicy] = HeadPolicy(
         task="detect", title="RT-DETR", hyp_file="hyp.rtdetr.yaml", optimizer="AdamW", close_mosaic_share=0.15,
         export_formats=("onnx", "torchscript", "openvino"), min_opset=16, dynamic_export=False, nms_export=False, int8_export=False,
+        export_refusals=(("ncnn", "its query selection (torch.topk, then indexing by the top-k indices) has no ncnn layer, ncnn "
+                                  "having no TopK or Gather (grid_sample does convert, to GridSample); it needs those layers in ncnn "
+                                  "or the selection run outside the graph"),),
         nms_reason="RT-DETR predicts one box per object and needs no NMS; export without --nms",
     )
     export_layout: ClassVar[str] = "(batch, queries, 4 + nc)"

@@ -105,3 +105,28 @@ class End2End(nn.Module):
         label = cls[b, i] if s.agnostic else c
         rows = torch.cat((boxes[b, i], per_class[b, c, i][:, None], label[:, None].to(boxes.dtype)), 1)
         return _top_per_image(rows, b, x.shape[0], s.topk_all)
+
+
+class DetectionOutputInputs(nn.Module):
+    """What ncnn's DetectionOutput layer (its in-graph per-class NMS) reads: (boxes (B, N, 4), scores (B, N, 1 + nc),
+    priors (B, 2, 4N)); utils/export/ncnn.py appends that layer to the converted graph.
+
+    Scores keep each box's best class only (detect.py's NMS); column 0 is the background class, which the layer skips.
+    The priors' first row is the boxes themselves and the second their variances, zero, so the layer's centre-size
+    decode returns each prior unchanged (the first blob is then unused). Exact score ties keep both classes.
+    """
+
+    def __init__(self, model: nn.Module, settings: NMSSettings) -> None:
+        super().__init__()
+        settings.check()
+        self.model, self.settings = model, settings
+        self.split_output = head_class(str(model.head_kind)).split_output
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, scores, _ = self.split_output(self.model(x)[0])  # (B, N, 4) xyxy, (B, N, nc)
+        best = scores.amax(2, keepdim=True)
+        # 1 where a score is its box's maximum, else 0, with ops ncnn has (no comparisons): ceil(d) >= 1 for any d > 0
+        only_best = scores * (1 - torch.clamp(torch.ceil(best - scores), max=1.0))
+        flat = boxes.reshape(boxes.shape[0], 1, -1)
+        return boxes, torch.cat((best * 0, only_best), 2), torch.cat((flat, flat * 0), 1)

@@ -32,7 +32,7 @@ from utils.tasks import task_of
 
 LOGGER = logging.getLogger("mobile_yolo")
 FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")
-NMS_FORMATS = ("onnx", "torchscript", "openvino")  # formats whose graph can hold NMS (export.py --nms)
+NMS_FORMATS = ("onnx", "torchscript", "openvino", "ncnn")  # formats whose graph can hold NMS (export.py --nms)
 INT8_FORMATS = ("onnx", "openvino", "coreml")  # TFLite INT8 is refused: its quantiser collapses box sizes (README)
 CPU_HALF_FORMATS = ("tflite", "coreml")  # fp16 weights written from the fp32 model, no CUDA needed
 
@@ -127,7 +127,8 @@ def _export_torchscript(model: DetectionModel, base: Path, opt: dict[str, Any], 
 def _export_ncnn(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
     from utils.export.ncnn import export_ncnn
 
-    return export_ncnn(model, output_path(base, "ncnn", False, opt["output"]), opt["imgsz"], opt["batch_size"], meta)
+    return export_ncnn(model, output_path(base, "ncnn", False, opt["output"]), opt["imgsz"], opt["batch_size"], meta,
+                       nms=opt["nms"])
 
 
 def _export_tflite(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -156,6 +157,9 @@ def _check_head(model: DetectionModel, fmts: list[str], nms: bool, int8: bool, d
     what = f"{policy.title} models"
     able = policy.export_formats
     unable = [f for f in fmts if able is not None and f not in able]
+    reasons = dict(policy.export_refusals)
+    for fmt in (f for f in unable if f in reasons):
+        raise ExportError(f"{what} cannot export to {fmt}: {reasons[fmt]}")
     if unable and able is not None:
         raise ExportError(f"{what} export to {', '.join(able)} only, not {', '.join(unable)}")
     if nms and not policy.nms_export:
@@ -209,6 +213,10 @@ def export_model(
         unable = [f for f in fmts if on and f not in able]
         if unable:
             raise ExportError(f"{flag} is not available for {', '.join(unable)} (only {', '.join(able)})")
+    if settings is not None and "ncnn" in fmts:
+        from utils.export.ncnn import check_nms
+
+        check_nms(settings)  # NCNN's NMS layer takes fewer options: refuse before building the model
     model, base = _build_model(weights, cfg, dev)
     _check_head(model, fmts, nms, int8, dynamic, opset)
     model = model.eval().fuse()

@@ -3,6 +3,10 @@
 The folder holds model.ncnn.param (the graph, text), model.ncnn.bin (the weights) and metadata.yaml. NCNN blobs have
 no batch axis, so the graph is converted for one (3, h, w) image and the runner runs a batch image by image. PNNX folds
 the head's anchor grids into constants, so the input size is fixed at export (static, like a non-dynamic ONNX export).
+
+With --nms the graph ends in ncnn's own DetectionOutput layer (per-class NMS, best rows first): PNNX converts the decoded
+boxes and best-class scores (end2end.DetectionOutputInputs), then that layer is appended to the .param. The runner only
+reorders its rows to the (topk_all, 6) [x1, y1, x2, y2, score, class] layout of the other end-to-end exports.
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
+from utils.export.end2end import DetectionOutputInputs, NMSSettings
 from utils.export.formats import ExportError, ExportModel, atomic_path, import_optional
-from utils.runtime.ncnn import BIN_FILE, NCNN_METADATA, PARAM_FILE, read_param
+from utils.runtime.ncnn import BIN_FILE, NCNN_METADATA, NMS_LAYER, PARAM_FILE, read_param
+
+NMS_INPUTS = ("out0", "out1", "out2")  # PNNX's names for DetectionOutputInputs' three outputs
 
 
 def pnnx_executable() -> Path:
@@ -30,15 +38,41 @@ def pnnx_executable() -> Path:
     return exe
 
 
-def _trace(model: nn.Module, imgsz: tuple[int, int]) -> torch.jit.ScriptModule:
-    """TorchScript of the model's export view for one float32 CPU image (PNNX converts on the CPU)."""
+def _trace(model: nn.Module, imgsz: tuple[int, int], nms: NMSSettings | None = None) -> tuple[torch.jit.ScriptModule, Any]:
+    """TorchScript of the model's export view (with `nms`: DetectionOutputInputs) for one float32 CPU image, and the
+    view's output for a zero image (PNNX converts on the CPU)."""
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:  # a copy: the caller's model stays where it is
         model = _cpu_float_copy(model)
+    view = DetectionOutputInputs(model, nms) if nms is not None else ExportModel(model)
     im = torch.zeros(1, 3, *imgsz)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings
-        return torch.jit.trace(ExportModel(model), im, strict=False, check_trace=False)
+        return torch.jit.trace(view, im, strict=False, check_trace=False), view(im)
+
+
+def check_nms(settings: NMSSettings) -> None:
+    """Refuse, in one line, the --nms options ncnn's DetectionOutput layer cannot express."""
+    if settings.agnostic:
+        raise ExportError("--agnostic-nms is not available for ncnn: its in-graph NMS (the DetectionOutput layer) suppresses "
+                          "within each class only; export without --agnostic-nms")
+    if settings.topk_per_class < settings.topk_all:
+        raise ExportError(f"--topk-per-class {settings.topk_per_class} below --topk-all {settings.topk_all} is not available for "
+                          "ncnn: its DetectionOutput layer caps only the total; pass --topk-per-class >= --topk-all")
+
+
+def _append_nms(param: Path, settings: NMSSettings, n_boxes: int, n_classes: int) -> None:
+    """Append ncnn's DetectionOutput layer (per-class NMS over all n_boxes, the topk_all best rows) to the .param."""
+    _, _, outputs = read_param(param)
+    if sorted(outputs) != list(NMS_INPUTS):
+        raise ExportError(f"PNNX gave the NMS inputs as blobs {outputs}, expected {list(NMS_INPUTS)}; cannot append NMS")
+    lines = param.read_text(encoding="utf-8").splitlines()
+    layers, blobs = (int(v) for v in lines[1].split())
+    lines[1] = f"{layers + 1} {blobs + 1}"
+    s = settings  # params: 0 classes incl. background, 1 IoU, 2 candidates per class, 3 rows kept, 4 score threshold
+    lines.append(f"{NMS_LAYER} nms 3 1 {' '.join(NMS_INPUTS)} output 0={n_classes + 1} 1={s.iou_thres:.9f} 2={n_boxes} "
+                 f"3={s.topk_all} 4={s.conf_thres:.9f}")
+    param.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _cpu_float_copy(model: nn.Module) -> nn.Module:
@@ -74,23 +108,30 @@ def _check_layers(param: Path) -> None:
 
 
 def export_ncnn(
-    model: nn.Module, out_dir: Path, imgsz: tuple[int, int], batch_size: int, metadata: dict, *, half: bool = False
+    model: nn.Module, out_dir: Path, imgsz: tuple[int, int], batch_size: int, metadata: dict, *, half: bool = False,
+    nms: NMSSettings | None = None,
 ) -> Path:
     """Write a fused eval DetectionModel as an NCNN folder (model.ncnn.param/.bin + metadata.yaml), atomically.
 
     The graph has no batch axis (NCNN blobs are single images), so any batch_size runs; it is only recorded in the
     metadata. half=True stores the weights as fp16 (PNNX fp16=1: half the .bin size, ~1e-2 relative output error).
+    With `nms` the graph ends in ncnn's DetectionOutput layer (see the module docstring).
     """
     h, w = (int(s) for s in imgsz)
     if h < 1 or w < 1 or int(batch_size) < 1:
         raise ExportError(f"NCNN export needs a positive image size and batch size, got imgsz={tuple(imgsz)} batch={batch_size}")
+    if nms is not None:
+        check_nms(nms)
     exe = pnnx_executable()
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="ncnn_export_") as scratch:  # PNNX writes 8 side files: keep them out of sight
         work = Path(scratch)
-        _trace(model, (h, w)).save(str(work / "model.pt"))
+        traced, example = _trace(model, (h, w), nms)
+        traced.save(str(work / "model.pt"))
         param, weights = _run_pnnx(exe, work, (h, w), half)
         _check_layers(param)
+        if nms is not None:
+            _append_nms(param, nms, int(example[1].shape[1]), int(example[1].shape[2]) - 1)
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
             shutil.move(str(param), str(tmp / PARAM_FILE))

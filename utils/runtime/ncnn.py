@@ -2,6 +2,9 @@
 
 NCNN blobs have no batch axis, so the runner runs a batch image by image. PNNX folds the head's anchor grids into
 constants at export, so the input size is the one recorded in metadata.yaml (static, like a non-dynamic ONNX export).
+A graph with several outputs (a segmentation model's detections and prototypes) returns them in PNNX's out0, out1 order.
+A graph ending in ncnn's DetectionOutput layer (export.py --nms) did its NMS inside; its rows [label, score, x1, y1, x2, y2]
+(label 0 is the background) are reordered to the (topk_all, 6) [x1, y1, x2, y2, score, class] end-to-end layout.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from utils.runtime.packages import import_optional
 
 PARAM_FILE, BIN_FILE = "model.ncnn.param", "model.ncnn.bin"
 NCNN_METADATA = OPENVINO_METADATA  # the same metadata.yaml sidecar as the OpenVINO folder
+NMS_LAYER = "DetectionOutput"  # ncnn's per-class NMS layer, the last layer of an export.py --nms graph
 PARAM_MAGIC = "7767517"  # first line of a text .param file (ncnn's param format)
 # Options that let ncnn store or compute in 16 bits on CPUs that support it; off so the runner matches PyTorch's fp32.
 REDUCED_PRECISION_OPTIONS = (
@@ -84,6 +88,22 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _output_order(name: str) -> tuple[int, str]:
+    """Sort key of an output blob: PNNX names a graph's outputs out0, out1, ... in the traced module's order."""
+    index = name[3:] if name.startswith("out") else ""
+    return (int(index), name) if index.isdigit() else (1 << 30, name)
+
+
+def final_rows(out: np.ndarray, k: int) -> np.ndarray:
+    """DetectionOutput's (n, 6) [label, score, x1, y1, x2, y2] rows (label 0: background) -> (k, 6) [x1, y1, x2, y2,
+    score, class], zero rows past the n detections (an image without detections gives an empty Mat: all zeros)."""
+    rows = np.zeros((k, 6), np.float32)
+    out = np.asarray(out, np.float32).reshape(-1, 6)[:k]
+    rows[: len(out)] = out[:, [2, 3, 4, 5, 1, 0]]
+    rows[: len(out), 5] -= 1.0
+    return rows
+
+
 def _static_shape(meta: dict[str, Any]) -> tuple[int, int, int, int] | None:
     """(1, 3, h, w) from the metadata's imgsz (the size the grids were folded for), or None when unknown."""
     size = meta.get("imgsz")
@@ -106,11 +126,17 @@ class NcnnRunner:
         self.bin_file = self.param_file.with_suffix(".bin")  # model.ncnn.param -> model.ncnn.bin
         if not self.bin_file.is_file():
             raise FileNotFoundError(f"{self.bin_file}: NCNN weights not found")
-        _, inputs, outputs = read_param(self.param_file)
+        layers, inputs, outputs = read_param(self.param_file)
         if len(inputs) != 1 or not outputs:
             raise ValueError(f"{self.param_file}: expected one Input layer and an output blob, got inputs {inputs} outputs {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.output_names = sorted(outputs, key=_output_order)
+        self.input_name, self.output_name = inputs[0], self.output_names[0]
         self.metadata: dict[str, Any] = _read_metadata(self.param_file.parent / NCNN_METADATA)
+        nms = self.metadata.get("nms")
+        nms = nms if isinstance(nms, dict) else {}
+        tops = {t for kind, _, layer_tops in layers if kind == NMS_LAYER for t in layer_tops}
+        # rows per image of an in-graph NMS output (--topk-all; without metadata, the layer's default keep_top_k)
+        self.nms_rows: int | None = int(nms.get("topk_all") or 100) if self.output_name in tops else None
         self.input_shape: tuple[int, ...] | None = _static_shape(self.metadata)
         self.net = self._load_net(threads)
 
@@ -132,24 +158,33 @@ class NcnnRunner:
             raise ValueError(f"{self.bin_file}: ncnn cannot load these weights (truncated, or from another .param)")
         return net
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) float32 0-1 -> (B, N, 5+nc) or (B, 4+nc, N), the exported head's output, one image at a time."""
+    def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """(B, 3, H, W) float32 0-1 -> the exported outputs batched, one image at a time: the head's output ((B, N, 5+nc)
+        or (B, 4+nc, N); with --nms (B, topk_all, 6)), or a tuple of outputs for a graph with several (segmentation)."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 1:
             raise ValueError(f"{self.path}: expected a (B, 3, H, W) image batch with B >= 1, got shape {tuple(x.shape)}")
         if self.input_shape is not None and tuple(x.shape[2:]) != tuple(self.input_shape[2:]):
             h, w = self.input_shape[2:]
             raise ValueError(f"{self.path}: exported for {h}x{w} images, got {x.shape[2]}x{x.shape[3]}; re-export or use --imgsz {h} {w}")
-        return np.stack([self._run_one(np.ascontiguousarray(im)) for im in x])
+        per_image = [self._run_one(np.ascontiguousarray(im)) for im in x]
+        outputs = tuple(np.stack(group) for group in zip(*per_image))
+        return outputs[0] if len(outputs) == 1 else outputs
 
-    def _run_one(self, im: np.ndarray) -> np.ndarray:
-        """One (3, H, W) image through the net; the output Mat is copied before the extractor frees it."""
+    def _run_one(self, im: np.ndarray) -> list[np.ndarray]:
+        """One (3, H, W) image through the net, each output; the output Mats are copied before the extractor frees them."""
         ex = self.net.create_extractor()
         try:
             ex.input(self.input_name, self._ncnn.Mat(im))  # the Mat shares im's memory: im stays alive until extract returns
-            ret, out = ex.extract(self.output_name)
-            if ret != 0:
-                raise RuntimeError(f"{self.param_file}: ncnn failed to compute '{self.output_name}' (error {ret})")
-            return np.array(out, dtype=np.float32, copy=True)
+            outs = []
+            for name in self.output_names:
+                ret, out = ex.extract(name)
+                if ret != 0:
+                    raise RuntimeError(f"{self.param_file}: ncnn failed to compute '{name}' (error {ret})")
+                # an empty Mat (DetectionOutput found nothing) has no buffer: converting it would crash the bindings
+                outs.append(np.zeros(0, np.float32) if out.empty() else np.array(out, dtype=np.float32, copy=True))
+            if self.nms_rows is not None:
+                outs[0] = final_rows(outs[0], self.nms_rows)
+            return outs
         finally:
             ex.clear()
