@@ -33,7 +33,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
     p.add_argument("--simplify", action="store_true", help="ONNX: simplify with onnxslim / onnxsim")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    p.add_argument("--int8", action="store_true", help="ONNX/OpenVINO: static INT8 quantisation (needs --data)")
+    p.add_argument("--int8", action="store_true", help="ONNX/OpenVINO/TFLite: static INT8 (needs --data); Core ML: int8 weights")
     p.add_argument("--data", type=str, default=None, help="dataset yaml or image folder for INT8 calibration")
     p.add_argument("--n-calib", type=int, default=300, help="number of INT8 calibration images")
     p.add_argument("--per-tensor", action="store_true", help="INT8: one scale per weight tensor (default: per output channel)")

@@ -78,43 +78,63 @@ def test_float16_within_weight_rounding_bound(tflite_setup: dict) -> None:
     assert s["files"]["fp16"].stat().st_size < 0.6 * s["files"]["fp32"].stat().st_size  # weights stored as float16
 
 
-def _int8_scores(runner: TfliteRunner, s: dict) -> tuple[np.ndarray, np.ndarray, float]:
-    """INT8 and PyTorch score columns and the output quantisation step."""
-    y = runner(s["x"])
-    assert y.shape == s["ref"].shape and y.dtype == np.float32
-    step = float(runner.output["quantization"][0])
-    return y[..., 4:], s["ref"][..., 4:], step
+def _int8_bound(model: nn.Module, scores: np.ndarray) -> float:
+    """RMS error bound of an INT8 model's scores, derived as in tests/test_quantize.py.
+
+    Every int8 tensor rounds to a step of range/255, noise of RMS step/sqrt(12); with MinMax ranges a few times the
+    tensors' spread and at most L quantised tensors (one per conv layer) on the longest path adding like a random walk,
+    the head's input, and so its (float) conv's logits, are off by RMS <= 4*sqrt(L)/255 of the logits' spread. The
+    sigmoid's slope is at most 1/4, so the scores are off by at most a quarter of that.
+    """
+    p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
+    logits = np.log(p) - np.log1p(-p)
+    return float(np.sqrt(_conv_layers(model)) / 255 * logits.std())
+
+
+def _top_box_ious(y: np.ndarray, ref: np.ndarray, k: int = 20) -> np.ndarray:
+    """IoU of each image's top-k float boxes (by obj * best class score) with the INT8 boxes of the same rows."""
+    ious = []
+    for yi, ri in zip(y, ref):
+        top = np.argsort(-(ri[:, 4] * ri[:, 5:].max(1)))[:k]
+        a, b = yi[top, :4], ri[top, :4]
+        lo = np.maximum(a[:, :2] - a[:, 2:] / 2, b[:, :2] - b[:, 2:] / 2)
+        hi = np.minimum(a[:, :2] + a[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2)
+        inter = np.clip(hi - lo, 0, None).prod(1)
+        ious.append(inter / (a[:, 2:].prod(1) + b[:, 2:].prod(1) - inter))
+    return np.concatenate(ious)
 
 
 @needs_converter
-def test_int8_runner_quantises_io_and_scores_agree(tflite_setup: dict) -> None:
-    """Full-integer model: int8 input/output handled by the runner; scores track float within the int8 rounding bound.
-
-    Bound (as tests/test_quantize.py derives it): every int8 tensor rounds to a step of range/255, noise of RMS
-    step/sqrt(12); with MinMax ranges a few times the tensors' spread, and at most L quantised tensors (one per conv
-    layer) on the longest path adding like a random walk, the RMS error is <= 4*sqrt(L)/255 of the output's spread,
-    plus the output's own rounding (RMS step/sqrt(12) <= step). A wrong scale or zero point is off by whole scores.
-    """
+def test_int8_runner_quantises_input_and_scores_agree(tflite_setup: dict) -> None:
+    """int8 input (quantised by the runner), float head and output; scores track float within the int8 bound."""
     s = tflite_setup
     runner = TfliteRunner(s["files"]["int8"])
-    assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
+    assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.float32  # head decode kept in float
     scale, zero = runner.input["quantization"]
     assert abs(scale - 1 / 255) < 1e-3 / 255 and zero == -128  # calibration images span [0, 1]
-    y, ref, step = _int8_scores(runner, s)
-    rms = float(np.sqrt(((y - ref) ** 2).mean()))
-    tol = 4 * np.sqrt(_conv_layers(s["model"])) / 255 * float(ref.std()) + step
-    assert rms < tol, f"RMS score error {rms:.4f} (bound {tol:.4f}, output step {step:.4f})"
+    y, ref = runner(s["x"]), s["ref"]
+    assert y.shape == ref.shape and y.dtype == np.float32
+    rms = float(np.sqrt(((y[..., 4:] - ref[..., 4:]) ** 2).mean()))
+    tol = _int8_bound(s["model"], ref[..., 4:])
+    assert rms < tol, f"RMS score error {rms:.4f} (bound {tol:.4f})"
 
 
 @needs_converter
-@pytest.mark.xfail(strict=True, reason="known defect: INT8 wh of the stride-16/32 levels collapse to 0 (scale shared via slices)")
-def test_int8_boxes_agree(tflite_setup: dict) -> None:
-    """INT8 box sizes should agree within a few output steps of the normalised box scale (not yet: see xfail reason)."""
+def test_int8_boxes_do_not_collapse(tflite_setup: dict) -> None:
+    """INT8 box sizes follow float (quantised end to end, wh of the stride-16/32 rows collapsed to 0).
+
+    Bound: the box logits come out of the same int8 neck as the scores, so each box edge moves by at most
+    eps = 4*sqrt(L)/255 (_int8_bound, relative) of the box size; shrinking one box and growing the other by that gives
+    IoU >= ((1 - 2 eps) / (1 + 2 eps))^2 (yolov5n, L ~ 60: 0.38; measured mean 0.71, wh correlation 0.97).
+    """
     s = tflite_setup
-    runner = TfliteRunner(s["files"]["int8"])
-    y, ref = runner(s["x"]), s["ref"]
-    step_px = float(runner.output["quantization"][0]) * max(IMGSZ)
-    assert np.abs(y[..., :4] - ref[..., :4]).max() < 8 * step_px
+    y, ref = TfliteRunner(s["files"]["int8"])(s["x"]), s["ref"]
+    wh, ref_wh = y[..., 2:4].ravel(), ref[..., 2:4].ravel()
+    assert (wh < ref_wh / 4).mean() == 0, "INT8 widths/heights collapsed towards 0"
+    assert np.corrcoef(np.log(wh), np.log(ref_wh))[0, 1] > 0.9
+    eps = 4 * np.sqrt(_conv_layers(s["model"])) / 255
+    iou = _top_box_ious(y, ref)
+    assert iou.mean() > ((1 - 2 * eps) / (1 + 2 * eps)) ** 2, f"mean IoU of the top boxes {iou.mean():.3f}"
 
 
 def test_int8_without_calibration_is_one_line_error(tmp_path: Path) -> None:
@@ -158,5 +178,38 @@ def test_export_py_and_backend_run_tflite(tflite_setup: dict, tmp_path: Path) ->
     assert backend.format == "tflite" and backend.fixed_imgsz == IMGSZ and backend.names == DetectBackend(ckpt).names
     out = backend(torch.from_numpy(tflite_setup["x"])).numpy()
     assert_close_predictions(out, tflite_setup["ref"], checkpoint_tol(ckpt))
-    with pytest.raises(ExportError, match="--int8 is not available for tflite"):
-        export_model(weights=ckpt, include=["tflite"], imgsz=64, int8=True, data=tmp_path)
+
+
+
+@pytest.mark.slow  # one more INT8 conversion, ~25 s on 2 cores
+@needs_converter
+def test_export_py_int8_calibrates_on_data_images(tflite_setup: dict, tmp_path: Path) -> None:
+    """export.py --include tflite --int8 --data <images> writes best_int8.tflite; DetectBackend runs it with float boxes."""
+    from PIL import Image
+
+    from utils.export.exporter import export_model
+    from utils.runtime.backend import DetectBackend
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        arr = (random_images((3, 48, 80), seed=200 + i, normalise=False).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr.transpose(1, 2, 0)).save(folder / f"{i}.png")
+    ckpt = Path(tflite_setup["ckpt"])
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(ckpt.read_bytes())
+    (path,) = export_model(weights=weights, include=["tflite"], imgsz=list(IMGSZ), int8=True, data=folder)
+    assert path == tmp_path / "best_int8.tflite" and read_tflite_metadata(path)["quant"] == "int8"
+    backend = DetectBackend(path)
+    out = backend(torch.from_numpy(tflite_setup["x"])).numpy()
+    assert out.shape == tflite_setup["ref"].shape and (out[..., 2:4] > 0).all()
+    assert _top_box_ious(out, tflite_setup["ref"]).mean() > 0.3
+
+
+def test_nms_refusal_names_the_blocking_op() -> None:
+    """--nms for TFLite is refused before any model is built, in one line naming onnx2tf's NonMaxSuppression conversion."""
+    from utils.export.exporter import export_model
+
+    with pytest.raises(ExportError, match="--nms is not available for tflite: .*NonMaxSuppression") as e:
+        export_model(cfg="yolov5n.yaml", include=["tflite"], imgsz=64, nms=True)
+    assert "\n" not in str(e.value)

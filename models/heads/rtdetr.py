@@ -31,7 +31,7 @@ class RTDETRDecoder(Head):
     """
 
     kind: ClassVar[str] = "rtdetr"
-    # Deformable attention needs grid_sample (ONNX opset 16; the TFLite and CoreML converters lack it; PNNX converts it to
+    # Deformable attention needs grid_sample (ONNX opset 16; CoreML's converter lacks it; TFLite stops earlier, at TopK; PNNX converts it to
     # ncnn's GridSample, but NCNN is blocked by the query selection, see export_refusals), the graph has its feature-map
     # sizes built in, and one query predicts one object, so there is nothing for NMS to do.
     policy: ClassVar[HeadPolicy] = HeadPolicy(
@@ -39,7 +39,10 @@ class RTDETRDecoder(Head):
         export_formats=("onnx", "torchscript", "openvino"), min_opset=16, dynamic_export=False, nms_export=False, int8_export=False,
         export_refusals=(("ncnn", "its query selection (torch.topk, then indexing by the top-k indices) has no ncnn layer, ncnn "
                                   "having no TopK or Gather (grid_sample does convert, to GridSample); it needs those layers in ncnn "
-                                  "or the selection run outside the graph"),),
+                                  "or the selection run outside the graph"),
+                         ("tflite", "onnx2tf 1.28.8 stops at its query selection's TopK: it calls int() on ONNX's 1-element K, "
+                                    "which NumPy 2 refuses, and with K made a scalar it loses the indices' dtype (tf.cast to None); "
+                                    "grid_sample is not reached")),
         nms_reason="RT-DETR predicts one box per object and needs no NMS; export without --nms",
     )
     export_layout: ClassVar[str] = "(batch, queries, 4 + nc)"

@@ -33,7 +33,11 @@ from utils.tasks import task_of
 LOGGER = logging.getLogger("mobile_yolo")
 FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")
 NMS_FORMATS = ("onnx", "torchscript", "openvino", "ncnn")  # formats whose graph can hold NMS (export.py --nms)
-INT8_FORMATS = ("onnx", "openvino", "coreml")  # TFLite INT8 is refused: its quantiser collapses box sizes (README)
+NMS_REFUSALS = {  # format -> the op that blocks --nms there (tried, README)
+    "tflite": "onnx2tf converts ONNX NonMaxSuppression to TF's NMS, whose zero-padded selected indices are not masked "
+              "(every unused row becomes box 0: 100 rows where ONNX Runtime returns none); run NMS after the model",
+}
+INT8_FORMATS = ("onnx", "openvino", "tflite", "coreml")
 CPU_HALF_FORMATS = ("tflite", "coreml")  # fp16 weights written from the fp32 model, no CUDA needed
 
 
@@ -132,13 +136,19 @@ def _export_ncnn(model: DetectionModel, base: Path, opt: dict[str, Any], meta: d
 
 
 def _export_tflite(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """best_float32.tflite (best_float16.tflite with --half), converted through ONNX and onnx2tf in subprocesses."""
-    from utils.export.tflite import export_tflite
+    """best_float32.tflite (--half: best_float16, --int8: best_int8 calibrated on --data), via ONNX and onnx2tf in subprocesses."""
+    from utils.export.quantize import calibration_images, letterboxed_images
+    from utils.export.tflite import export_tflite, tflite_filename
 
-    quant = "fp16" if opt["half"] else "fp32"
+    quant = "int8" if opt["int8"] else "fp16" if opt["half"] else "fp32"
+    calib = None
+    if opt["int8"]:
+        files = calibration_images(opt["data"], limit=opt["n_calib"])
+        LOGGER.info(f"TFLite INT8 calibration on {len(files)} images")
+        calib = letterboxed_images(files, opt["imgsz"])
     out = output_path(base, "tflite", False, opt["output"])
-    out = out.with_name(f"{out.stem}_{'float16' if opt['half'] else 'float32'}.tflite") if opt["output"] is None else out
-    return export_tflite(model, out, opt["imgsz"], meta, quant=quant)
+    out = out.with_name(tflite_filename(out.stem, quant)) if opt["output"] is None else out
+    return export_tflite(model, out, opt["imgsz"], meta, quant=quant, calibration=calib)
 
 
 def _export_coreml(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -211,6 +221,8 @@ def export_model(
     fmts = _check_options(list(include), half, dev, int8, data)
     for flag, on, able in (("--nms", settings is not None, NMS_FORMATS), ("--int8", int8, INT8_FORMATS)):
         unable = [f for f in fmts if on and f not in able]
+        for fmt in (f for f in unable if flag == "--nms" and f in NMS_REFUSALS):
+            raise ExportError(f"--nms is not available for {fmt}: {NMS_REFUSALS[fmt]}")
         if unable:
             raise ExportError(f"{flag} is not available for {', '.join(unable)} (only {', '.join(able)})")
     if settings is not None and "ncnn" in fmts:

@@ -114,6 +114,14 @@ def _letterboxed_chw(path: Path, imgsz: tuple[int, int]) -> np.ndarray | None:
     return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
+def letterboxed_images(images: Sequence[Path], imgsz: tuple[int, int]) -> Iterator[np.ndarray]:
+    """The readable images among `images`, letterboxed to imgsz as RGB CHW float32 in 0-1, one at a time (bounded memory)."""
+    for path in images:
+        arr = _letterboxed_chw(Path(path), imgsz)
+        if arr is not None:
+            yield arr
+
+
 def _readable_images(images: Sequence[Path]) -> list[Path]:
     """The images that decode; unreadable ones are warned about and counted (decoded again, lazily, when calibrating)."""
     from utils.data.images import ImageError, load_image

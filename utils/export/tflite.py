@@ -1,11 +1,15 @@
-"""TFLite export (float32, float16, full-integer INT8) via ONNX -> onnx2tf (TF SavedModel) -> TFLiteConverter.
+"""TFLite export (float32, float16, INT8) via ONNX -> onnx2tf (TF SavedModel) -> TFLiteConverter.
 
 Path: the fused model is written to ONNX by formats.export_onnx_model, constant-folded with onnxslim (onnx2tf cannot
-convert the head's grid subgraph otherwise), given a final Mul that divides box coordinates by the input width/height
-(so boxes and scores share one [0, 1] range and survive a single INT8 output scale, as in YOLOv5's TF export), then
-converted to an NHWC SavedModel by onnx2tf in a subprocess and to a .tflite flatbuffer by tf.lite.TFLiteConverter.
-The metadata JSON is stored inside the flatbuffer as the Model.metadata entry "mobile_yolo"; the runner that reads it
-and runs the file is utils/runtime/tflite.py's TfliteRunner.
+convert the head's grid subgraph otherwise), given a Mul that divides box coordinates by the input width/height (boxes
+in [0, 1], as in YOLOv5's TF export), then converted to an NHWC SavedModel by onnx2tf in a subprocess and to a .tflite
+flatbuffer by tf.lite.TFLiteConverter. The metadata JSON is stored inside the flatbuffer as the Model.metadata entry
+"mobile_yolo"; the runner that reads it and runs the file is utils/runtime/tflite.py's TfliteRunner.
+
+INT8 keeps the head's decode in float, as the ONNX INT8 path does (utils/export/quantize.py): the model is calibrated,
+then quantised with every op from the outputs back to (and including) the head's last convs denylisted, so the input
+and the backbone and neck are int8 and the output is float32. Quantised end to end, the decode's Concat/Reshape/Slice
+ops must share one scale between box coordinates and class scores, and box widths and heights collapsed to 0.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Union
 
@@ -113,15 +117,18 @@ def _scale_channels(proto: Any, name: str, scale: np.ndarray, axis: int) -> None
     proto.graph.node.insert(index + 1, helper.make_node("Mul", [raw, const], [name], name=f"{name}_normalize"))
 
 
-def _nhwc_batches(calibration: Sequence[np.ndarray] | None, imgsz: tuple[int, int]) -> list[np.ndarray]:
-    """Calibration images (each (3, H, W) or (B, 3, H, W), float [0, 1] at the export size) as single NHWC float32 images."""
+def _nhwc_batches(calibration: Iterable[np.ndarray] | None, imgsz: tuple[int, int]) -> list[np.ndarray]:
+    """Calibration images (each (3, H, W) or (B, 3, H, W), float [0, 1] at the export size) as single NHWC uint8 images.
+
+    uint8 (x 255, rounded) is what the INT8 model's input quantisation (scale 1/255) sees anyway, at a quarter of the memory.
+    """
     images: list[np.ndarray] = []
     for arr in calibration or []:
         a = np.asarray(arr, dtype=np.float32)
         a = a[None] if a.ndim == 3 else a
         if a.ndim != 4 or a.shape[1] != 3 or tuple(a.shape[2:]) != tuple(imgsz):
             raise ExportError(f"TFLite calibration images must be (3, {imgsz[0]}, {imgsz[1]}) float arrays, got {a.shape}")
-        images.extend(a.transpose(0, 2, 3, 1)[:, None])
+        images.extend((a.clip(0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)[:, None])
     return images
 
 
@@ -131,7 +138,7 @@ def _write_onnx2tf_sample(folder: Path, images: list[np.ndarray]) -> None:
     if images:
         from PIL import Image
 
-        picks = [(images[i % len(images)][0] * 255).round().astype(np.uint8) for i in range(20)]
+        picks = [images[i % len(images)][0] for i in range(20)]
         sample = np.stack([np.asarray(Image.fromarray(p).resize((128, 128)), np.float32) / 255 for p in picks])
     np.save(folder / ONNX2TF_SAMPLE, sample.astype(np.float32))
 
@@ -147,7 +154,7 @@ def _run_onnx2tf(onnx_path: Path, saved_model: Path, workdir: Path) -> None:
 
 
 def _convert_saved_model(saved_model: Path, quant: str, images: list[np.ndarray]) -> bytes:
-    """TFLite flatbuffer of a SavedModel: float32, float16 weights, or full-integer INT8 (int8 input and output)."""
+    """TFLite flatbuffer of a SavedModel: float32, float16 weights, or INT8 (int8 input, float head and output)."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
@@ -155,16 +162,63 @@ def _convert_saved_model(saved_model: Path, quant: str, images: list[np.ndarray]
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif quant == "int8":
-
-        def representative() -> Iterator[list[np.ndarray]]:
-            yield from ([im] for im in images)
-
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        return _quantize_int8(converter, images)
     return bytes(converter.convert())
+
+
+def _quantize_int8(converter: Any, images: list[np.ndarray]) -> bytes:
+    """Calibrate on `images` (uint8 NHWC), then quantise all but the float head tail; int8 input, float32 output."""
+    import tensorflow as tf
+    from tensorflow.lite.python.convert import mlir_quantize  # what tf.lite's QuantizationDebugger calls for denylists
+
+    def representative() -> Iterator[list[np.ndarray]]:
+        yield from ([im.astype(np.float32) / 255] for im in images)
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter._experimental_calibrate_only = True  # float model + calibration ranges; quantised below
+    calibrated = converter.convert()
+    tail = float_tail_tensors(calibrated)
+    model = mlir_quantize(calibrated, fully_quantize=False, input_data_type=tf.int8, output_data_type=tf.float32,
+                          denylisted_nodes=tail)  # fmt: skip
+    return bytes(model)
+
+
+CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+LAYOUT_OPS = ("RESHAPE", "TRANSPOSE")
+
+
+def float_tail_tensors(model: bytes) -> list[str]:
+    """Output tensor names of the ops from the graph outputs back to (and including) the last conv on each path.
+
+    The TFLite twin of quantize.float_tail_nodes: a conv fed (through reshapes/transposes) by a Softmax is the
+    anchor-free head's DFL expectation, decode not compute, so the walk continues past it.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    obj = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
+    graph = obj.subgraphs[0]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    kinds = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "") for c in obj.operatorCodes]
+    kind = [kinds[op.opcodeIndex] for op in graph.operators]
+    producer = {t: i for i, op in enumerate(graph.operators) for t in op.outputs}
+
+    def fed_by_softmax(i: int) -> bool:
+        src = producer.get(int(graph.operators[i].inputs[0]))
+        while src is not None and kind[src] in LAYOUT_OPS:
+            src = producer.get(int(graph.operators[src].inputs[0]))
+        return src is not None and kind[src] == "SOFTMAX"
+
+    stack, seen = [int(t) for t in graph.outputs], set()
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        if kind[i] not in CONV_OPS or fed_by_softmax(i):
+            stack.extend(int(t) for t in graph.operators[i].inputs if t >= 0)
+    return [graph.tensors[t].name.decode() for i in sorted(seen) for t in graph.operators[i].outputs]
 
 
 def add_tflite_metadata(model: bytes, metadata: dict[str, Any]) -> bytes:
@@ -188,7 +242,7 @@ def export_tflite(
     imgsz: tuple[int, int],
     metadata: dict[str, Any],
     quant: str = "fp32",
-    calibration: Sequence[np.ndarray] | None = None,
+    calibration: Iterable[np.ndarray] | None = None,
 ) -> Path:
     """Write one .tflite file (`out`, e.g. best_float32.tflite) from a fused model or its static ONNX; metadata inside."""
     tflite_filename("best", quant)  # validates quant
@@ -213,7 +267,7 @@ def export_tflite(
 
 def _run_tflite_converter(work: Path, quant: str, images: list[np.ndarray], meta: dict[str, Any], dst: Path) -> None:
     """Run TFLiteConverter + metadata in a subprocess: TensorFlow in this process would crash a later triton import (LLVM)."""
-    np.save(work / "calibration.npy", np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.float32))
+    np.save(work / "calibration.npy", np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8))
     (work / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
