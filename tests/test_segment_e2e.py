@@ -110,7 +110,7 @@ def test_export_has_two_outputs_matching_pytorch(trained: Path, fmt: str) -> Non
 
 def test_export_refuses_what_segmentation_cannot_do(trained: Path) -> None:
     with pytest.raises(ExportError, match="segmentation models export to"):
-        export_model(weights=trained, include=["tflite"], imgsz=[64, 64])
+        export_model(weights=trained, include=["coreml"], imgsz=[64, 64])
     with pytest.raises(ExportError, match="--nms"):
         export_model(weights=trained, include=["onnx"], imgsz=[64, 64], nms=True)
 

@@ -181,6 +181,26 @@ def test_export_py_and_backend_run_tflite(tflite_setup: dict, tmp_path: Path) ->
 
 
 
+@needs_converter
+def test_segmentation_float32_matches_pt(tmp_path: Path) -> None:
+    """Both segmentation outputs come back in the .pt's order and layout (prototypes NCHW, though onnx2tf makes them NHWC
+    and may reorder the outputs), each within checkpoint_tol (float32 rounding, conftest) of the .pt's."""
+    from utils.export.exporter import export_model
+    from utils.runtime.backend import DetectBackend
+
+    weights = make_checkpoint(tmp_path / "best.pt", "yolov5n-seg.yaml")
+    (path,) = export_model(weights=weights, include=["tflite"], imgsz=list(IMGSZ))
+    backend, pt_backend = DetectBackend(path), DetectBackend(weights)
+    assert path.name == "best_float32.tflite" and backend.task == "segment" and backend.fixed_imgsz == IMGSZ
+    x = random_images((2, 3, *IMGSZ), seed=0, normalise=False)
+    with torch.no_grad():
+        (det, protos), (ref_det, ref_protos) = backend(x), pt_backend(x)
+    tol = checkpoint_tol(weights)
+    assert_close_predictions(det.numpy(), ref_det.numpy(), tol)  # boxes, scores and raw mask coefficients
+    assert protos.shape == ref_protos.shape == (2, 32, IMGSZ[0] // 4, IMGSZ[1] // 4)
+    assert float((protos - ref_protos).abs().max()) < tol * float(ref_protos.abs().max())
+
+
 @pytest.mark.slow  # one more INT8 conversion, ~25 s on 2 cores
 @needs_converter
 def test_export_py_int8_calibrates_on_data_images(tflite_setup: dict, tmp_path: Path) -> None:

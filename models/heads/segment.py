@@ -40,7 +40,8 @@ class Segment(Detect):
     kind: ClassVar[str] = "segment"
     # Two outputs (detections with mask coefficients, prototypes): the formats whose runtime returns both.
     policy: ClassVar[HeadPolicy] = HeadPolicy(
-        task="segment", title="segmentation", hyp_file="hyp.scratch-low.yaml", export_formats=("onnx", "torchscript", "openvino", "ncnn"),
+        task="segment", title="segmentation", hyp_file="hyp.scratch-low.yaml",
+        export_formats=("onnx", "torchscript", "openvino", "ncnn", "tflite"),
         nms_export=False, int8_export=False, nms_reason="--nms is not available for segmentation models yet",
         tta_reason="merged boxes would lose the prototypes their mask coefficients refer to",
     )

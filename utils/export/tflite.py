@@ -49,8 +49,10 @@ def check_tflite_export_packages() -> None:
         raise ExportError(f"TFLite export needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
-def _normalize_boxes_onnx(src: Path, dst: Path, imgsz: tuple[int, int], channel_axis: int) -> list[int]:
-    """Constant-fold `src` and scale its box channels by [1/w, 1/h, 1/w, 1/h] (boxes in [0, 1]); returns the output shape.
+def _normalize_boxes_onnx(src: Path, dst: Path, imgsz: tuple[int, int], channel_axis: int) -> list[list[int]]:
+    """Constant-fold `src` and scale its box channels by [1/w, 1/h, 1/w, 1/h] (boxes in [0, 1]); returns the output shapes.
+
+    The first output is the head's (boxes); any further one (a segmentation model's prototypes) is left as it is.
 
     The scale is applied before the head's last channel Concat (see _scale_concat_inputs), not after it: in an INT8 model
     a Concat of pixel boxes and [0, 1] scores shares one quantisation scale, which would round every score to zero.
@@ -69,7 +71,7 @@ def _normalize_boxes_onnx(src: Path, dst: Path, imgsz: tuple[int, int], channel_
     _scale_channels(proto, out.name, scale, channel_axis - 3)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(dst))
-    return shape
+    return [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output]
 
 
 def _tensor_shapes(proto: Any) -> dict[str, list[int]]:
@@ -257,10 +259,11 @@ def export_tflite(
         src = Path(onnx_or_model) if not isinstance(onnx_or_model, nn.Module) else None
         if src is None:
             src = export_onnx_model(onnx_or_model, work / "model.onnx", imgsz, metadata=metadata)  # type: ignore[arg-type]
-        shape = _normalize_boxes_onnx(src, work / "normalized.onnx", imgsz, axis)
+        shapes = _normalize_boxes_onnx(src, work / "normalized.onnx", imgsz, axis)
         _write_onnx2tf_sample(work, images)
         _run_onnx2tf(work / "normalized.onnx", work / "saved_model", work)
-        meta = {**metadata, "format": "tflite", "quant": quant, "output_shape": shape, "box_scale": [imgsz[1], imgsz[0]]}
+        meta = {**metadata, "format": "tflite", "quant": quant, "output_shape": shapes[0], "output_shapes": shapes,
+                "box_scale": [imgsz[1], imgsz[0]]}  # fmt: skip
         _run_tflite_converter(work, quant, images, meta, tmp)
     return out
 
