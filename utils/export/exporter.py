@@ -182,6 +182,24 @@ def _check_head(model: DetectionModel, fmts: list[str], nms: bool, int8: bool, d
         raise ExportError(f"--opset {opset}: {what} need ONNX opset >= {policy.min_opset}")
 
 
+def _check_format_flags(fmts: list[str], settings: NMSSettings | None, int8: bool) -> None:
+    """Refuse --nms / --int8 for formats that cannot hold them, before any model is built; one line naming the format."""
+    if settings is not None:
+        settings.check()
+        if int8:
+            raise ExportError("--nms cannot be combined with --int8 yet: quantise the plain model and run NMS outside it")
+    for flag, on, able in (("--nms", settings is not None, NMS_FORMATS), ("--int8", int8, INT8_FORMATS)):
+        unable = [f for f in fmts if on and f not in able]
+        for fmt in (f for f in unable if flag == "--nms" and f in NMS_REFUSALS):
+            raise ExportError(f"--nms is not available for {fmt}: {NMS_REFUSALS[fmt]}")
+        if unable:
+            raise ExportError(f"{flag} is not available for {', '.join(unable)} (only {', '.join(able)})")
+    if settings is not None and "ncnn" in fmts:
+        from utils.export.ncnn import check_nms
+
+        check_nms(settings)  # NCNN's NMS layer takes fewer options
+
+
 def export_model(
     weights: Any = None,
     cfg: Any = None,
@@ -213,22 +231,9 @@ def export_model(
     check_int("--batch-size", batch_size)
     check_int("--n-calib", n_calib)
     settings = NMSSettings(conf_thres, iou_thres, topk_per_class, topk_all, agnostic_nms) if nms else None
-    if settings is not None:
-        settings.check()
-        if int8:
-            raise ExportError("--nms cannot be combined with --int8 yet: quantise the plain model and run NMS outside it")
     dev = select_device(device)
     fmts = _check_options(list(include), half, dev, int8, data)
-    for flag, on, able in (("--nms", settings is not None, NMS_FORMATS), ("--int8", int8, INT8_FORMATS)):
-        unable = [f for f in fmts if on and f not in able]
-        for fmt in (f for f in unable if flag == "--nms" and f in NMS_REFUSALS):
-            raise ExportError(f"--nms is not available for {fmt}: {NMS_REFUSALS[fmt]}")
-        if unable:
-            raise ExportError(f"{flag} is not available for {', '.join(unable)} (only {', '.join(able)})")
-    if settings is not None and "ncnn" in fmts:
-        from utils.export.ncnn import check_nms
-
-        check_nms(settings)  # NCNN's NMS layer takes fewer options: refuse before building the model
+    _check_format_flags(fmts, settings, int8)
     model, base = _build_model(weights, cfg, dev)
     _check_head(model, fmts, nms, int8, dynamic, opset)
     model = model.eval().fuse()
