@@ -54,6 +54,20 @@ def checkpoint_tol(weights: Path) -> float:
     return rounding_tol(load_model(weights).fuse())
 
 
+def assert_segmentation_parity(backend: object, weights: Path, size: tuple[int, int]) -> None:
+    """An exported segmentation model returns the .pt's two outputs in its layout: detections with mask coefficients,
+    and prototypes, each within the checkpoint's float32 rounding tolerance (prototypes relative to their scale)."""
+    from utils.runtime.backend import DetectBackend
+
+    x = random_images((2, 3, *size), seed=0, normalise=False)
+    with torch.no_grad():
+        (det, protos), (ref_det, ref_protos) = backend(x), DetectBackend(weights)(x)  # type: ignore[operator]
+    tol = checkpoint_tol(weights)
+    assert_close_predictions(det.numpy(), ref_det.numpy(), tol)  # boxes, scores and raw mask coefficients
+    assert protos.shape == ref_protos.shape == (2, 32, size[0] // 4, size[1] // 4)
+    assert float((protos - ref_protos).abs().max()) < tol * float(ref_protos.abs().max())
+
+
 def ort_run(path: Path, x: torch.Tensor) -> np.ndarray:
     """Run an ONNX file on the CPU provider."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

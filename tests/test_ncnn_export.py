@@ -16,7 +16,7 @@ pytest.importorskip("ncnn", reason="NCNN runtime tests need the ncnn package (pi
 pytest.importorskip("pnnx", reason="NCNN export tests need the pnnx converter (pip install pnnx)")
 
 from test_end2end import CONF, IOU, assert_same_rows, python_nms  # noqa: E402
-from test_export import assert_close_predictions, checkpoint_tol, make_checkpoint  # noqa: E402
+from test_export import assert_segmentation_parity, checkpoint_tol, make_checkpoint  # noqa: E402
 from test_rtdetr import TINY  # noqa: E402
 
 import detect  # noqa: E402
@@ -94,15 +94,9 @@ def test_nms_options_ncnn_cannot_express_are_refused(tmp_path: Path, kwargs: dic
 def test_segmentation_matches_pt(tmp_path: Path) -> None:
     weights = make_checkpoint(tmp_path / "best.pt", "yolov5n-seg.yaml")
     (folder,) = export_model(weights=weights, include=["ncnn"], imgsz=list(SIZE), output=tmp_path / "best_ncnn_model")
-    ncnn_backend, pt_backend = DetectBackend(folder), DetectBackend(weights)
+    ncnn_backend = DetectBackend(folder)
     assert ncnn_backend.task == "segment" and ncnn_backend.fixed_imgsz == SIZE
-    x = random_images((2, 3, *SIZE), seed=0, normalise=False)
-    with torch.no_grad():
-        (det, protos), (ref_det, ref_protos) = ncnn_backend(x), pt_backend(x)
-    tol = checkpoint_tol(weights)
-    assert_close_predictions(det.numpy(), ref_det.numpy(), tol)  # boxes, scores and raw mask coefficients
-    assert protos.shape == ref_protos.shape == (2, 32, SIZE[0] // 4, SIZE[1] // 4)
-    assert float((protos - ref_protos).abs().max()) < tol * float(ref_protos.abs().max())
+    assert_segmentation_parity(ncnn_backend, weights, SIZE)
     image = tmp_path / "im.png"
     cv2.imwrite(str(image), (np.random.default_rng(0).random((*SIZE, 3)) * 255).astype(np.uint8))
     from segment import predict

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tests.conftest import random_images
-from tests.test_export import assert_close_predictions, checkpoint_tol, make_checkpoint
+from tests.test_export import assert_close_predictions, assert_segmentation_parity, checkpoint_tol, make_checkpoint
 from utils.checkpoint import load_model
 from utils.export.formats import ExportError, export_metadata
 from utils.export.tflite import export_tflite, tflite_filename
@@ -190,15 +190,9 @@ def test_segmentation_float32_matches_pt(tmp_path: Path) -> None:
 
     weights = make_checkpoint(tmp_path / "best.pt", "yolov5n-seg.yaml")
     (path,) = export_model(weights=weights, include=["tflite"], imgsz=list(IMGSZ))
-    backend, pt_backend = DetectBackend(path), DetectBackend(weights)
+    backend = DetectBackend(path)
     assert path.name == "best_float32.tflite" and backend.task == "segment" and backend.fixed_imgsz == IMGSZ
-    x = random_images((2, 3, *IMGSZ), seed=0, normalise=False)
-    with torch.no_grad():
-        (det, protos), (ref_det, ref_protos) = backend(x), pt_backend(x)
-    tol = checkpoint_tol(weights)
-    assert_close_predictions(det.numpy(), ref_det.numpy(), tol)  # boxes, scores and raw mask coefficients
-    assert protos.shape == ref_protos.shape == (2, 32, IMGSZ[0] // 4, IMGSZ[1] // 4)
-    assert float((protos - ref_protos).abs().max()) < tol * float(ref_protos.abs().max())
+    assert_segmentation_parity(backend, weights, IMGSZ)
 
 
 @pytest.mark.slow  # one more INT8 conversion, ~25 s on 2 cores

@@ -80,8 +80,8 @@ def _top_per_image(rows: torch.Tensor, owner: torch.Tensor, batch: int, k: int) 
     return out * (out[..., 4:5] > 0).to(out.dtype)
 
 
-class End2End(nn.Module):
-    """A detector's decoded output followed by NMS and top-k: (B, 3, H, W) -> (B, topk_all, 6) final detections."""
+class _AfterModel(nn.Module):
+    """A detector followed by an NMS stage: keeps the model, the checked NMS settings and its head's output split."""
 
     def __init__(self, model: nn.Module, settings: NMSSettings) -> None:
         super().__init__()
@@ -89,6 +89,10 @@ class End2End(nn.Module):
         self.model, self.settings = model, settings
         self.split_output = head_class(str(model.head_kind)).split_output
         self.eval()
+
+
+class End2End(_AfterModel):
+    """A detector's decoded output followed by NMS and top-k: (B, 3, H, W) -> (B, topk_all, 6) final detections."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -107,7 +111,7 @@ class End2End(nn.Module):
         return _top_per_image(rows, b, x.shape[0], s.topk_all)
 
 
-class DetectionOutputInputs(nn.Module):
+class DetectionOutputInputs(_AfterModel):
     """What ncnn's DetectionOutput layer (its in-graph per-class NMS) reads: (boxes (B, N, 4), scores (B, N, 1 + nc),
     priors (B, 2, 4N)); utils/export/ncnn.py appends that layer to the converted graph.
 
@@ -115,13 +119,6 @@ class DetectionOutputInputs(nn.Module):
     The priors' first row is the boxes themselves and the second their variances, zero, so the layer's centre-size
     decode returns each prior unchanged (the first blob is then unused). Exact score ties keep both classes.
     """
-
-    def __init__(self, model: nn.Module, settings: NMSSettings) -> None:
-        super().__init__()
-        settings.check()
-        self.model, self.settings = model, settings
-        self.split_output = head_class(str(model.head_kind)).split_output
-        self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         boxes, scores, _ = self.split_output(self.model(x)[0])  # (B, N, 4) xyxy, (B, N, nc)
