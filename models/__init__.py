@@ -4,4 +4,4 @@ the blocks (models/blocks: Conv, YOLOv5/YOLOv8 blocks, RT-DETR's RepConv/RepC3 a
 
 from models import mobilenetv4, mobileone  # noqa: F401  (each registers its modules by name)
 from models.blocks import conv, repconv, transformer, yolo  # noqa: F401
-from models.heads import anchor_free, classify, detect, rtdetr, segment  # noqa: F401
+from models.heads import anchor_free, classify, detect, end2end, rtdetr, segment  # noqa: F401

@@ -153,6 +153,28 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
+def final_rows_error(got: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Worst difference between two (B, K, 6) ranked final-row outputs [x1, y1, x2, y2, score, class] (end-to-end heads),
+    boxes relative to the largest coordinate and scores absolute, matching each row to the nearest row of the same class.
+
+    Rounding may reorder rows of near-equal score and swap which pair takes the last place, so order is ignored and rows
+    scored within `tol` of the last kept score are not required to have a partner; every other row must.
+    """
+    got, ref = got.detach(), ref.detach()
+    scale = float(ref[..., :4].double().abs().max().clamp(min=1e-12))
+    worst = 0.0
+    for a, b in ((got, ref), (ref, got)):
+        for rows, other in zip(a.double(), b.double()):
+            cut = float(min(rows[:, 4].min(), other[:, 4].min())) + tol
+            for row in rows[rows[:, 4] > cut]:
+                same = other[other[:, 5] == row[5]]
+                if not len(same):
+                    return float("inf")
+                d = torch.maximum((same[:, :4] - row[:4]).abs().amax(1) / scale, (same[:, 4] - row[4]).abs())
+                worst = max(worst, float(d.min()))
+    return worst
+
+
 def rounding_tol(model: nn.Module, dtype: torch.dtype = torch.float32, k: float = ROUNDING_K) -> float:
     """Relative tolerance (of the output scale, see rel_err) for two evaluations of `model` that differ only in rounding.
 

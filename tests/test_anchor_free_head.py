@@ -44,7 +44,7 @@ def _bad(cfg: dict) -> str:
 
 def test_shipped_configs() -> None:
     mobile = {f"yolov8s_mobilenetv4_{v}.yaml" for v in ("conv_small", "conv_medium", "hybrid_medium")}
-    mobile |= {"yolov8s_mobileone_s0.yaml", "yolov8s_mobileone_s1.yaml"}
+    mobile |= {"yolov8s_mobileone_s0.yaml", "yolov8s_mobileone_s1.yaml", "yolov8n_mobilenetv4_conv_small.yaml", "yolov8n_mobileone_s0.yaml"}
     assert mobile | set(PUBLISHED) <= set(ANCHOR_FREE_CONFIGS)
     assert all("anchors" not in yaml.safe_load((MODELS / c).read_text()) for c in ANCHOR_FREE_CONFIGS)
 
@@ -64,7 +64,7 @@ def test_config_builds_and_output_shapes(cfg: str) -> None:
     assert model.head_kind == "anchor_free" and model.stride.tolist() == [8.0, 16.0, 32.0]
     assert model.layer_rows[-1].module == "AnchorFreeDetect" and head.no == 4 * 16 + 4
     if "_mobile" in cfg:
-        assert model.layer_rows[5].index == 5 and model.routes[-1] == [11, 14, 17] and model.yaml["scale"] == "s"
+        assert model.layer_rows[5].index == 5 and model.routes[-1] == [11, 14, 17] and model.yaml["scale"] == cfg[6]  # yolov8<s>
     x = torch.zeros(2, 3, 64, 96)
     raw = model.train()(x)
     assert [tuple(r.shape) for r in raw] == [(2, 68, 64 // s, 96 // s) for s in (8, 16, 32)]

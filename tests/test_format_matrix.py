@@ -33,6 +33,7 @@ NAMES = ["a", "b", "c"]
 SMALL_PER_HEAD = {  # the default suite's configs, one per head kind
     "anchor_based": "yolov5n_mobileone_s0.yaml",
     "anchor_free": "yolov8n.yaml",
+    "end2end": "yolo26n_mobilenetv4_conv_small.yaml",
     "segment": "yolov5n-seg.yaml",
     "rtdetr": "rtdetr_csp_small.yaml",
 }
@@ -69,8 +70,8 @@ def trained_like(cfg: str) -> DetectionModel:
     if head.kind == "rtdetr":
         for score in (head.enc_score_head, *head.dec_score_head):
             score.bias.zero_()
-    elif head.kind == "anchor_free":
-        for branch in head.cv3:
+    elif head.kind in ("anchor_free", "end2end"):
+        for branch in (*head.cv3, *getattr(head, "one2one_cv3", ())):
             branch[-1].bias.zero_()
     else:  # anchor-based rows: xywh, objectness, classes[, mask coefficients]
         for conv in head.m:
@@ -80,7 +81,7 @@ def trained_like(cfg: str) -> DetectionModel:
 
 def output_errors(got: Any, ref: Any, kind: str, nc: int) -> dict[str, float]:
     """Each output quantity's difference on its own scale (see the module docstring); `kind` is the head kind."""
-    if kind == "rtdetr":
+    if kind in ("rtdetr", "end2end"):  # ranked rows: (1, Q, 4 + nc) queries or (1, max_det, 6) final detections
         return {"queries": query_set_error(np.asarray(got, np.float64), np.asarray(ref, np.float64))}
     if kind != "segment":
         box, score = prediction_errors(got, ref, 2 if kind == "anchor_free" else 1)
@@ -106,8 +107,8 @@ def score_spread(ref: Any, kind: str, nc: int) -> float:
     """The range of the reference's class scores over all predictions: agreement within tol must mean something."""
     y = np.asarray(ref[0] if kind == "segment" else ref, np.float64)
     y = np.swapaxes(y, 1, 2) if kind == "anchor_free" else y
-    first = {"anchor_free": 4, "rtdetr": 4}.get(kind, 5)
-    return float(np.ptp(y[..., first : first + nc]))
+    first = {"anchor_free": 4, "rtdetr": 4, "end2end": 4}.get(kind, 5)
+    return float(np.ptp(y[..., first : first + (1 if kind == "end2end" else nc)]))
 
 
 def export_each(weights: Path, formats: list[str]) -> dict[str, Path | str]:

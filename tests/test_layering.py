@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
     "train", "val", "detect", "export", "benchmarks", "hubconf", "segment.train", "segment.val", "segment.predict",
-    "classify.train", "classify.val", "classify.predict",
+    "classify.train", "classify.val", "classify.predict", "study",
 )  # fmt: skip
 
 
@@ -152,6 +152,7 @@ STAGE_DEPENDENCIES = {
     "export": {"data", "tasks", "runtime"},
     "engine": {"data", "loss", "evaluation", "tasks", "runtime"},
     "inference": {"data", "runtime", "tasks"},
+    "study": {"data", "engine", "export"},  # study.py's comparison: trains, validates and exports through the stages above
 }
 
 

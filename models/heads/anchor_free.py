@@ -67,7 +67,7 @@ class AnchorFreeDetect(Head):
         self.level_strides = tuple(float(s) for s in strides)  # Python copy: decode works on meta tensors (FLOP count)
         c2, c3 = max(16, ch[0] // 4, 4 * reg_max), max(ch[0], min(nc, 100))
         self.cv2 = nn.ModuleList(_branch(c, c2, 4 * reg_max) for c in ch)
-        self.cv3 = nn.ModuleList(_branch(c, c3, nc) for c in ch)
+        self.cv3 = nn.ModuleList(self.class_branch(c, c3, nc) for c in ch)
         self.dfl: nn.Module = DFL(reg_max) if reg_max > 1 else nn.Identity()
         self._initialize_biases()
 
@@ -78,6 +78,11 @@ class AnchorFreeDetect(Head):
             box_conv, cls_conv = cast(nn.Sequential, box)[-1], cast(nn.Sequential, cls)[-1]  # plain Conv2d built with bias
             cast(torch.Tensor, box_conv.bias).fill_(2.0)
             cast(torch.Tensor, cls_conv.bias).fill_(math.log(5 / self.nc / (640 / s) ** 2))
+
+    @staticmethod
+    def class_branch(c1: int, c_mid: int, nc: int) -> nn.Sequential:
+        """The per-level class branch (YOLOv8's: two 3x3 Convs, then the 1x1 logits conv)."""
+        return _branch(c1, c_mid, nc)
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         raw = [torch.cat((self.cv2[i](xs[i]), self.cv3[i](xs[i])), 1) for i in range(self.nl)]

@@ -49,6 +49,7 @@ class Head(nn.Module):
     export_layout: ClassVar[str] = ""  # human-readable shape of the exported (first eval) output
     anchor_axis: ClassVar[int] = 1  # the axis of that output that runs over predictions (dynamic in ONNX, split by TTA)
     nms_free: ClassVar[bool] = False  # one prediction per object (RT-DETR's queries): inference ranks them, no NMS
+    final_rows_output: ClassVar[bool] = False  # inference output is final (B, k, 6) rows, the top-k of `ranking_inputs`
     yaml_args: ClassVar[tuple[str, ...]] = ("nc",)  # a generic ("head"-kind) yaml row's arguments, built as cls(nc, ch, strides, *rest)
     uses_targets: ClassVar[bool] = False  # training forward takes the batch's targets too (RT-DETR's denoising queries)
     policy: ClassVar[HeadPolicy]  # every registered head sets one
@@ -75,6 +76,11 @@ class Head(nn.Module):
         if not isinstance(out, (tuple, list)):
             return out
         return out[0] if n == 1 else tuple(out[:n])
+
+    def ranking_inputs(self, raw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A final-rows head's (B, N, 4) xyxy boxes and (B, N, nc) scores, from its raw eval output, before its top-k
+        (exporters whose runtime has no TopK rank them with their own layer)."""
+        raise NotImplementedError(f"{type(self).__name__} outputs no final rows (final_rows_output is False)")
 
     @staticmethod
     def split_output(pred: torch.Tensor, nm: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from utils.checkpoint import unwrap_model
 from utils.device import select_device
+from utils.engine.amp import amp_policy
 
 LOGGER = logging.getLogger("mobile_yolo")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
@@ -215,7 +216,7 @@ def _probe_batch(model: nn.Module, device: torch.device, imgsz: int, fraction: f
         try:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            with torch.autocast(device_type="cuda"):
+            with amp_policy(device).autocast():  # the precision the Trainer will train in
                 out = model(torch.zeros(b, 3, imgsz, imgsz, device=device))
                 loss = sum(o.float().sum() for o in out)
             loss.backward()

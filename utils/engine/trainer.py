@@ -26,6 +26,7 @@ from models.pretrained import load_backbone_weights
 from utils.checkpoint import load_model, load_state, model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap_model
 from utils.cli import check_img_size
 from utils.data.datasets import restarted
+from utils.engine.amp import AmpPolicy, amp_policy
 from utils.engine.callbacks import Callbacks
 from utils.engine.config import TrainConfig
 from utils.engine.early_stopping import EarlyStopping
@@ -192,9 +193,14 @@ class Trainer:
         loss_hyp = {**self.hyp.as_dict(), **self.task.loss_hyp(opt)}
         self.loss: DetectionLoss = build_loss(self.model, loss_hyp, self.imgsz, opt.label_smoothing)
         self.ema = ModelEMA(self.model) if self.dist.main else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
+        self.use_amp(amp_policy(self.device))  # CUDA: float16 autocast with loss scaling; other devices: float32
         self._wrap_distributed()
         self.forward = torch.compile(self.model) if opt.compile else self.model  # the same module and weights, compiled
+
+    def use_amp(self, policy: AmpPolicy) -> None:
+        """Train the next steps under `policy` (utils.engine.amp): its autocast in train_step and a fresh GradScaler."""
+        self.amp = policy
+        self.scaler = policy.grad_scaler()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """--optimizer (auto: the head's recipe, AdamW for RT-DETR, else SGD), the backbone at hyp backbone_lr x lr0 when
@@ -269,6 +275,7 @@ class Trainer:
                 self.train_loader = restarted(self.train_loader)  # persistent workers hold their own copy of the dataset
             if self.image_sampler is not None:  # --image-weights: favour rare and poorly detected classes this epoch
                 self.image_sampler.set_weights(epoch_image_weights(self.dataset.labels, self.nc, self.maps))
+            self.loss.start_epoch(epoch, opt.epochs)  # losses with a schedule (the end-to-end head's branch weights)
             mloss = self.train_one_epoch(epoch)
             lrs = [g["lr"] for g in self.optimizer.param_groups][:3]  # x/lr0..2: the (non-backbone) YOLOv5 groups
             self.scheduler.step()
@@ -323,7 +330,7 @@ class Trainer:
             warmup_step(self.optimizer, ni, self.warmup_iters, epoch, self.lf, self.hyp.as_dict())
         if self.opt.multi_scale:
             imgs = _multi_scale(imgs, self.imgsz, self.gs)
-        with torch.autocast(device_type=self.device.type, enabled=self.device.type == "cuda"):
+        with self.amp.autocast():
             targets = targets.to(self.device)
             preds = self.forward(imgs, targets=targets) if self.uses_targets else self.forward(imgs)
             loss, items = self.loss(preds, targets, *(extras or []))

@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from models.heads.base import head_class
+from models.model import DetectionModel
 
 
 @dataclass(frozen=True)
@@ -125,5 +126,26 @@ class DetectionOutputInputs(_AfterModel):
         best = scores.amax(2, keepdim=True)
         # 1 where a score is its box's maximum, else 0, with ops ncnn has (no comparisons): ceil(d) >= 1 for any d > 0
         only_best = scores * (1 - torch.clamp(torch.ceil(best - scores), max=1.0))
-        flat = boxes.reshape(boxes.shape[0], 1, -1)
-        return boxes, torch.cat((best * 0, only_best), 2), torch.cat((flat, flat * 0), 1)
+        return detection_output_inputs(boxes, only_best)
+
+
+class RankingInputs(nn.Module):
+    """A final-rows head's top-k left to ncnn's DetectionOutput layer (ncnn has no TopK): every (box, class) score of
+    what the head ranks, laid out as DetectionOutputInputs; with IoU threshold 1 the layer suppresses nothing and keeps
+    the best (box, class) pairs, which is the head's own top-k."""
+
+    def __init__(self, model: DetectionModel) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, scores = self.model.head.ranking_inputs(self.model(x)[1])
+        return detection_output_inputs(boxes, scores)
+
+
+def detection_output_inputs(boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 4) boxes and (B, N, nc) scores -> ncnn DetectionOutput's (boxes, scores with a zero background column 0,
+    priors (B, 2, 4N): the boxes and zero variances, so the layer's decode returns each box unchanged)."""
+    flat = boxes.reshape(boxes.shape[0], 1, -1)
+    return boxes, torch.cat((scores[..., :1] * 0, scores), 2), torch.cat((flat, flat * 0), 1)

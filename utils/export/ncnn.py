@@ -16,13 +16,14 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
 from torch import nn
 
-from utils.export.end2end import DetectionOutputInputs, NMSSettings
+from models.model import DetectionModel
+from utils.export.end2end import DetectionOutputInputs, NMSSettings, RankingInputs
 from utils.export.formats import ExportError, ExportModel, atomic_path, import_optional
 from utils.runtime.ncnn import BIN_FILE, NCNN_METADATA, NMS_LAYER, PARAM_FILE, read_param
 
@@ -44,11 +45,20 @@ def _trace(model: nn.Module, imgsz: tuple[int, int], nms: NMSSettings | None = N
     p = next(model.parameters())
     if p.device.type != "cpu" or p.dtype != torch.float32:  # a copy: the caller's model stays where it is
         model = _cpu_float_copy(model)
-    view = DetectionOutputInputs(model, nms) if nms is not None else ExportModel(model)
+    view: nn.Module = ExportModel(model)
+    if nms is not None:
+        view = DetectionOutputInputs(model, nms)
+    elif _ranks_final_rows(model):
+        view = RankingInputs(cast(DetectionModel, model))
     im = torch.zeros(1, 3, *imgsz)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings
         return torch.jit.trace(view, im, strict=False, check_trace=False), view(im)
+
+
+def _ranks_final_rows(model: nn.Module) -> bool:
+    """Whether the model's head outputs final rows by a top-k, which ncnn (no TopK layer) must do in DetectionOutput."""
+    return isinstance(model, DetectionModel) and model.head.final_rows_output
 
 
 def check_nms(settings: NMSSettings) -> None:
@@ -130,8 +140,12 @@ def export_ncnn(
         traced.save(str(work / "model.pt"))
         param, weights = _run_pnnx(exe, work, (h, w), half)
         _check_layers(param)
+        n_boxes, n_classes = (int(example[1].shape[1]), int(example[1].shape[2]) - 1) if isinstance(example, tuple) else (0, 0)
         if nms is not None:
-            _append_nms(param, nms, int(example[1].shape[1]), int(example[1].shape[2]) - 1)
+            _append_nms(param, nms, n_boxes, n_classes)
+        elif _ranks_final_rows(model):  # the head's top-k, as a DetectionOutput that suppresses nothing (IoU > 1 never holds)
+            k = min(int(getattr(model.head, "max_det", n_boxes)), n_boxes)
+            _append_nms(param, NMSSettings(conf_thres=0.0, iou_thres=1.0, topk_per_class=n_boxes, topk_all=k), n_boxes, n_classes)
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
             shutil.move(str(param), str(tmp / PARAM_FILE))

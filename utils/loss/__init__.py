@@ -15,6 +15,7 @@ from utils.loss.anchor_based import ComputeLoss, scale_loss_gains
 from utils.loss.anchor_free import AnchorFreeLoss, unwrap_head
 from utils.loss.classify import ClassifyLoss
 from utils.loss.detr import DETRLoss
+from utils.loss.end2end import End2EndLoss
 from utils.loss.segment import SegmentLoss
 
 
@@ -28,6 +29,9 @@ class DetectionLoss(Protocol):
     names: tuple[str, ...]
 
     def __call__(self, preds: Any, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the Trainer before each epoch (0-based) of `epochs`: losses with a schedule follow it."""
 
 
 LossFactory = Callable[[nn.Module, Mapping[str, Any], int, float], DetectionLoss]
@@ -67,6 +71,12 @@ def _anchor_free(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smo
     return AnchorFreeLoss(model, hyp)
 
 
+@register_loss("end2end")
+def _end2end(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float) -> DetectionLoss:
+    """The anchor-free loss on both branches of the end-to-end head, weighted by YOLO26's schedule."""
+    return End2EndLoss(model, hyp)
+
+
 @register_loss("segment")
 def _segment(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smoothing: float) -> DetectionLoss:
     """YOLOv5-seg's loss, gains rescaled like the anchor-based loss; hyp "overlap_mask" (default True) picks the mask encoding."""
@@ -89,6 +99,6 @@ def _classify(model: nn.Module, hyp: Mapping[str, Any], imgsz: int, label_smooth
 
 
 __all__ = [
-    "AnchorFreeLoss", "ClassifyLoss", "ComputeLoss", "DETRLoss", "DetectionLoss", "SegmentLoss", "build_loss", "register_loss",
-    "scale_loss_gains",
+    "AnchorFreeLoss", "ClassifyLoss", "ComputeLoss", "DETRLoss", "DetectionLoss", "End2EndLoss", "SegmentLoss", "build_loss",
+    "register_loss", "scale_loss_gains",
 ]

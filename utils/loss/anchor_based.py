@@ -9,6 +9,7 @@ from torch import nn
 
 from utils.boxes import bbox_iou
 from utils.checkpoint import unwrap_model
+from utils.loss.schedule import FixedOverTraining
 
 if TYPE_CHECKING:
     from models.heads.detect import Detect
@@ -67,7 +68,7 @@ class LevelTargets(NamedTuple):
     rows: list[torch.Tensor]  # (n,) index into targets
 
 
-class ComputeLoss:
+class ComputeLoss(FixedOverTraining):
     """Callable YOLOv5 loss for a DetectionModel: (raw level outputs, targets) -> (loss * batch, [box, obj, cls])."""
 
     names: tuple[str, ...] = ("box_loss", "obj_loss", "cls_loss")

@@ -12,12 +12,18 @@ from torch.nn import functional as F
 from models.heads.anchor_points import bbox2dist, dist2bbox, make_anchors
 from utils.boxes import bbox_iou, xywh2xyxy
 from utils.loss.assigner import TaskAlignedAssigner
+from utils.loss.schedule import FixedOverTraining
 
 DFL_MARGIN = 0.01  # target distances are clipped to reg_max - 1 - margin so that the right bin tl + 1 exists
 
 
 def dfl_expectation(box_logits: torch.Tensor, reg_max: int) -> torch.Tensor:
-    """Distances (..., 4) in grid units from side-major bin logits (..., 4 * reg_max): the expectation of each softmax."""
+    """Distances (..., 4) in grid units from side-major bin logits (..., 4 * reg_max): the expectation of each softmax.
+
+    reg_max 1 (no DFL, YOLO26) regresses each side directly: the four outputs are the distances themselves.
+    """
+    if reg_max == 1:
+        return box_logits
     probs = box_logits.unflatten(-1, (4, reg_max)).softmax(-1)
     return probs @ torch.arange(reg_max, dtype=probs.dtype, device=probs.device)
 
@@ -69,7 +75,7 @@ def unwrap_head(model: nn.Module) -> nn.Module:
     raise AttributeError(f"{type(inner).__name__} has neither a `head` nor a `detect` module")
 
 
-class AnchorFreeLoss:
+class AnchorFreeLoss(FixedOverTraining):
     """Callable loss of an anchor-free head: (level outputs, targets) -> (loss * batch size, detached [box, cls, dfl])."""
 
     names: tuple[str, ...] = ("box_loss", "cls_loss", "dfl_loss")
@@ -133,6 +139,8 @@ class AnchorFreeLoss:
         weight = target_scores.sum(-1)[fg]
         iou = bbox_iou(pred_boxes[fg], target_boxes[fg], xywh=False, CIoU=True)
         box = ((1.0 - iou) * weight).sum()
+        if self.reg_max == 1:  # no distribution to fit: the box term alone trains the distances
+            return box, box_logits.sum() * 0.0
         dist = bbox2dist(points, target_boxes, self.reg_max - 1 - DFL_MARGIN)[fg]  # (n_fg, 4)
         side_loss = dfl_loss(box_logits[fg].reshape(-1, self.reg_max), dist.reshape(-1)).view(-1, 4)
         return box, (side_loss.mean(-1) * weight).sum()

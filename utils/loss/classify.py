@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from utils.loss.schedule import FixedOverTraining
 
-class ClassifyLoss:
+
+class ClassifyLoss(FixedOverTraining):
     """(logits (B, nc), labels (B,)) -> (mean cross-entropy, its detached value as the one loss item).
 
     Validation passes log-probabilities as the logits: log_softmax leaves them unchanged, so the loss is the same.

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from models.heads.rtdetr import DenoisingMeta, DETROutput
 from utils.boxes import bbox_iou, xywh2xyxy
+from utils.loss.schedule import FixedOverTraining
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]  # per image: (query indices, gt indices) of the matched pairs
 Tensors = Sequence[torch.Tensor]  # per-image gt boxes or classes
@@ -122,7 +123,7 @@ def varifocal_loss(logits: torch.Tensor, score: torch.Tensor, label: torch.Tenso
     return F.binary_cross_entropy_with_logits(logits, score, reduction="none") * weight
 
 
-class DETRLoss:
+class DETRLoss(FixedOverTraining):
     """RT-DETR's loss: (DETROutput, targets [image, class, cx, cy, w, h]) -> (total, detached main-layer items)."""
 
     names: tuple[str, ...] = ("giou_loss", "cls_loss", "l1_loss")

@@ -104,6 +104,15 @@ def final_rows(out: np.ndarray, k: int) -> np.ndarray:
     return rows
 
 
+def _keep_top_k(param: Path) -> int | None:
+    """The rows per image the DetectionOutput layer keeps (its parameter 3, keep_top_k), or None where not written."""
+    for line in param.read_text(encoding="utf-8").splitlines():
+        if line.startswith(NMS_LAYER):
+            values = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+            return int(values["3"]) if values.get("3", "").isdigit() else None
+    return None
+
+
 def _static_shape(meta: dict[str, Any]) -> tuple[int, int, int, int] | None:
     """(1, 3, h, w) from the metadata's imgsz (the size the grids were folded for), or None when unknown."""
     size = meta.get("imgsz")
@@ -136,7 +145,9 @@ class NcnnRunner:
         nms = nms if isinstance(nms, dict) else {}
         tops = {t for kind, _, layer_tops in layers if kind == NMS_LAYER for t in layer_tops}
         # rows per image of an in-graph NMS output (--topk-all; without metadata, the layer's default keep_top_k)
-        self.nms_rows: int | None = int(nms.get("topk_all") or 100) if self.output_name in tops else None
+        self.nms_rows: int | None = None
+        if self.output_name in tops:
+            self.nms_rows = _keep_top_k(self.param_file) or int(nms.get("topk_all") or 100)
         self.input_shape: tuple[int, ...] | None = _static_shape(self.metadata)
         self.net = self._load_net(threads)
 
