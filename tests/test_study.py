@@ -85,7 +85,7 @@ def test_study_writes_one_row_per_config_with_finite_figures(studied: dict[str, 
 def test_study_prints_progress_and_the_one_missing_ultralytics_line(studied: dict[str, Any]) -> None:
     lines = studied["first"].splitlines()
     assert lines.count(NOT_INSTALLED) == 1 and not [ln for ln in lines if "ultralytics" in ln and ln != NOT_INSTALLED]
-    for step, n in (("train", 3), ("val", 2), ("export", 2)):  # one line per model, as far as it got (broken: training)
+    for step, n in (("train", 3), ("val", 2), ("export", 4)):  # per model as far as it got (broken: training); --img, --time-img
         assert sum(ln.startswith(f"study: {step:<6} ") for ln in lines) == n, step
     assert any(ln.startswith("study: failed broken:") for ln in lines)
     assert not (studied["md"].parent / "ultralytics-settings").exists()  # nothing of ultralytics' made without it
