@@ -144,7 +144,7 @@ def export_ncnn(
         if nms is not None:
             _append_nms(param, nms, n_boxes, n_classes)
         elif _ranks_final_rows(model):  # the head's top-k, as a DetectionOutput that suppresses nothing (IoU > 1 never holds)
-            k = min(int(getattr(model.head, "max_det", n_boxes)), n_boxes)
+            k = min(cast(DetectionModel, model).head.max_detections or n_boxes, n_boxes)
             _append_nms(param, NMSSettings(conf_thres=0.0, iou_thres=1.0, topk_per_class=n_boxes, topk_all=k), n_boxes, n_classes)
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
