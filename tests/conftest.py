@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,18 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
+def query_set_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """RT-DETR (1, Q, 4 + nc) rows as a set (queries tied in score may swap places): the worst distance to the nearest row,
+    boxes relative to the largest coordinate, scores absolute."""
+    got, ref = torch.as_tensor(got).detach().double(), torch.as_tensor(ref).detach().double()
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    scale = torch.ones(ref.shape[-1], dtype=torch.float64)
+    scale[:4] = ref[..., :4].abs().max()
+    a, b = got[0] / scale, ref[0] / scale
+    dist = (a[:, None, :] - b[None, :, :]).abs().amax(-1)
+    return float(max(dist.amin(1).max(), dist.amin(0).max()))
+
+
 def final_rows_error(got: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
     """Worst difference between two (B, K, 6) ranked final-row outputs [x1, y1, x2, y2, score, class] (end-to-end heads),
     boxes relative to the largest coordinate and scores absolute, matching each row to the nearest row of the same class.
@@ -190,6 +203,16 @@ def rounding_tol(model: nn.Module, dtype: torch.dtype = torch.float32, k: float 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     fan_in = max(m.weight[0].numel() for m in layers)
     return k * torch.finfo(dtype).eps * math.sqrt(fan_in) * len(layers)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _experiment_loggers_off() -> Iterator[None]:
+    """Training in tests runs without the installed experiment loggers (their start-up costs seconds per run), module-
+    scoped training fixtures included; the loggers' own tests (tests/test_loggers.py) switch them on. Subprocesses
+    inherit the setting."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOBILE_YOLO_LOGGERS_OFF", "all")
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ import torch
 from test_export import prediction_errors
 
 from models.model import DetectionModel
-from tests.conftest import calibrate_bn, random_images, rounding_tol
+from tests.conftest import calibrate_bn, query_set_error, random_images, rounding_tol
 from utils.checkpoint import save_checkpoint
 from utils.export.exporter import export_model
 from utils.runtime.backend import DetectBackend
@@ -91,16 +91,6 @@ def output_errors(got: Any, ref: Any, kind: str, nc: int) -> dict[str, float]:
     coef = np.abs(det[..., 5 + nc :] - det_ref[..., 5 + nc :]).max() / np.abs(det_ref[..., 5 + nc :]).max()
     proto = np.abs(protos - protos_ref).max() / np.abs(protos_ref).max()
     return {"box": box, "score": score, "mask_coef": float(coef), "proto": float(proto)}
-
-
-def query_set_error(got: np.ndarray, ref: np.ndarray) -> float:
-    """RT-DETR (1, Q, 4 + nc) rows as a set (queries tied in score may swap places): the worst distance to the nearest row,
-    boxes relative to the largest coordinate, scores absolute."""
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    scale = np.array([np.abs(ref[..., :4]).max()] * 4 + [1.0] * (ref.shape[-1] - 4))
-    a, b = got[0] / scale, ref[0] / scale
-    dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
-    return float(max(dist.min(1).max(), dist.min(0).max()))
 
 
 def score_spread(ref: Any, kind: str, nc: int) -> float:

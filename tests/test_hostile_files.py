@@ -251,15 +251,15 @@ def test_export_summary_commands_paste_as_the_same_path(tmp_path: Path, capsys: 
 def test_tensorboard_and_resume_hints_quote_paths(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from utils.engine.options import _recorded_run_dir
-    from utils.engine.tb_logger import TensorBoardLogger
     from utils.engine.trainer import TrainError
+    from utils.loggers.tensorboard_logger import TensorBoardLogger
 
     fake = types.ModuleType("torch.utils.tensorboard")
     fake.SummaryWriter = lambda log_dir: types.SimpleNamespace(log_dir=log_dir)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     log_dir = tmp_path / ODD / "tb"
     with caplog.at_level(logging.INFO, logger="mobile_yolo"):
-        TensorBoardLogger(log_dir, ["epoch", "loss"])
+        TensorBoardLogger(log_dir)
     line = next(r.getMessage() for r in caplog.records if "tensorboard" in r.getMessage())
     assert shlex.split(line.split("view with", 1)[1]) == ["tensorboard", "--logdir", str(log_dir.parent)]
     ckpt = tmp_path / ODD / "last.pt"

@@ -218,7 +218,7 @@ def test_api_non_integer_size_names_size(model: AutoShape, size: float) -> None:
 # ---- videos -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix", [".avi", ".mkv"])
+@pytest.mark.parametrize("suffix", [".avi", pytest.param(".mkv", marks=pytest.mark.slow)])  # the same reader path: one container by default
 def test_truncated_video_is_warned_and_its_frames_kept(suffix: str, weights: dict[str, Path], tmp_path: Path) -> None:
     """A half-written MJPG video (OpenCV reads its first frames, then reports a normal end): detect.py, in a subprocess
     as the decoder is native code, warns in one line naming the file and keeps the frames it read."""

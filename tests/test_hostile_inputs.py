@@ -25,6 +25,7 @@ from models.model import DetectionModel
 from tests.conftest import one_line_exit, tiny_shapes_yaml
 from utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from utils.cli import OptionError, check_img_size, check_int
+from utils.engine.callbacks import Callbacks
 from utils.engine.results import COLUMNS, append_results, truncate_results
 from utils.engine.trainer import build_model
 from utils.export.formats import ExportError, atomic_path, export_metadata
@@ -44,17 +45,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_shapes_yaml(tmp_path_factory.mktemp("hostile_shapes"), n_train=16, n_val=4, seed=3)
 
 
+def _killed_after_first_epoch(path: Path, **_: Any) -> None:
+    """An on_model_save callback: Ctrl-C once epoch 0's last.pt and best.pt are written."""
+    if path.name == "best.pt":
+        raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch run at --img 50 (not a stride multiple) whose last.pt is patched to plan 2 epochs."""
+    """A 2-epoch run at --img 50 (not a stride multiple) killed after its first epoch: full last.pt and best.pt of epoch 0
+    (a finished run's are final weights, which cannot resume)."""
     project = tmp_path_factory.mktemp("hostile_runs")
-    best = train.run(cfg=TINY_CFG, data=str(tiny_data), epochs=1, imgsz=50, batch_size=8, workers=0, project=str(project),
-                     name="r", noval=True, noplots=True, noautoanchor=True, device="cpu")
-    last = best.parent / "last.pt"
-    ckpt = torch.load(last, weights_only=True)
-    ckpt["opt"]["epochs"] = 2  # as if the run had been killed after its first epoch
-    torch.save(ckpt, last)
-    return best.parent.parent
+    callbacks = Callbacks()
+    callbacks.register("on_model_save", _killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(callbacks, cfg=TINY_CFG, data=str(tiny_data), epochs=2, imgsz=50, batch_size=8, workers=0, project=str(project),
+                  name="r", noval=True, noplots=True, noautoanchor=True, device="cpu")
+    return project / "r"
 
 
 @pytest.fixture

@@ -150,7 +150,8 @@ STAGE_DEPENDENCIES = {
     "runtime": set(),
     "tasks": {"data", "evaluation"},
     "export": {"data", "tasks", "runtime"},
-    "engine": {"data", "loss", "evaluation", "tasks", "runtime"},
+    "loggers": set(),  # experiment loggers: attached to the Trainer's callbacks, they know nothing of the stages
+    "engine": {"data", "loss", "evaluation", "tasks", "runtime", "loggers"},
     "inference": {"data", "runtime", "tasks"},
     "study": {"data", "engine", "export"},  # study.py's comparison: trains, validates and exports through the stages above
 }

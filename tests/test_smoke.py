@@ -38,7 +38,8 @@ def test_train_outputs(trained: Path) -> None:
     for name in outputs:
         assert (run_dir / name).exists(), name
     ckpt = torch.load(trained, map_location="cpu", weights_only=True)
-    assert {"model", "ema", "cfg", "names", "epoch", "best_fitness", "optimizer", "opt", "date"} <= set(ckpt)
+    assert {"model", "cfg", "names", "epoch", "best_fitness", "opt", "date"} <= set(ckpt)
+    assert not {"ema", "optimizer"} & set(ckpt)  # final weights: the EMA's as `model` (tests/test_console_checkpoints.py)
     header = (run_dir / "results.csv").read_text().splitlines()[0]
     assert "metrics/mAP_0.5:0.95" in header and "x/lr2" in header
 
@@ -68,12 +69,18 @@ def test_val_detect_export_on_trained(trained: Path, tiny_data: Path, tmp_path: 
 
 def test_resume_continues(tiny_data: Path, tmp_path: Path) -> None:
     import train
+    from utils.engine.callbacks import Callbacks
 
-    last = train.run(cfg="models/yolov5n.yaml", data=str(tiny_data), epochs=1, imgsz=64, batch_size=8, workers=0,
-                     project=str(tmp_path), name="r", noval=True, noplots=True, device="cpu").parent / "last.pt"
-    ckpt = torch.load(last, weights_only=True)
-    ckpt["opt"]["epochs"] = 2  # pretend the run was planned for 2 epochs and was killed after the first
-    torch.save(ckpt, last)
+    def killed(path: Path, **_: object) -> None:
+        if path.name == "last.pt":
+            raise KeyboardInterrupt  # Ctrl-C once the first epoch's last.pt is written
+
+    callbacks = Callbacks()
+    callbacks.register("on_model_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(callbacks, cfg="models/yolov5n.yaml", data=str(tiny_data), epochs=2, imgsz=64, batch_size=8, workers=0,
+                  project=str(tmp_path), name="r", noval=True, noplots=True, device="cpu")
+    last = tmp_path / "r" / "weights" / "last.pt"
     train.run(resume=str(last))
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 1

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from models.heads.base import head_class
-from tests.conftest import final_rows_error, rel_err, rounding_tol
+from tests.conftest import final_rows_error, query_set_error, rel_err, rounding_tol
 from tests.layout_worker import check_model
 from utils.checkpoint import unwrap_model
 from utils.engine.callbacks import Callbacks
@@ -93,8 +93,8 @@ def onnx_parity(weights: Path) -> dict[str, Any]:
     refs, gots = ([o] if isinstance(o, torch.Tensor) else list(o) for o in (b(x) for b in backends))
     match = len(refs) == len(gots) and all(r.shape == g.shape for r, g in zip(refs, gots))
     tol = rounding_tol(backends[0].model)  # float32, op order only
-    ranked = head_class(backends[0].head_kind).final_rows_output  # rows ranked by score: rounding may reorder near-ties
-    err_of = (lambda g, r: final_rows_error(g, r, tol)) if ranked else rel_err
+    head = head_class(backends[0].head_kind)  # ranked rows (final detections, RT-DETR's queries): rounding may reorder near-ties
+    err_of = (lambda g, r: final_rows_error(g, r, tol)) if head.final_rows_output else query_set_error if head.nms_free else rel_err
     err = max((err_of(g, r) for r, g in zip(refs, gots)), default=0.0) if match else float("inf")
     return {"shapes_match": match, "max_err": err, "tol": tol}
 

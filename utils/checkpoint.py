@@ -16,14 +16,17 @@ from models.parse import ModelConfigError
 from utils.files import atomic_write, first_line
 
 FORMAT_VERSION = 1
+STATE_KEYS = ("model", "ema")  # the state_dicts a checkpoint may hold
+FINAL_KEYS = ("format_version", "cfg", "names", "date", "epoch", "best_fitness", "opt", "hyp")  # what final weights keep
 
 
 class CheckpointError(ValueError):
     """A weights file that is missing, unreadable or not one of ours; the message is one line."""
 
 
-def save_checkpoint(path: Union[str, Path], model: nn.Module, **meta: Any) -> Path:
-    """Write {model state_dict, cfg, names, **meta} to `path` via a temp file + rename (never half-written)."""
+def save_checkpoint(path: Union[str, Path], model: nn.Module, final: bool = False, **meta: Any) -> Path:
+    """Write {model state_dict, cfg, names, **meta} to `path` via a temp file + rename (never half-written); `final`
+    writes final weights instead (final_weights: the EMA in float16, no optimizer)."""
     path = Path(path)
     core = unwrap_model(model)
     ckpt: dict[str, Any] = {
@@ -34,12 +37,17 @@ def save_checkpoint(path: Union[str, Path], model: nn.Module, **meta: Any) -> Pa
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     ckpt.update(meta)
+    _write(path, final_weights(ckpt) if final else ckpt, "cannot save checkpoint")
+    return path
+
+
+def _write(path: Path, ckpt: dict[str, Any], what: str) -> None:
+    """torch.save through a temp file + rename; a failure leaves the previous file at `path` untouched (one line)."""
     try:
         with atomic_write(path) as f:
             torch.save(ckpt, f)
-    except OSError as e:  # full disk, read-only folder: the previous file at `path` is untouched
-        raise CheckpointError(f"{path}: cannot save checkpoint ({e.strerror or e}); the previous file there is unchanged") from None
-    return path
+    except OSError as e:  # full disk, read-only folder
+        raise CheckpointError(f"{path}: {what} ({e.strerror or e}); the previous file there is unchanged") from None
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
@@ -57,7 +65,49 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'cfg')")
     if not isinstance(ckpt["cfg"], dict) or not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path}: malformed checkpoint ('cfg' and 'model' must be mappings)")
+    for key in STATE_KEYS:
+        if isinstance(ckpt.get(key), dict):
+            ckpt[key] = _float32(ckpt[key])  # final weights are stored in float16; every reader gets float32
     return ckpt
+
+
+def _float32(state: dict[str, Any]) -> dict[str, Any]:
+    """The state_dict with every reduced-precision floating tensor widened to float32 (others unchanged)."""
+    low = (torch.float16, torch.bfloat16)
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.dtype in low else v for k, v in state.items()}
+
+
+def _float16(state: dict[str, Any]) -> dict[str, Any]:
+    """The state_dict with its floating tensors in float16; one whose values overflow float16 stays as it is."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            half = v.half()
+            overflow = not bool(torch.isfinite(half).all()) and bool(torch.isfinite(v).all())
+            v = v if overflow else half
+        out[k] = v
+    return out
+
+
+def final_weights(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint as final weights, as YOLOv5's strip_optimizer makes them but state_dict style: the EMA
+    weights (else the model's) as `model` in float16, no optimizer or EMA copy, the metadata (FINAL_KEYS) kept."""
+    final: dict[str, Any] = {k: ckpt[k] for k in FINAL_KEYS if k in ckpt}
+    final["model"] = _float16(ckpt.get("ema") or ckpt["model"])
+    return final
+
+
+def strip_checkpoint(path: Union[str, Path]) -> tuple[float, float]:
+    """Rewrite a checkpoint file as final_weights; returns the file size in MB before and after. Idempotent."""
+    path = Path(path)
+    before = path.stat().st_size / 1e6 if path.is_file() else 0.0
+    _write(path, final_weights(read_checkpoint(path)), "cannot rewrite as final weights")
+    return before, path.stat().st_size / 1e6
+
+
+def is_final(ckpt: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds final (stripped) weights: no optimizer state, so it cannot resume training."""
+    return not ckpt.get("optimizer")
 
 
 def _unpickling_reason(e: Exception) -> str:

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from utils.data.images import letterbox, skip_failed_image
+from utils.data.sources import capture_fps
 
 
 class StreamError(ValueError):
@@ -15,7 +16,8 @@ class StreamError(ValueError):
 
 
 class LoadStreams:
-    """Iterate letterboxed frames from a webcam index ('0') or an rtsp/rtmp/http URL until it ends."""
+    """Iterate letterboxed frames from a webcam index ('0') or an rtsp/rtmp/http URL until it ends; `fps` is the rate
+    the capture declares (None when it declares none)."""
 
     mode = "stream"
 
@@ -27,7 +29,7 @@ class LoadStreams:
         self.cap = cv2.VideoCapture(int(source) if source.isnumeric() else source)
         if not self.cap.isOpened():
             raise StreamError(f"{source}: cannot open webcam or stream")
-        self.fps = self.cap.get(cv2.CAP_PROP_FPS) or 30.0
+        self.fps = capture_fps(self.cap)  # None when the stream declares none: the writer then uses 30
         self.frame = 0
 
     def __iter__(self) -> Iterator[tuple[list[str], np.ndarray, list[np.ndarray], str]]:

@@ -6,6 +6,7 @@ The scripts stay thin entry points (no script imports another); the task (utils.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -14,34 +15,43 @@ from utils.device import select_device
 from utils.engine.callbacks import Callbacks
 from utils.engine.config import TrainConfig
 from utils.engine.evolve import evolve
-from utils.engine.options import check_options, resume_options
-from utils.engine.trainer import DistInfo, Trainer, TrainError
+from utils.engine.options import check_launch_flags, check_options, device_ids, resume_options
+from utils.engine.trainer import DistInfo, Trainer
 from utils.logs import set_logging
 from utils.paths import increment_path
 from utils.tasks import get_task
 
 
+def local_world_size(dist: DistInfo) -> int:
+    """How many of the DDP processes run on this machine (torchrun's LOCAL_WORLD_SIZE; all of them when unset)."""
+    value = os.getenv("LOCAL_WORLD_SIZE", "")
+    return int(value) if dist.local_rank != -1 and value.isdigit() and int(value) > 0 else dist.world_size
+
+
 def init_distributed(opt: TrainConfig, dist: DistInfo) -> torch.device:
-    """Device for this process; under torchrun, joins the process group (NCCL on GPU, gloo on CPU)."""
+    """Device for this process; under torchrun, joins the process group (NCCL on GPU, gloo on CPU). Local rank i uses
+    the i-th GPU --device lists (all visible GPUs when it lists none); check_launch_flags has checked there is one."""
     if dist.local_rank == -1:
         return select_device(opt.device)
-    if opt.batch_size % dist.world_size:
-        raise TrainError(f"--batch-size {opt.batch_size} must be a multiple of the {dist.world_size} DDP processes")
-    use_cuda = torch.cuda.is_available() and opt.device != "cpu"
+    check_launch_flags(opt, dist.world_size, local_world_size(dist))  # callers that skipped resolve_options
+    use_cuda = torch.cuda.is_available() and str(opt.device).strip().lower() != "cpu"
+    device = torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(dist.local_rank)
+        device = torch.device("cuda", (device_ids(opt.device) or list(range(torch.cuda.device_count())))[dist.local_rank])
+        torch.cuda.set_device(device)
     torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return torch.device("cuda", dist.local_rank) if use_cuda else torch.device("cpu")
+    return device
 
 
 def resolve_options(opt: TrainConfig | argparse.Namespace, dist: DistInfo) -> TrainConfig:
     """The one place options are resolved, before anything runs: checks, the task's own resolution, resume, the default
     model of the task, the run folder and --batch-size -1 (autobatch)."""
     config = TrainConfig.of(opt)
-    check_options(config, dist.world_size)
+    check_options(config, dist.world_size, local_world_size(dist))  # every rank refuses alike, before any joins DDP
     config = get_task(config.task).resolve_train_options(config)
     if config.resume:
         config = resume_options(config)
+        check_launch_flags(config, dist.world_size, local_world_size(dist))  # the resumed run's --device and --sync-bn
     else:
         cfg = config.cfg or ("" if config.weights else get_task(config.task).default_cfg)
         project = Path(config.project).parent / "evolve" if config.evolve else Path(config.project)  # runs/train -> runs/evolve

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from models.limits import DEFAULT_MAX_PARAMS, PARAMS_ENV
 from utils.checkpoint import read_checkpoint
 from utils.cli import check_img_size, check_int, shell_command
@@ -53,7 +55,7 @@ def train_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--single-cls", action="store_true")
     p.add_argument("--optimizer", default="auto", choices=("auto", "SGD", "Adam", "AdamW"),
                    help="auto: the head's recipe (AdamW for RT-DETR, else SGD)")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm, DDP only")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm, DDP on CUDA only")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
     p.add_argument("--project", default=str(ROOT / t.train_project))
     p.add_argument("--name", default="exp")
@@ -109,8 +111,9 @@ def _recorded_run_dir(path: Path, opt: dict) -> Path:
     return run_dir
 
 
-def check_options(opt: TrainConfig, world_size: int = 1) -> None:
-    """Reject values that cannot train, before any folder is created (one line naming the flag); world_size: DDP processes."""
+def check_options(opt: TrainConfig, world_size: int = 1, local_world_size: int | None = None) -> None:
+    """Reject values that cannot train, before any folder is created (one line naming the flag); world_size: DDP processes,
+    local_world_size: those on this machine (default world_size)."""
     check_int("--epochs", opt.epochs)
     check_int("--batch-size", opt.batch_size, allow=(-1,))
     check_img_size(opt.imgsz)
@@ -120,6 +123,7 @@ def check_options(opt: TrainConfig, world_size: int = 1) -> None:
     for i in opt.freeze:
         check_int("--freeze", i, minimum=0)
     _check_sampling_flags(opt, world_size)
+    check_launch_flags(opt, world_size, local_world_size)
 
 
 def _check_sampling_flags(opt: TrainConfig, world_size: int) -> None:
@@ -137,3 +141,55 @@ def _check_sampling_flags(opt: TrainConfig, world_size: int) -> None:
         raise TrainError("--image-weights cannot be combined with --rect (weighted draws mix images of different rectangular batches)")
 
 
+def device_ids(device: object) -> list[int] | None:
+    """The CUDA indices a --device value lists ('0,1', 'cuda:0'), or None for '', 'cuda', 'cpu', 'mps' and values that
+    select_device refuses."""
+    spec = str(device if device is not None else "").strip().lower().replace("cuda:", "").replace(" ", "")
+    ids = spec.split(",")
+    return [int(i) for i in ids] if spec and all(i.isdigit() for i in ids) else None
+
+
+def _trains_on_cpu(device: object) -> bool:
+    """Whether --device puts training on the CPU: 'cpu', or the default ('' / 'cuda') on a machine without CUDA."""
+    spec = str(device if device is not None else "").strip().lower()
+    return spec == "cpu" or (spec in ("", "cuda") and not torch.cuda.is_available())
+
+
+def check_launch_flags(opt: TrainConfig, world_size: int = 1, local_world_size: int | None = None) -> None:
+    """Refuse, in one line naming the flags, what cannot work under DDP (every rank decides alike, before any joins the
+    process group): --sync-bn on the CPU, AutoBatch, a batch that does not split evenly, MPS, and a --device that does
+    not give each of this machine's processes its own visible GPU."""
+    if world_size <= 1:
+        return  # a single process: select_device checks --device, and --sync-bn does nothing (as in YOLOv5)
+    if opt.sync_bn and _trains_on_cpu(opt.device):
+        where = "--device cpu" if str(opt.device).strip().lower() == "cpu" else "this machine has no CUDA device"
+        raise TrainError(f"--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only) but {where}; drop --sync-bn or train on GPUs")
+    ddp = f"DDP ({world_size} processes)"
+    if opt.batch_size == -1:
+        raise TrainError(f"--batch-size -1 (AutoBatch) is not supported with {ddp}; give the total batch size")
+    if opt.batch_size % world_size:
+        raise TrainError(f"--batch-size {opt.batch_size} must be a multiple of the {world_size} DDP processes")
+    if str(opt.device).strip().lower() == "mps":
+        raise TrainError(f"--device mps is not supported with {ddp}; use CUDA devices or --device cpu")
+    _check_ddp_gpus(opt.device, world_size if local_world_size is None else local_world_size, ddp)
+
+
+def _check_ddp_gpus(device: object, local: int, ddp: str) -> None:
+    """Each of the `local` DDP processes on this machine needs its own visible GPU: the ones --device lists, else all."""
+    if _trains_on_cpu(device):
+        return
+    ids = device_ids(device)
+    spec = str(device).strip()
+    if ids is None and spec.lower() not in ("", "cuda"):
+        raise TrainError(f"--device {spec}: expected 'cpu' or CUDA indices such as 0 or 0,1 with {ddp}")
+    if not torch.cuda.is_available():
+        raise TrainError(f"--device {spec} requested with {ddp} but CUDA is not available; use --device cpu")
+    count = torch.cuda.device_count()
+    missing = [i for i in ids or [] if i >= count]
+    if missing:
+        raise TrainError(f"--device {spec} requested with {ddp} but only {count} CUDA device(s) are visible")
+    if len(set(ids or range(count))) < local:
+        shown = f"--device {spec} lists" if ids else "this machine has"
+        n = len(set(ids or range(count)))
+        raise TrainError(f"{shown} {n} GPU(s) but torchrun starts {local} DDP processes on this machine; give each process "
+                         f"its own GPU (--nproc_per_node {n})")

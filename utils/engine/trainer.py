@@ -23,7 +23,15 @@ from tqdm import tqdm
 
 from models.model import DetectionModel
 from models.pretrained import load_backbone_weights
-from utils.checkpoint import load_model, load_state, model_from_checkpoint, read_checkpoint, save_checkpoint, unwrap_model
+from utils.checkpoint import (
+    is_final,
+    load_model,
+    load_state,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+)
 from utils.cli import check_img_size
 from utils.data.datasets import restarted
 from utils.engine.amp import AmpPolicy, amp_policy
@@ -33,8 +41,7 @@ from utils.engine.early_stopping import EarlyStopping
 from utils.engine.hyp import Hyp, default_hyp_file, default_optimizer, load_hyp
 from utils.engine.memory_format import to_training_layout
 from utils.engine.recipe import choose_schedule, close_mosaic_epochs
-from utils.engine.results import append_results, columns, truncate_results
-from utils.engine.tb_logger import TensorBoardLogger
+from utils.engine.results import append_results, truncate_results
 from utils.engine.torch_utils import (
     GROUP_ORDER,
     ModelEMA,
@@ -48,7 +55,9 @@ from utils.engine.torch_utils import (
     smart_optimizer,
     warmup_step,
 )
+from utils.engine.validation import report
 from utils.files import atomic_write_text, remove_stale_temps
+from utils.loggers import attach_loggers
 from utils.loss import DetectionLoss, build_loss
 from utils.tasks import Task, TrainBatch, get_task, task_of
 
@@ -96,6 +105,8 @@ def build_model(opt: TrainConfig, nc: int, names: list[str], device: torch.devic
     if not opt.cfg and not source:
         raise TrainError("give --cfg (a model yaml) or --weights (a checkpoint file)")
     ckpt = read_checkpoint(source) if source else None
+    if ckpt is not None and opt.resume:
+        check_resumable(ckpt, source, opt.epochs)
     if ckpt is not None and (opt.resume or not opt.cfg):
         model = model_from_checkpoint(ckpt, source, nc=nc)
     else:
@@ -106,6 +117,14 @@ def build_model(opt: TrainConfig, nc: int, names: list[str], device: torch.devic
         load_backbone_weights(model, opt.backbone_weights or model.yaml["backbone_weights"])
     model.names = list(names)
     return to_training_layout(model.to(device))  # channels-last, the loader's layout, where the CPU kernels are correct
+
+
+def check_resumable(ckpt: dict, path: str, epochs: int) -> None:
+    """Refuse, before anything is built, to resume from final weights (Trainer.save with final=True) of a run with epochs left:
+    without the optimizer state and the raw weights the run would not continue as it was."""
+    if is_final(ckpt) and int(ckpt.get("epoch", -1)) + 1 < epochs:
+        raise TrainError(f"{path}: holds final weights only (no optimizer state), so training cannot resume from it; "
+                         f"start a new run from it with --weights {path}")
 
 
 def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
@@ -140,6 +159,8 @@ class Trainer:
             raise TrainError("Trainer: options need a save_dir (train.py derives it from --project/--name)")
         self.opt, self.device, self.dist = opt, device, dist
         self.callbacks = callbacks or Callbacks()
+        if dist.main:  # the experiment loggers that are installed and not switched off (utils.loggers)
+            attach_loggers(self.callbacks, owner=self)
         self.save_dir = Path(opt.save_dir)
         self.wdir = self.save_dir / "weights"
         self.best_fitness, self.start_epoch, self.last_opt_step = 0.0, 0, -1
@@ -173,6 +194,8 @@ class Trainer:
         overrides = self.task.hyp_overrides(opt)
         if overrides:
             self.hyp = Hyp.from_dict({**self.hyp.as_dict(), **overrides}, f"{hyp_file} with {', '.join(overrides)} from the flags")
+        if self.dist.main:
+            self._log_start()
         self._open_run_dir()
         self.batch = opt.batch_size // self.dist.world_size
         self._make_loaders()
@@ -196,6 +219,11 @@ class Trainer:
         self.use_amp(amp_policy(self.device))  # CUDA: float16 autocast with loss scaling; other devices: float32
         self._wrap_distributed()
         self.forward = torch.compile(self.model) if opt.compile else self.model  # the same module and weights, compiled
+
+    def _log_start(self) -> None:
+        """YOLOv5's opening lines: the hyperparameters this run uses and the model summary (layers, parameters, GFLOPs)."""
+        LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in self.hyp.as_dict().items()))
+        self.model.info()
 
     def use_amp(self, policy: AmpPolicy) -> None:
         """Train the next steps under `policy` (utils.engine.amp): its autocast in train_step and a fresh GradScaler."""
@@ -264,7 +292,6 @@ class Trainer:
         self.last_opt_step = self.start_epoch * nb - 1
         truncate_results(self.save_dir / "results.csv", self.start_epoch - 1, self.loss.names, self.task.metric_columns)
         self.stopper, t0 = EarlyStopping(opt.patience), time.time()
-        self.tb = TensorBoardLogger(self.save_dir, columns(self.loss.names, self.task.metric_columns))
         LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val\nLogging results to {self.save_dir}")
         LOGGER.info(f"Starting training for {opt.epochs} epochs...")
         self.callbacks.run("on_train_start", trainer=self)
@@ -361,15 +388,14 @@ class Trainer:
 
     # ----- validation and checkpoints ------------------------------------------------------------------------------
     def validate(self, model: torch.nn.Module, plots: bool, verbose: bool = False) -> Any:
-        """Evaluate `model` on the validation loader in-process (with the validation loss), by the task's loop."""
+        """Evaluate `model` on the validation loader in-process (with the validation loss), by the task's loop, and log the
+        result's own table (the task's metrics: boxes, boxes and masks, or top-1/top-5), per class when `verbose`."""
         result = self.task.validate(
             model, self.val_loader, self.task.evaluator(self.nc, self.names), device=self.device, compute_loss=self.loss,
             half=self.device.type == "cuda", plots=plots, save_dir=self.save_dir, names=self.names, single_cls=self.opt.single_cls,
             quiet=not verbose,
         )
-        if verbose:
-            for line in result.table(verbose=True):
-                LOGGER.info(line)
+        report(result, verbose)
         return result
 
     def _end_epoch(self, epoch: int, mloss: torch.Tensor, lrs: list[float]) -> bool:
@@ -390,13 +416,12 @@ class Trainer:
         stop = self.stopper(epoch, fit)
         self.best_fitness = max(self.best_fitness, fit)
         append_results(self.save_dir / "results.csv", epoch, mloss.tolist(), row, lrs, self.loss.names, self.task.metric_columns)
-        self.tb.log_epoch(epoch, [*mloss.tolist(), *row, *lrs])
         self.callbacks.run("on_fit_epoch_end", trainer=self, epoch=epoch, results=row)
         if not opt.nosave or epoch + 1 == opt.epochs or stop:
-            self.save(self.wdir / "last.pt", epoch)
+            self.save(self.wdir / "last.pt", epoch, final=epoch + 1 == opt.epochs)  # nothing left to resume: final weights
             self.saved_epoch = epoch
             if self.best_fitness == fit:
-                self.save(self.wdir / "best.pt", epoch)
+                self.save(self.wdir / "best.pt", epoch, final=True)  # never resumed from: final weights from the start
             if opt.save_period > 0 and epoch % opt.save_period == 0:
                 self.save(self.wdir / f"epoch{epoch}.pt", epoch)
         return stop
@@ -412,11 +437,13 @@ class Trainer:
         """What opt.yaml and checkpoints record: the options, with the image size and hyp file this run actually used."""
         return {**self.opt.as_dict(), "imgsz": self.imgsz, "hyp": str(self.hyp_file)}
 
-    def save(self, path: Path, epoch: int) -> None:
-        """Checkpoint: model + EMA state_dicts, optimizer, epoch, fitness, options, hyp, names (atomic write)."""
+    def save(self, path: Path, epoch: int, final: bool = False) -> None:
+        """Checkpoint: model + EMA state_dicts, optimizer, epoch, fitness, options, hyp, names (atomic write); `final`
+        writes final weights instead (utils.checkpoint.final_weights: the EMA in float16, no optimizer), as YOLOv5's
+        strip_optimizer leaves best.pt and, once every epoch has run, last.pt."""
         assert self.ema is not None
         save_checkpoint(
-            path, unwrap_model(self.model), names=self.names, ema=self.ema.ema.state_dict(), updates=self.ema.updates,
+            path, unwrap_model(self.model), final=final, names=self.names, ema=self.ema.ema.state_dict(), updates=self.ema.updates,
             optimizer=self.optimizer.state_dict(), optimizer_groups=GROUP_ORDER, epoch=epoch, best_fitness=float(self.best_fitness),
             opt=self.options_record(), hyp=self.hyp.as_dict(),
         )
@@ -425,6 +452,7 @@ class Trainer:
     def restore(self, ckpt: dict) -> None:
         """Load model, EMA, optimizer and counters from a resume checkpoint."""
         path = str(self.opt.resume)
+        check_resumable(ckpt, path, self.opt.epochs)
         load_state(unwrap_model(self.model), ckpt["model"], path)
         if ckpt.get("ema") and self.ema is not None:
             load_state(self.ema.ema, ckpt["ema"], path, "EMA weights")
@@ -438,6 +466,13 @@ class Trainer:
             raise TrainError(f"{path}: training already finished ({self.start_epoch} epochs); nothing to resume")
         self.best_fitness = float(ckpt.get("best_fitness", 0.0))
         LOGGER.info(f"Resuming training from {path} at epoch {self.start_epoch + 1} of {self.opt.epochs}")
+
+    def _report_final_weights(self, best: Path, last: Path) -> None:
+        """Name the files that hold final weights (after an early stop last.pt stays a full checkpoint --resume continues)."""
+        finals = [p for p in (best, last) if p.is_file() and (p == best or self.saved_epoch == self.opt.epochs - 1)]
+        if finals:
+            sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in finals)
+            LOGGER.info(f"Final weights (EMA in float16, no optimizer): {sizes}")
 
     def _broadcast_stop(self, stop: bool, diverged: str = "") -> bool:
         """Share the main rank's early-stop decision with every DDP rank; a divergence message stops all of them with it."""
@@ -454,6 +489,7 @@ class Trainer:
         if not self.dist.main:
             return last
         LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        self._report_final_weights(best, last)
         if best.exists() and not self.opt.noval:
             LOGGER.info(f"\nValidating {best}...")
             self.validate(load_model(best, self.device).fuse(), plots=not self.opt.noplots, verbose=True)

@@ -37,8 +37,9 @@ def _make_loader(task: Task, data: dict, split: str, imgsz: int, batch_size: int
     return task.val_loader(data, name, imgsz, batch_size, stride, rect=rect, single_cls=single_cls, workers=workers, pad=pad)
 
 
-def _report(result: Any, verbose: bool) -> None:
-    """Log the results table (and the warning YOLOv5 gives when the split has no labels)."""
+def report(result: Any, verbose: bool) -> None:
+    """Log the result's own table (its task's metrics; per class when verbose) and the warning YOLOv5 gives when the split
+    has no labels: what val.py prints, and the Trainer after each epoch's validation."""
     for line in result.table(verbose):
         LOGGER.info(line)
     if result.instances.sum() == 0:
@@ -113,7 +114,7 @@ def run(
                       max_det=max_det, half=half, augment=augment, single_cls=single_cls, compute_loss=compute_loss, plots=plots,
                       save_dir=save_dir, save_txt=save_txt, save_conf=save_conf, save_json=save_json, json_name=json_name, names=names,
                       quiet=quiet)
-    _report(result, verbose or (not in_process and len(names) < 50))
+    report(result, verbose or (not in_process and len(names) < 50))
     if not in_process:
         shape = (batch_size, 3, imgsz, imgsz)
         stage = model_task.postprocess_stage

@@ -16,7 +16,7 @@ from utils.data.classify_augment import centre_crop
 from utils.data.images import VID_FORMATS, check_some_succeeded, skip_failed_image
 from utils.device import select_device
 from utils.files import safe_component
-from utils.inference.predict import VideoSink, default_source, item_name, open_source, show_and_save
+from utils.inference.predict import VideoSink, check_imshow, default_source, item_name, open_source, show_and_save
 from utils.paths import ROOT, increment_path
 from utils.plots import class_color
 from utils.tasks import check_script_task, get_task
@@ -88,14 +88,15 @@ def run(
     check_int("--vid-stride", vid_stride)
     dev = select_device(device)
     half = half and dev.type == "cuda"
+    view_img = view_img and check_imshow()
     model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
     check_script_task(get_task(ClassifyTask.name), model, "predict", model.weights)
     size = check_img_size(size, int(model.stride)) if model.dynamic else int((model.input_shape or (1, 3, size))[2])
     names = list(model.names)
+    source = str(source) if source is not None else default_source()
+    dataset = open_source(source, (size, size), 32, False, vid_stride)  # before the run folder
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-    source = str(source) if source is not None else default_source()
-    dataset = open_source(source, (size, size), 32, False, vid_stride)
     sink, seen, times = VideoSink(), 0, np.zeros(3)
     opts = dict(save_txt=save_txt, nosave=nosave, view_img=view_img, line_thickness=line_thickness)
     failures: list[str] = []

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -23,14 +20,13 @@ from utils.data.images import (
     settle_failures,
     skip_failed_image,
 )
-from utils.data.sources import expand_source
+from utils.data.sources import MAX_DOWNLOAD_BYTES, URL_TIMEOUT, expand_source, fetch_url, is_url
 from utils.files import safe_component
 
-URL_TIMEOUT = 10.0  # seconds to connect and between reads
-MAX_DOWNLOAD_BYTES = 64 << 20  # an image URL larger than this is refused rather than held in memory
 SAVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # names kept as given; others are saved as .jpg
 ACCEPTED = "a file, folder, glob or http(s) URL (str or Path), a numpy HxWx3 array, a PIL image, or a list of those"
 ImageSource = Union[str, Path, np.ndarray, Image.Image]
+__all__ = ["ACCEPTED", "MAX_DOWNLOAD_BYTES", "URL_TIMEOUT", "ImageSource", "NamedImage", "is_url", "load_inputs", "read_url"]
 
 
 @dataclass
@@ -41,25 +37,9 @@ class NamedImage:
     image: np.ndarray
 
 
-def is_url(text: str) -> bool:
-    """True for http:// and https:// addresses (the only schemes downloaded)."""
-    return urllib.parse.urlsplit(text).scheme.lower() in ("http", "https")
-
-
 def read_url(url: str, timeout: float = URL_TIMEOUT) -> np.ndarray:
     """Download and decode one image URL; offline or failing, one ImageError line naming the URL and the reason."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            data = r.read(MAX_DOWNLOAD_BYTES + 1)
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"{url}: cannot download image (HTTP {e.code} {e.reason})") from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise ImageError(f"{url}: cannot download image ({str(reason).splitlines()[0] or type(e).__name__}); "
-                         "check the network or pass a local file") from None
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageError(f"{url}: image download is over {MAX_DOWNLOAD_BYTES >> 20} MB, refused")
-    return decode_image_bytes(data, url)
+    return decode_image_bytes(fetch_url(url, timeout), url)
 
 
 def _paths(text: str) -> list[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from utils.segmentation import MASK_THRESHOLD, scale_masks
 from utils.tasks import check_script_task, get_task
 
 LOGGER = logging.getLogger("mobile_yolo")
+DEFAULT_FPS = 30.0  # the rate a video is written at when its source declares none (YOLOv5's)
 
 
 def default_source() -> str:
@@ -43,31 +46,55 @@ def default_source() -> str:
 
 
 def open_source(source: str, imgsz: tuple[int, int], stride: int, auto: bool, vid_stride: int) -> Any:
-    """Images/videos/lists via LoadImages; a webcam index or stream URL via LoadStreams."""
-    from utils.data.sources import LoadImages
+    """Images/videos/lists and image URLs (downloaded, then read as files) via LoadImages; a webcam index or another
+    stream URL via LoadStreams."""
+    from utils.data.sources import LoadImages, is_image_url
 
     is_stream = source.isnumeric() or source.lower().startswith(("rtsp://", "rtmp://", "http://", "https://"))
-    if is_stream and not Path(source).exists():
+    if is_stream and not is_image_url(source) and not Path(source).exists():
         from utils.data.streams import LoadStreams
 
         return LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
     return LoadImages(source, img_size=imgsz, stride=stride, auto=auto)
 
 
+def check_imshow(warn: bool = True) -> bool:
+    """Whether OpenCV can show a window here (tried once, as YOLOv5 does); when not, one warning line saying why.
+
+    Headless OpenCV raises cv2.error in imshow; a GUI build without a display would abort the process, so on Linux
+    no DISPLAY / WAYLAND_DISPLAY counts as no display before imshow is tried."""
+    reason = ""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        reason = "no display (DISPLAY is not set)"
+    else:
+        try:
+            cv2.imshow("check_imshow", np.zeros((8, 8, 3), np.uint8))
+            cv2.waitKey(1)
+            cv2.destroyAllWindows()
+            cv2.waitKey(1)
+        except cv2.error:
+            reason = "this OpenCV build cannot open windows (headless)"
+    if reason and warn:
+        LOGGER.warning(f"WARNING: --view-img turned off: {reason}; results are still saved")
+    return not reason
+
+
 class VideoSink:
-    """Writes annotated frames to one mp4 per input video or stream."""
+    """Writes annotated frames to one mp4 per input video or stream, at the source's frame rate (DEFAULT_FPS when it has
+    none: image sequences, streams that declare none)."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
         self.writer: Any = None
 
-    def write(self, path: Path, frame: np.ndarray, fps: float) -> None:
+    def write(self, path: Path, frame: np.ndarray, fps: float | None) -> None:
+        """Append one frame to path.mp4, opening that file at `fps` on its first frame."""
         if path != self.path:
             self.close()
             self.path = path
             h, w = frame.shape[:2]
             fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]  # missing from OpenCV's type stubs
-            self.writer = cv2.VideoWriter(str(path.with_suffix(".mp4")), fourcc, fps or 30, (w, h))
+            self.writer = cv2.VideoWriter(str(path.with_suffix(".mp4")), fourcc, fps or DEFAULT_FPS, (w, h))
         self.writer.write(frame)
 
     def close(self) -> None:
@@ -100,15 +127,16 @@ def _emit(
 
 
 def show_and_save(annotated: np.ndarray, p: Path, is_image: bool, dataset: Any, save_dir: Path, opts: dict, sink: VideoSink) -> None:
-    """--view-img shows the annotated image or frame; unless --nosave it is written (images) or appended to the video."""
-    if opts["view_img"]:
-        cv2.imshow(str(p), annotated)
-        cv2.waitKey(1)
+    """Unless --nosave the annotated image or frame is written (images) or appended to the video (at the source's frame
+    rate); then --view-img shows it (saved first: a window that fails never loses the result)."""
     if not opts["nosave"]:
         if is_image:
             cv2.imwrite(str(save_dir / p.name), annotated)
         else:
-            sink.write(save_dir / p.stem, annotated, getattr(dataset, "fps", 30.0))
+            sink.write(save_dir / p.stem, annotated, getattr(dataset, "fps", None))
+    if opts["view_img"]:
+        cv2.imshow(str(p), annotated)
+        cv2.waitKey(1)
 
 
 def instance_masks(det: torch.Tensor, protos: torch.Tensor, img_hw: tuple[int, int], shape0: tuple[int, int],
@@ -204,15 +232,16 @@ def run(
     if half and dev.type != "cuda":
         LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
         half = False
+    view_img = view_img and check_imshow()
     model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
     check_script_task(get_task(script_task), model, "predict", model.weights)  # detect.py draws a segmentation model's masks too
     stride, names = int(model.stride), list(model.names)
     size = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz) * (2 if len(imgsz) == 1 else 1)
     size = tuple(check_img_size(list(size), stride))
     source = str(source) if source is not None else default_source()
+    dataset = open_source(source, size, stride, bool(getattr(model, "pt", False)), vid_stride)  # before the run folder
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-    dataset = open_source(source, size, stride, bool(getattr(model, "pt", False)), vid_stride)
     sink, seen, times = VideoSink(), 0, np.zeros(3)
     opts = dict(save_txt=save_txt, save_format=save_format, save_csv=save_csv, save_conf=save_conf, save_crop=save_crop,
                 view_img=view_img, nosave=nosave, line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
