@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from tests.conftest import one_line_exit
 from utils.cli import error_boundary
 from utils.engine import launch
 from utils.engine.options import check_launch_flags, device_ids, train_options
@@ -44,14 +45,6 @@ def _gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
-def _one_line(e: pytest.ExceptionInfo, *needles: str) -> str:
-    msg = str(e.value.code)
-    assert msg.startswith("train: error: ") and "\n" not in msg and "Traceback" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
-
-
 @pytest.mark.parametrize(
     ("overrides", "gpus", "needles"),
     [
@@ -65,7 +58,7 @@ def test_single_process_refusals(overrides: dict, gpus: int, needles: tuple, tmp
     _gpus(monkeypatch, gpus)
     with pytest.raises(SystemExit) as e, error_boundary("train"):
         train.run(cfg=CFG, project=str(tmp_path / "runs"), **overrides)
-    _one_line(e, *needles)
+    one_line_exit(e, "train", *needles)
     assert not (tmp_path / "runs").exists()
 
 
@@ -94,7 +87,7 @@ def test_ddp_refusals(overrides: dict, world: int, gpus: int, needles: tuple, tm
     opt = train_options(cfg=CFG, project=str(tmp_path / "runs"), **overrides)
     with pytest.raises(SystemExit) as e, error_boundary("train"):
         train.main(opt, dist=DistInfo(rank=0, local_rank=0, world_size=world))
-    _one_line(e, *needles)
+    one_line_exit(e, "train", *needles)
     assert not (tmp_path / "runs").exists()
 
 

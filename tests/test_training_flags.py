@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from tests.conftest import tiny_shapes_yaml
+from tests.conftest import one_line_exit, tiny_shapes_yaml
 from utils.cli import error_boundary
 from utils.data.datasets import create_dataloader
 from utils.data.image_weights import EpochWeightedSampler, class_weights, epoch_class_weights, epoch_image_weights, image_weights
@@ -39,14 +39,6 @@ V5_LOSSES = ("box_loss", "obj_loss", "cls_loss")
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_shapes_yaml(tmp_path_factory.mktemp("flags_shapes"), n_train=16, n_val=4, seed=3)
-
-
-def _one_line_exit(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
-    msg = str(excinfo.value.code)
-    assert msg.startswith("train: error: ") and "\n" not in msg and "Traceback" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
 
 
 # ---- evolution: mutation and parent selection ----------------------------------------------------------------------
@@ -163,7 +155,7 @@ def test_foreign_evolve_csv_is_one_line_and_untouched(content: bytes, needle: st
     with pytest.raises(SystemExit) as e:
         train.cli(["--evolve", "2", "--cfg", TINY_CFG, "--img", "64", "--epochs", "1", "--device", "cpu", "--exist-ok",
                    "--project", str(tmp_path / "runs" / "train")])
-    _one_line_exit(e, str(folder / "evolve.csv"), needle)
+    one_line_exit(e, "train", str(folder / "evolve.csv"), needle)
     assert (folder / "evolve.csv").read_bytes() == content and [p.name for p in folder.iterdir()] == ["evolve.csv"]
 
 
@@ -173,7 +165,7 @@ def test_evolve_refuses_outputs_without_their_csv(tmp_path: Path) -> None:
     (folder / "hyp_evolve.yaml").write_text("mine: 1\n")
     with pytest.raises(SystemExit) as e:
         train.cli(["--evolve", "--cfg", TINY_CFG, "--device", "cpu", "--exist-ok", "--project", str(tmp_path / "runs" / "train")])
-    _one_line_exit(e, "hyp_evolve.yaml", "choose another --name")
+    one_line_exit(e, "train", "hyp_evolve.yaml", "choose another --name")
     assert (folder / "hyp_evolve.yaml").read_text() == "mine: 1\n"
 
 
@@ -339,14 +331,14 @@ def test_refusals_are_one_line(overrides: dict, world_size: int, needles: tuple,
     opt = train_options(cfg=TINY_CFG, device="cpu", project=str(tmp_path / "runs" / "train"), **overrides)
     with pytest.raises(SystemExit) as e, error_boundary("train"):
         train.main(opt, dist=DistInfo(rank=0, local_rank=0, world_size=world_size))
-    _one_line_exit(e, *needles)
+    one_line_exit(e, "train", *needles)
     assert not (tmp_path / "runs").exists()
 
 
 def test_cli_evolve_with_resume_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         train.cli(["--evolve", "--resume", "--project", str(tmp_path / "p")])
-    _one_line_exit(e, "--evolve cannot be combined with --resume")
+    one_line_exit(e, "train", "--evolve cannot be combined with --resume")
 
 
 def test_trainer_refuses_image_weights_under_ddp(tiny_data: Path, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from typing import TypeVar, Union
 
 import numpy as np
 import torch
-import torchvision
 
 Array = Union[np.ndarray, torch.Tensor]
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)  # the result has the same type (numpy or torch) as the input
@@ -89,7 +88,11 @@ def scale_boxes(img1_shape: tuple[int, int], boxes: ArrayT, img0_shape: tuple[in
 
 def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU of xyxy boxes, shape (N, M)."""
-    return torchvision.ops.box_iou(box1, box2)
+    area1 = (box1[:, 2] - box1[:, 0]) * (box1[:, 3] - box1[:, 1])
+    area2 = (box2[:, 2] - box2[:, 0]) * (box2[:, 3] - box2[:, 1])
+    wh = (torch.min(box1[:, None, 2:], box2[:, 2:]) - torch.max(box1[:, None, :2], box2[:, :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[:, None] + area2 - inter)
 
 
 def _corners(box: torch.Tensor, xywh: bool) -> tuple[torch.Tensor, ...]:

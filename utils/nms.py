@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
-import torchvision
 
 from models.heads.base import LEGACY_HEAD_KIND, head_class
 
@@ -47,6 +46,14 @@ def _candidates(boxes: torch.Tensor, scores: torch.Tensor, extras: torch.Tensor,
     conf, j = scores.max(1, keepdim=True)
     keep = conf[:, 0] > conf_thres
     return torch.cat((boxes, conf, j.to(boxes.dtype), extras), 1)[keep]
+
+
+def batched_nms_kernel() -> Any:
+    """torchvision's NMS kernel, imported on first use: importing torchvision costs about a second (it loads torch._dynamo),
+    which every script start would pay, --help and one-line refusals included."""
+    from torchvision.ops import nms
+
+    return nms
 
 
 def non_max_suppression(
@@ -92,7 +99,7 @@ def non_max_suppression(
             continue
         x = x[x[:, 4].argsort(descending=True)[:max_nms]]
         offsets = x[:, 5:6] * (0 if agnostic else max_wh)
-        keep = torchvision.ops.nms(x[:, :4] + offsets, x[:, 4], iou_thres)[:max_det]
+        keep = batched_nms_kernel()(x[:, :4] + offsets, x[:, 4], iou_thres)[:max_det]
         output.append(x[keep].to(prediction.dtype))
     if time.time() - t0 > time_limit:  # warn only: dropping images would silently corrupt validation
         LOGGER.warning(f"WARNING: NMS took {time.time() - t0:.3f}s for {bs} images (soft limit {time_limit:.3f}s)")

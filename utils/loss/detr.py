@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
 
 from models.heads.rtdetr import DenoisingMeta, DETROutput
@@ -80,6 +79,8 @@ def hungarian_match(boxes: torch.Tensor, logits: torch.Tensor, gt_boxes: Tensors
         return [(empty, empty) for _ in range(bs)]
     cost = match_cost(boxes.flatten(0, 1), logits.flatten(0, 1), torch.cat(list(gt_boxes)), torch.cat(list(gt_cls)))
     chunks = cost.view(bs, nq, -1).cpu().split(counts, -1)
+    from scipy.optimize import linear_sum_assignment  # on first use: scipy.optimize costs ~0.5 s at every script start
+
     out: Indices = []
     for i, chunk in enumerate(chunks):
         rows, cols = linear_sum_assignment(chunk[i].numpy())
