@@ -362,3 +362,23 @@ def test_image_size_limit_is_raisable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOBILE_YOLO_MAX_IMGSZ", "-5")
     with pytest.raises(ValueError, match="environment variable MOBILE_YOLO_MAX_IMGSZ must be a positive integer, got '-5'"):
         check_img_size(640)
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permissions")
+def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
+    """Checkpoints and logs written through a temp file get a new file's usual mode (0666 less the umask), not mkstemp's
+    0600; a replaced file keeps its own mode."""
+    from utils.files import _umask, atomic_write_text
+
+    fresh = atomic_write_text(tmp_path / "new.txt", "a")
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    kept = tmp_path / "kept.txt"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    atomic_write_text(kept, "new")
+    assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
+    mask = os.umask(0o027)
+    try:
+        assert _umask() == 0o027 and atomic_write_text(tmp_path / "masked.txt", "b").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)

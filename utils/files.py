@@ -56,13 +56,29 @@ def ensure_inside(path: PathLike, root: PathLike, what: str = "path") -> Path:
     return resolved
 
 
+def _umask() -> int:
+    """The process umask, read from /proc on Linux (os.umask can only read it by setting it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; on success fsync and rename it over `path`, on any error delete it."""
+    """Open a temp file beside `path`; on success fsync and rename it over `path`, on any error delete it. The file gets
+    the permissions an ordinary new file would (0666 less the umask), or those of the file it replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide weights and logs from the user's group (POSIX only)
+            os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()

@@ -24,7 +24,7 @@ from utils.data.dataset_config import load_dataset_config
 from utils.data.images import VID_FORMATS, check_some_succeeded, skip_failed_image
 from utils.device import select_device
 from utils.files import safe_component
-from utils.nms import non_max_suppression
+from utils.nms import batched_nms_kernel, non_max_suppression
 from utils.paths import ROOT, increment_path
 from utils.plots import draw_detections, draw_masks
 from utils.predictions import describe, save_crops, write_csv_rows, write_labels, write_polygon_labels
@@ -242,6 +242,7 @@ def run(
     dataset = open_source(source, size, stride, bool(getattr(model, "pt", False)), vid_stride)  # before the run folder
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    batched_nms_kernel()  # imported before the timed loop, so the Speed line's NMS time is the kernel's, not an import
     sink, seen, times = VideoSink(), 0, np.zeros(3)
     opts = dict(save_txt=save_txt, save_format=save_format, save_csv=save_csv, save_conf=save_conf, save_crop=save_crop,
                 view_img=view_img, nosave=nosave, line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
