@@ -19,7 +19,7 @@ from torch import nn
 
 import train
 from tests.conftest import EPS16, one_line_exit, rel_err, tiny_shapes_yaml
-from utils.checkpoint import FINAL_KEYS, load_model, read_checkpoint, save_checkpoint, strip_checkpoint
+from utils.checkpoint import FINAL_KEYS, final_weights, load_model, read_checkpoint, save_checkpoint
 from utils.engine.callbacks import Callbacks
 from utils.engine.trainer import Trainer
 from utils.evaluation.classify import ClassifyResult
@@ -219,18 +219,17 @@ def test_resume_from_final_weights_is_one_line(run: SimpleNamespace, tmp_path: P
     one_line_exit(e, "train", str(final), "final weights only", "--weights")
 
 
-def test_strip_is_idempotent_and_keeps_overflowing_tensors(tmp_path: Path) -> None:
+def test_final_weights_are_idempotent_and_keep_overflowing_tensors(tmp_path: Path) -> None:
     path = tmp_path / "w.pt"
     state = {"a": torch.tensor([1.0, 1e-3]), "big": torch.tensor([1e6]), "n": torch.tensor(3)}
-    torch.save({"model": state, "ema": {**state, "a": torch.tensor([2.0, 2e-3])}, "cfg": {}, "optimizer": {"state": {}},
-                "epoch": 4, "updates": 9}, path)
-    strip_checkpoint(path)
+    torch.save(final_weights({"model": state, "ema": {**state, "a": torch.tensor([2.0, 2e-3])}, "cfg": {},
+                              "optimizer": {"state": {}}, "epoch": 4, "updates": 9}), path)
     ckpt = torch.load(path, weights_only=True)
     assert set(ckpt) == {"model", "cfg", "epoch"}
     assert ckpt["model"]["a"].dtype == torch.float16 and ckpt["model"]["a"][0] == 2.0  # the EMA's
     assert ckpt["model"]["big"].dtype == torch.float32 and ckpt["model"]["n"].dtype == torch.int64  # 1e6 overflows float16
     assert read_checkpoint(path)["model"]["a"].dtype == torch.float32
-    strip_checkpoint(path)
+    torch.save(final_weights(read_checkpoint(path)), path)  # final weights of final weights: the same content
     again = torch.load(path, weights_only=True)
     assert set(again) == set(ckpt) and all(torch.equal(again["model"][k], v) and again["model"][k].dtype == v.dtype
                                            for k, v in ckpt["model"].items())

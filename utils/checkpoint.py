@@ -97,14 +97,6 @@ def final_weights(ckpt: dict[str, Any]) -> dict[str, Any]:
     return final
 
 
-def strip_checkpoint(path: Union[str, Path]) -> tuple[float, float]:
-    """Rewrite a checkpoint file as final_weights; returns the file size in MB before and after. Idempotent."""
-    path = Path(path)
-    before = path.stat().st_size / 1e6 if path.is_file() else 0.0
-    _write(path, final_weights(read_checkpoint(path)), "cannot rewrite as final weights")
-    return before, path.stat().st_size / 1e6
-
-
 def is_final(ckpt: dict[str, Any]) -> bool:
     """Whether a checkpoint holds final (stripped) weights: no optimizer state, so it cannot resume training."""
     return not ckpt.get("optimizer")
