@@ -39,6 +39,7 @@ from utils.timing import (
     interleaved_times,
     ort_runner,
     ort_session,
+    restored_threads,
     set_threads,
     summarize,
     system_info,
@@ -610,12 +611,18 @@ def check_opt(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Run the chosen benchmark and write its tables."""
+    """Run the chosen benchmark and write its tables (the caller's torch/OpenCV thread counts are restored after)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     opt = parse_opt(argv)
     set_logging(verbose=False)
     for size in opt.sizes:
         check_img_size(list(size))
+    with restored_threads():
+        return run_mode(opt, argv)
+
+
+def run_mode(opt: argparse.Namespace, argv: list[str]) -> Any:
+    """The benchmark --loader, --train-throughput, --formats or the config tables choose."""
     if opt.loader:
         rows = loader_throughput(opt)
         write_tables(rows, Path(opt.out + "_loader"), [f"Training loader throughput: {environment(opt)}", "", *plain_table(rows)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import utils.openmp  # noqa: F401  (first: OpenMP's wait policy is read when torch loads)
 from utils.cli import error_boundary
 from utils.inference.predict import check_options, default_source, open_source, parse_predict_args, run
 from utils.logs import set_logging

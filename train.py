@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import utils.openmp  # noqa: F401  (first: OpenMP's wait policy is read when torch loads)
 from utils.cli import error_boundary
 from utils.engine.callbacks import Callbacks
 from utils.engine.launch import init_distributed, train_main

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import utils.openmp  # noqa: F401  (first: OpenMP's wait policy is read when torch loads)
 from utils.cli import error_boundary
 from utils.engine.validation import check_options, run, study, val_main, val_parser
 from utils.logs import set_logging

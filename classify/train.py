@@ -17,6 +17,7 @@ elif str(ROOT) not in sys.path:
 import argparse
 from typing import Any
 
+import utils.openmp  # noqa: F401  (first: OpenMP's wait policy is read when torch loads)
 from utils.cli import error_boundary
 from utils.engine.callbacks import Callbacks
 from utils.engine.launch import train_main

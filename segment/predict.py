@@ -14,6 +14,7 @@ elif str(ROOT) not in sys.path:
 import argparse
 from typing import Any
 
+import utils.openmp  # noqa: F401  (first: OpenMP's wait policy is read when torch loads)
 from utils.cli import error_boundary
 from utils.inference.predict import parse_predict_args
 from utils.inference.predict import run as _run

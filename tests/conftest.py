@@ -216,6 +216,18 @@ def _experiment_loggers_off() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _torch_threads_unchanged() -> Iterator[None]:
+    """A test that leaves torch's thread count changed fails: every test after it would run at that count (one leak once
+    made most of the suite single-threaded and several times slower)."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test changed torch's thread count from {before} to {after} and did not restore it")
+
+
+@pytest.fixture(autouse=True)
 def _log_records_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     """The scripts' set_logging() stops 'mobile_yolo' propagating; let caplog see its records in every test."""
     import logging

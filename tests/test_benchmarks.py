@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from test_export import make_checkpoint
 
 import benchmarks
@@ -71,7 +72,9 @@ def test_config_run_is_interleaved_and_regenerates_the_docs(tmp_path: Path, monk
     monkeypatch.setattr(benchmarks, "interleaved_times", spy)
     argv = ["--cfg", "models/yolov5n.yaml", "models/yolov8n.yaml", "--img", "32", *FAST, "--threads", "1", "--baseline", "yolov8n",
             "--out", str(tmp_path / "b"), "--write-docs", str(tmp_path / "docs.md")]  # fmt: skip
+    threads = torch.get_num_threads()
     rows = benchmarks.main(argv)
+    assert torch.get_num_threads() == threads  # --threads 1 held for the run only: the caller's count is back
     assert order == [(m, b) for m in ("yolov5n", "yolov8n") for b in ("pytorch", "onnx")]  # one run, every pair
     assert [r["model"] for r in rows] == ["yolov5n", "yolov8n"] and rows[1]["onnx_x"] == 1.0 and rows[0]["gflops"] > 0
     docs = (tmp_path / "docs.md").read_text()

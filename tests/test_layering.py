@@ -153,6 +153,7 @@ STAGE_DEPENDENCIES = {
     "loggers": set(),  # experiment loggers: attached to the Trainer's callbacks, they know nothing of the stages
     "engine": {"data", "loss", "evaluation", "tasks", "runtime", "loggers"},
     "inference": {"data", "runtime", "tasks"},
+    "convert": set(),  # official YOLOv5/YOLOv8 checkpoints read without running their code, into our checkpoint format
     "study": {"data", "engine", "export"},  # study.py's comparison: trains, validates and exports through the stages above
 }
 

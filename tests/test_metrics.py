@@ -143,6 +143,16 @@ def test_match_from_iou_is_match_predictions_on_box_iou():
     assert got[2, :7].all() and not got[3].any()  # IoU 0.8 for the class-1 box; the class-0 copy of it matches nothing
 
 
+def test_smooth_window_is_yolov5s():
+    """The best-F1 confidence is picked on f1 smoothed as YOLOv5 and ultralytics do: a 101-point box over 1000 points at
+    f=0.1 (51 at f=0.05), so P and R at that confidence agree with theirs."""
+    for f, width in ((0.1, 101), (0.05, 51)):
+        impulse = np.zeros(1000)
+        impulse[500] = 1.0
+        out = smooth(impulse, f)
+        assert np.count_nonzero(out) == width and out.max() == pytest.approx(1 / width)
+
+
 def test_smooth_keeps_constant_and_length():
     y = np.full(100, 0.3)
     assert np.allclose(smooth(y, 0.1), 0.3)

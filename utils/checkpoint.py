@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
@@ -58,7 +59,7 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {_unpickling_reason(e)}") from None
+        raise CheckpointError(f"{path}: {_unpickling_reason(e, path)}") from None
     except Exception as e:  # the unpickler raises many types on corrupt or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
@@ -102,15 +103,17 @@ def is_final(ckpt: dict[str, Any]) -> bool:
     return not ckpt.get("optimizer")
 
 
-def _unpickling_reason(e: Exception) -> str:
-    """Why a weights_only load refused a file, without inviting the unsafe weights_only=False work-around."""
+def _unpickling_reason(e: Exception, path: Union[str, Path] = "FILE") -> str:
+    """Why a weights_only load refused a file, without inviting the unsafe weights_only=False work-around; offers the
+    safe conversion of YOLOv5/YOLOv8 files."""
     text = str(e)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if "Weights only load failed" in text or found:
         what = f" ({found.group(1)})" if found else ""
         return (f"refused to load: the file stores Python objects beyond tensors{what}; unpickling those "
                 "(torch.load with weights_only=False) would let the file run arbitrary code, so only plain "
-                "state_dict checkpoints are loaded")
+                "state_dict checkpoints are loaded; a YOLOv5 or ultralytics YOLOv8 checkpoint converts without running "
+                f"anything: {shlex.join(['python', '-m', 'utils.convert', str(path)])}")
     return f"not a readable checkpoint ({first_line(e)})"
 
 

@@ -3,12 +3,13 @@ statistics and per-round ratios, the machine facts a benchmark header carries, a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import statistics
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,6 +93,20 @@ def summarize(times: Mapping[K, list[list[float]]], baseline: K) -> dict[K, Late
         out[key] = LatencyStats(statistics.median(values), q1, q3, min(values), max(values), statistics.median(ratios), min(ratios),
                                 max(ratios), len(values), sum(len(b) for b in times[key]))  # fmt: skip
     return out
+
+
+@contextlib.contextmanager
+def restored_threads() -> Iterator[None]:
+    """Context: torch's and OpenCV's CPU thread counts are put back on exit, so a benchmark run from Python (tests,
+    notebooks) that sets them does not slow everything after it."""
+    import cv2
+
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv2_threads)
 
 
 def set_threads(threads: int) -> int:

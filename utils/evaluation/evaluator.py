@@ -320,7 +320,7 @@ class SegmentEvaluator(DetectionEvaluator):
         if not n or not m:
             return torch.zeros((n, self.iouv.numel()), dtype=torch.bool)
         iou = mask_iou(gm.reshape(m, -1), pm.reshape(n, -1))
-        return match_from_iou(iou, labels[:, 0], det[:, 5], self.iouv)
+        return match_from_iou(iou, labels[:, 0], det[:, 5], self.iouv, det[:, 4])
 
     def compute(self) -> SegmentResult:
         """Reduce everything accumulated so far into box and mask metrics (the state is kept; reset() starts over)."""

@@ -43,19 +43,40 @@ def _greedy_pairs(iou: np.ndarray, allowed: np.ndarray, min_iou: float, strict: 
     return np.asarray(rows, dtype=np.float64)
 
 
-def match_from_iou(iou: torch.Tensor, label_cls: torch.Tensor, det_cls: torch.Tensor, iouv: torch.Tensor) -> torch.Tensor:
-    """(n, t) correctness of n detections at each IoU threshold from their (m, n) IoU with m labels (boxes or masks alike)."""
+def _score_order_matches(iou: np.ndarray, allowed: np.ndarray, thresholds: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """COCO's (pycocotools') matching at each threshold: detections in `order` (highest score first) each take the
+    still-unmatched allowed label of highest IoU >= the threshold; returns (n, t) correctness."""
+    m, n = iou.shape
+    t = thresholds.size
+    correct = np.zeros((n, t), dtype=bool)
+    iou = np.where(allowed, iou, -1.0)
+    free = np.ones((m, t), dtype=bool)  # labels not yet matched, per threshold
+    cols = np.arange(t)
+    for d in order[(iou[:, order] >= thresholds.min()).any(0)]:  # only detections that can match at all
+        cand = np.where(free, iou[:, d : d + 1], -1.0)  # (m, t)
+        best = cand.argmax(0)
+        hit = cand[best, cols] >= thresholds
+        free[best[hit], cols[hit]] = False
+        correct[d] = hit
+    return correct
+
+
+def match_from_iou(
+    iou: torch.Tensor, label_cls: torch.Tensor, det_cls: torch.Tensor, iouv: torch.Tensor, conf: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(n, t) correctness of n detections at each IoU threshold from their (m, n) IoU with m labels (boxes or masks alike).
+
+    Matched as COCO does: by confidence (`conf`; without it, the given order, highest score first as NMS returns them),
+    each detection takes the best unmatched label of its class, separately at each threshold. Matching by highest IoU
+    first instead gives a label to a low-score duplicate and counts the high-score one false, which drags the AP of
+    outputs with overlapping duplicates (NMS-free heads, loose NMS) far below COCO's."""
     n, t = iou.shape[1], iouv.numel()
     correct = np.zeros((n, t), dtype=bool)
     if n and iou.shape[0]:
         same_cls = (label_cls.reshape(-1, 1) == det_cls.reshape(1, -1)).cpu().numpy()
-        thresholds = iouv.detach().cpu().numpy()
-        # Greedy matching on IoU-sorted pairs: the matching at threshold t equals the prefix of pairs with IoU >= t,
-        # so one pass at the lowest threshold yields every threshold's matching.
-        pairs = _greedy_pairs(iou.detach().float().cpu().numpy(), same_cls, float(thresholds.min()))
-        if pairs.shape[0]:
-            det_idx = pairs[:, 1].astype(int)
-            correct[det_idx] = pairs[:, 2:3] >= thresholds[None, :]
+        thresholds = iouv.detach().cpu().numpy().astype(np.float64)
+        order = np.argsort(-conf.detach().cpu().numpy().reshape(-1), kind="stable") if conf is not None else np.arange(n)
+        correct = _score_order_matches(iou.detach().float().cpu().numpy().astype(np.float64), same_cls, thresholds, order)
     return torch.from_numpy(correct).to(iou.device)
 
 
@@ -64,7 +85,7 @@ def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torc
     if not detections.shape[0] or not labels.shape[0]:
         return torch.zeros((detections.shape[0], iouv.numel()), dtype=torch.bool, device=detections.device)
     iou = box_iou(labels[:, 1:5].float(), detections[:, :4].float())
-    return match_from_iou(iou, labels[:, 0], detections[:, 5], iouv)
+    return match_from_iou(iou, labels[:, 0], detections[:, 5], iouv, detections[:, 4])
 
 
 def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
