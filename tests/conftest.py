@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,6 +204,16 @@ def rounding_tol(model: nn.Module, dtype: torch.dtype = torch.float32, k: float 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     fan_in = max(m.weight[0].numel() for m in layers)
     return k * torch.finfo(dtype).eps * math.sqrt(fan_in) * len(layers)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker, torch (and the subprocesses a test starts) use this worker's share of the cores: the
+    workers together use each core once, instead of each spinning a thread per core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(autouse=True, scope="session")

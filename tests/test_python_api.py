@@ -181,7 +181,9 @@ def test_folder_and_mixed_list(model: AutoShape, weights: dict[str, Path]) -> No
     mixed = model([weights["images"], gray, Image.fromarray(gray), weights["images"] / "tall.png"], size=160)
     assert mixed.files == ["tall.png", "wide.png", "image1.jpg", "image2.jpg", "tall_2.png"]
     assert [im.shape for im in mixed.ims] == [(128, 80, 3), (96, 160, 3), (40, 50, 3), (40, 50, 3), (128, 80, 3)]
-    assert_same_detections(mixed[1], folder[1])  # both batches letterbox to 160x160: identical input, identical boxes
+    # both batches letterbox to 160x160: identical input; the batch size may change the conv kernels' summation order
+    # (thread count, oneDNN's choice), so the boxes agree to float32 rounding, not bit for bit
+    assert_same_detections(mixed[1], folder[1], checkpoint_tol(weights["pt"]))
 
 
 def test_pil_exif_orientation_is_applied(tmp_path: Path) -> None:
