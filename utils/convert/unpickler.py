@@ -86,7 +86,7 @@ class StandIn:
 
     def __new__(cls, *args: Any) -> StandIn:
         if args:
-            raise UnsafeCheckpointError(f"refuses arguments to {cls.upstream}.__new__ (a module is built without any)")
+            raise UnsafeCheckpointError(f"refuses arguments to {cls.upstream}.__new__ (it is built empty, then given its state)")
         obj = super().__new__(cls)
         obj.state = {}
         return obj
@@ -372,24 +372,10 @@ def _numpy_reconstruct(*args: Any) -> NumpyArray:
     raise UnsafeCheckpointError(f"refuses numpy _reconstruct of {', '.join(map(_brief, args))} (only a plain ndarray is read)")
 
 
-class RecordedNamespace:
+class RecordedNamespace(StandIn):
     """An argparse / SimpleNamespace-like object (a file's train args): its attributes recorded as a plain dict."""
 
-    __slots__ = ("state",)
-    upstream: str = ""
-
-    def __new__(cls, *args: Any) -> RecordedNamespace:
-        if args:
-            raise UnsafeCheckpointError(f"refuses arguments to {cls.upstream} (a namespace is built empty, then given its state)")
-        obj = super().__new__(cls)
-        obj.state = {}
-        return obj
-
-    def __setstate__(self, state: Any) -> None:
-        """Record the attributes (only a mapping with string keys is accepted)."""
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise UnsafeCheckpointError(f"refuses a {type(state).__name__} state for {self.upstream} (expected a mapping of attributes)")
-        self.state = dict(state)
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"<recorded {self.upstream} {self.state!r}>"
