@@ -6,7 +6,8 @@ import argparse
 
 import utils.openmp  # noqa: F401  (first: OpenMP's wait policy is read when torch loads)
 from utils.cli import error_boundary
-from utils.inference.predict import check_options, default_source, open_source, parse_predict_args, run
+from utils.inference.predict import check_options, default_source, parse_predict_args, run
+from utils.inference.predictor import open_source
 from utils.logs import set_logging
 
 __all__ = ["check_options", "default_source", "main", "open_source", "parse_opt", "run"]

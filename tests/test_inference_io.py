@@ -29,7 +29,8 @@ from utils.data.images import ImageError
 from utils.data.sources import LoadImages, capture_fps, download_image, fetch_url, is_image_url
 from utils.data.streams import LoadStreams
 from utils.inference import predict
-from utils.inference.predict import DEFAULT_FPS, VideoSink, check_imshow, open_source
+from utils.inference.predict import DEFAULT_FPS, VideoSink, check_imshow
+from utils.inference.predictor import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["a", "b", "c"]

@@ -152,9 +152,11 @@ STAGE_DEPENDENCIES = {
     "export": {"data", "tasks", "runtime"},
     "loggers": set(),  # experiment loggers: attached to the Trainer's callbacks, they know nothing of the stages
     "engine": {"data", "loss", "evaluation", "tasks", "runtime", "loggers"},
-    "inference": {"data", "runtime", "tasks"},
+    "inference": {"data", "runtime", "tasks", "tracking"},
     "convert": set(),  # official YOLOv5/YOLOv8 checkpoints read without running their code, into our checkpoint format
     "study": {"data", "engine", "export"},  # study.py's comparison: trains, validates and exports through the stages above
+    "tracking": set(),  # ByteTrack, its Kalman filter and matching, MOT files and metrics: numpy and scipy only
+    "api": {"data", "engine", "export", "inference", "runtime", "tasks"},  # the YOLO model object: one front door to every stage
 }
 
 

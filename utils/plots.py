@@ -195,19 +195,25 @@ def _label_box(im: np.ndarray, x1: int, y1: int, text: str, color: tuple[int, in
 
 
 def draw_detections(
-    im: np.ndarray, det, names: Names = (), line_width: int | None = None, hide_labels: bool = False, hide_conf: bool = False
+    im: np.ndarray, det, names: Names = (), line_width: int | None = None, hide_labels: bool = False, hide_conf: bool = False,
+    ids: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Copy of a BGR image with (n, 6) pixel xyxy/conf/cls detections drawn as boxes labelled 'name 0.87'."""
+    """Copy of a BGR image with (n, 6) pixel xyxy/conf/cls detections drawn as boxes labelled 'name 0.87', or, given one
+    track id per row, 'id:3 name 0.87' (YOLOv8's tracking labels)."""
     out = np.ascontiguousarray(im).copy()
     det = _to_numpy(det).reshape(-1, 6)
+    if ids is not None and len(ids) != len(det):
+        raise ValueError(f"draw_detections: {len(ids)} track ids for {len(det)} detections")
     lw = line_width or max(round(sum(out.shape[:2]) / 2 * 0.003), 2)
     lookup = names_dict(names)
-    for x1, y1, x2, y2, conf, c in det:
+    for i, (x1, y1, x2, y2, conf, c) in enumerate(det):
         color = class_color(int(c))
         p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
         cv2.rectangle(out, p1, p2, color, lw, cv2.LINE_AA)
         if not hide_labels:
             name = lookup.get(int(c), str(int(c)))
+            if ids is not None:
+                name = f"id:{int(ids[i])} {name}"
             _label_box(out, p1[0], p1[1], name if hide_conf else f"{name} {conf:.2f}", color, lw)
     return out
 

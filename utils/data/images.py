@@ -213,6 +213,16 @@ def check_image_size(path: Union[str, Path]) -> tuple[int, int] | None:
     return w, h
 
 
+def warn_if_multipage(path: Union[str, Path]) -> None:
+    """One warning when a TIFF holds several pages: predictions read its first page only (the one viewers show)."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return
+    with contextlib.suppress(Exception), Image.open(path) as im:
+        pages = int(getattr(im, "n_frames", 1))
+        if pages > 1:
+            LOGGER.warning(f"WARNING: {path}: a TIFF of {pages} pages; only the first page is read")
+
+
 def load_image(path: Union[str, Path], reduce: int = 1) -> np.ndarray:
     """Read an image as an upright HxWx3 BGR uint8 array (cv2 convention), or raise ImageError (MAX_IMAGE_PIXELS enforced).
 

@@ -19,7 +19,16 @@ import cv2
 import numpy as np
 
 from utils.data.dataset_config import DatasetError
-from utils.data.images import IMG_FORMATS, VID_FORMATS, ImageError, img_to_tensor_layout, letterbox, load_image, skip_failed_image
+from utils.data.images import (
+    IMG_FORMATS,
+    VID_FORMATS,
+    ImageError,
+    img_to_tensor_layout,
+    letterbox,
+    load_image,
+    skip_failed_image,
+    warn_if_multipage,
+)
 from utils.files import safe_component
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -209,5 +218,6 @@ class LoadImages:
         """(letterboxed, original) of one image file, or None after one warning line naming the file and the problem."""
         with skip_failed_image(path):
             im0 = load_image(path)
+            warn_if_multipage(path)
             return self._prepare(im0), im0
         return None

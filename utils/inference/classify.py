@@ -16,7 +16,8 @@ from utils.data.classify_augment import centre_crop
 from utils.data.images import VID_FORMATS, check_some_succeeded, skip_failed_image
 from utils.device import select_device
 from utils.files import safe_component
-from utils.inference.predict import VideoSink, check_imshow, default_source, item_name, open_source, show_and_save
+from utils.inference.predict import VideoSink, check_imshow, default_source, show_and_save
+from utils.inference.predictor import item_name, open_source
 from utils.paths import ROOT, increment_path
 from utils.plots import class_color
 from utils.tasks import check_script_task, get_task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ from utils.data.images import (
     pil_to_bgr,
     settle_failures,
     skip_failed_image,
+    warn_if_multipage,
 )
 from utils.data.sources import MAX_DOWNLOAD_BYTES, URL_TIMEOUT, expand_source, fetch_url, is_url
 from utils.files import safe_component
+
+LOGGER = logging.getLogger("mobile_yolo")
 
 SAVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # names kept as given; others are saved as .jpg
 ACCEPTED = "a file, folder, glob or http(s) URL (str or Path), a numpy HxWx3 array, a PIL image, or a list of those"
@@ -43,11 +47,17 @@ def read_url(url: str, timeout: float = URL_TIMEOUT) -> np.ndarray:
 
 
 def _paths(text: str) -> list[str]:
-    """Image files a path, folder or glob names; videos are refused (they are detect.py's job)."""
+    """Image files a path, folder or glob names. A video named directly is refused; one met in a folder or glob (a
+    .gif counts) is skipped with one warning line, so the folder's images are still read."""
     files = expand_source(text)
     videos = [f for f in files if f.rsplit(".", 1)[-1].lower() not in IMG_FORMATS]
-    if videos:
-        raise ImageError(f"{videos[0]}: videos are not read by the Python API; run detect.py --source on them")
+    if videos and files == [str(Path(text).expanduser())]:
+        raise ImageError(f"{videos[0]}: a video; the hub model reads images: use YOLO(...).predict(source=...) "
+                         "(utils.api) or detect.py --source for videos")
+    for video in videos:
+        LOGGER.warning(f"WARNING: {video}: a video or animation, not an image; skipped (read videos with "
+                       "YOLO(...).predict or detect.py)")
+    files = [f for f in files if f not in videos]
     if not files:
         raise ImageError(f"{text}: no images found (supported: {', '.join(IMG_FORMATS)})")
     return files
@@ -59,6 +69,7 @@ def _load_files(files: list[str], failures: list[str]) -> list[tuple[str, np.nda
     for f in files:
         with skip_failed_image(f, failures, warn=False):
             pairs.append((Path(f).name, load_image(f)))
+            warn_if_multipage(f)
     return pairs
 
 

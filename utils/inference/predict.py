@@ -9,7 +9,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,18 @@ import cv2
 import numpy as np
 import torch
 
-from models.heads.segment import crop_to_boxes, masks_from_protos
-from utils.boxes import scale_boxes
 from utils.cli import check_fraction, check_img_size, check_int
 from utils.data.dataset_config import load_dataset_config
-from utils.data.images import VID_FORMATS, check_some_succeeded, skip_failed_image
+from utils.data.images import check_some_succeeded, skip_failed_image
 from utils.device import select_device
 from utils.files import safe_component
-from utils.nms import batched_nms_kernel, non_max_suppression
+from utils.inference.predictor import Prediction, PredictStep, open_source, predictions
+from utils.inference.tracking import PredictionTracker
+from utils.nms import batched_nms_kernel
 from utils.paths import ROOT, increment_path
 from utils.plots import draw_detections, draw_masks
 from utils.predictions import describe, save_crops, write_csv_rows, write_labels, write_polygon_labels
-from utils.segmentation import MASK_THRESHOLD, scale_masks
+from utils.runtime.backend import DetectBackend
 from utils.tasks import check_script_task, get_task
 
 LOGGER = logging.getLogger("mobile_yolo")
@@ -43,19 +42,6 @@ def default_source() -> str:
     data = load_dataset_config(None)
     val = data["val"]
     return str(val[0] if isinstance(val, list) else val)
-
-
-def open_source(source: str, imgsz: tuple[int, int], stride: int, auto: bool, vid_stride: int) -> Any:
-    """Images/videos/lists and image URLs (downloaded, then read as files) via LoadImages; a webcam index or another
-    stream URL via LoadStreams."""
-    from utils.data.sources import LoadImages, is_image_url
-
-    is_stream = source.isnumeric() or source.lower().startswith(("rtsp://", "rtmp://", "http://", "https://"))
-    if is_stream and not is_image_url(source) and not Path(source).exists():
-        from utils.data.streams import LoadStreams
-
-        return LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
-    return LoadImages(source, img_size=imgsz, stride=stride, auto=auto)
 
 
 def check_imshow(warn: bool = True) -> bool:
@@ -103,13 +89,10 @@ class VideoSink:
         self.writer, self.path = None, None
 
 
-def _emit(
-    det: torch.Tensor, im0: np.ndarray, p: Path, dataset: Any, save_dir: Path, names: list[str], opts: dict, sink: VideoSink,
-    masks: torch.Tensor | None = None,
-) -> None:
-    """Save labels, crops and the annotated image or video frame for one image's detections (and (n, h0, w0) masks)."""
-    is_image = p.suffix[1:].lower() not in VID_FORMATS and getattr(dataset, "mode", "image") == "image"
-    stem = safe_component(p.stem if is_image else f"{p.stem}_{getattr(dataset, 'frame', 0)}")
+def save_prediction(pred: Prediction, dataset: Any, save_dir: Path, names: list[str], opts: dict, sink: VideoSink) -> None:
+    """Save labels, crops and the annotated image or video frame of one prediction (masks and track ids drawn too)."""
+    det, im0, p, masks = pred.det, pred.orig_img, pred.path, pred.masks
+    stem = safe_component(p.stem if pred.is_image else f"{p.stem}_{pred.frame}")
     if opts["save_txt"]:
         label_file = save_dir / "labels" / f"{stem}.txt"
         if masks is None:
@@ -117,13 +100,14 @@ def _emit(
         else:  # YOLOv5's segment/predict.py: one normalised polygon per instance
             write_polygon_labels(det, masks.numpy(), label_file, opts["save_conf"])
     if opts["save_csv"]:
-        write_csv_rows(det, p.name if is_image else f"{p.name}:{getattr(dataset, 'frame', 0)}", names, save_dir / "predictions.csv")
+        write_csv_rows(det, p.name if pred.is_image else f"{p.name}:{pred.frame}", names, save_dir / "predictions.csv")
     if opts["save_crop"]:
         save_crops(det, im0, names, save_dir / "crops", stem)
     style = {k: opts[k] for k in ("line_width", "hide_labels", "hide_conf")}
     if masks is not None:
         im0 = draw_masks(im0, masks.numpy(), det[:, 5].long().tolist())
-    show_and_save(draw_detections(im0, det[:, :6], names, **style), p, is_image, dataset, save_dir, opts, sink)
+    ids = None if pred.ids is None else pred.ids.tolist()
+    show_and_save(draw_detections(im0, det, names, ids=ids, **style), p, pred.is_image, dataset, save_dir, opts, sink)
 
 
 def show_and_save(annotated: np.ndarray, p: Path, is_image: bool, dataset: Any, save_dir: Path, opts: dict, sink: VideoSink) -> None:
@@ -137,58 +121,6 @@ def show_and_save(annotated: np.ndarray, p: Path, is_image: bool, dataset: Any, 
     if opts["view_img"]:
         cv2.imshow(str(p), annotated)
         cv2.waitKey(1)
-
-
-def instance_masks(det: torch.Tensor, protos: torch.Tensor, img_hw: tuple[int, int], shape0: tuple[int, int],
-                   retina: bool = False) -> torch.Tensor:
-    """(n, h0, w0) bool CPU masks on the original image for (n, 6 + nm) detections in input pixels.
-
-    By default each mask is cropped to its box at the input resolution, then resized; `retina` resizes first and crops
-    with the box in original pixels, for sharper edges (YOLOv5's --retina-masks)."""
-    boxes = det[:, :4].float()
-    if not retina:
-        masks = masks_from_protos(protos.float(), det[:, 6:].float(), boxes, img_hw, upsample=True)
-        return scale_masks(masks, img_hw, shape0).gt(MASK_THRESHOLD).cpu()
-    masks = scale_masks(masks_from_protos(protos.float(), det[:, 6:].float(), boxes, img_hw), img_hw, shape0)
-    return crop_to_boxes(masks, scale_boxes(img_hw, boxes.clone(), shape0)).gt(MASK_THRESHOLD).cpu()
-
-
-def _prepare(im: np.ndarray, device: torch.device, half: bool) -> torch.Tensor:
-    """uint8 CHW (or BCHW) numpy -> float 0-1 BCHW tensor on the device."""
-    t = torch.from_numpy(np.ascontiguousarray(im)).to(device)
-    t = (t.half() if half else t.float()) / 255
-    return t[None] if t.ndim == 3 else t
-
-
-def item_name(path: Any, dataset: Any) -> str:
-    """What a warning calls one item of a source: the image file, 'video.mp4 frame 7' or the stream's name."""
-    p = str(path[0] if isinstance(path, list) else path)
-    is_image = Path(p).suffix[1:].lower() not in VID_FORMATS and getattr(dataset, "mode", "image") == "image"
-    return p if is_image else f"{p} frame {getattr(dataset, 'frame', 0)}"
-
-
-def _predict_item(model: Any, im: np.ndarray, im0s: Any, path: Any, desc: str, dataset: Any, step: dict,
-                  sink: VideoSink) -> tuple[np.ndarray, int]:
-    """Detect, save and log one item of the source (an image, a video frame or a stream batch); returns the
-    (pre-process, inference, NMS) seconds and the number of images done."""
-    t0 = time.perf_counter()
-    x = _prepare(im, step["device"], step["half"])
-    t1 = time.perf_counter()
-    out = model(x, augment=True) if step["augment"] else model(x)
-    pred, protos = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)  # segmentation: (detections, prototypes)
-    t2 = time.perf_counter()
-    nm = 0 if protos is None else protos.shape[1]
-    dets = non_max_suppression(pred, **step["nms"], head=model.head_kind, nm=nm)
-    took = np.array((t1 - t0, t2 - t1, time.perf_counter() - t2))
-    frames = im0s if isinstance(im0s, list) else [im0s]
-    hw = (int(x.shape[2]), int(x.shape[3]))
-    for i, det in enumerate(dets):
-        p = Path(path[i] if isinstance(path, list) else path)
-        masks = None if protos is None else instance_masks(det, protos[i], hw, frames[i].shape[:2], step["retina_masks"])
-        det[:, :4] = scale_boxes(hw, det[:, :4], frames[i].shape[:2]).round()
-        _emit(det.float().cpu(), frames[i].copy(), p, dataset, step["save_dir"], step["names"], step["opts"], sink, masks)
-        LOGGER.info(f"{desc}{x.shape[2]}x{x.shape[3]} {describe(det, step['names'])}, {(t2 - t1) * 1e3:.1f}ms")
-    return took, len(dets)
 
 
 @torch.no_grad()
@@ -220,52 +152,71 @@ def run(
     half: bool = False,
     vid_stride: int = 1,
     retina_masks: bool = False,
+    track: bool = False,
+    tracker: str = "bytetrack",
     script_task: str = "detect",
 ) -> Path:
     """Detect objects (and their masks, for a segmentation model) in `source`, save annotated media and labels under
     runs/detect/exp*; returns the run folder. retina_masks: masks resized to the original image before cropping;
-    script_task: the task whose script runs this (segment/predict.py: 'segment'), refusing weights it cannot run."""
-    from utils.runtime.backend import DetectBackend
-
+    track: follow objects across frames (ids drawn, MOTChallenge rows in tracks/); script_task: the task whose script
+    runs this (segment/predict.py: 'segment'), refusing weights it cannot run."""
     check_options(imgsz, conf_thres, iou_thres, max_det, vid_stride, line_thickness, save_format)
+    follower = PredictionTracker(tracker) if track else None
+    model, step, size = load_predictor(weights, device, half, imgsz, script_task, augment=augment, retina_masks=retina_masks,
+                                       conf_thres=conf_thres, iou_thres=iou_thres, classes=classes, agnostic=agnostic_nms,
+                                       max_det=max_det, vid_stride=vid_stride)
+    view_img = view_img and check_imshow()
+    names = list(model.names)
+    source = str(source) if source is not None else default_source()
+    dataset = open_source(source, size, int(model.stride), bool(getattr(model, "pt", False)), vid_stride)  # before the run folder
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    opts = dict(save_txt=save_txt, save_format=save_format, save_csv=save_csv, save_conf=save_conf, save_crop=save_crop,
+                view_img=view_img, nosave=nosave, line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
+    sink, seen, times, failures = VideoSink(), 0, np.zeros(3), list[str]()
+    for pred in predictions(model, dataset, step, failures):
+        with skip_failed_image(pred.name, failures):  # drawing or saving one image never ends the run
+            if follower is not None:
+                pred = follower(pred, getattr(dataset, "fps", None))
+                follower.save_mot(save_dir, pred)
+            save_prediction(pred, dataset, save_dir, names, opts, sink)
+            times, seen = times + pred.seconds, seen + 1
+            LOGGER.info(f"{pred.desc}{pred.input_hw[0]}x{pred.input_hw[1]} {describe(pred.det, names)}, {pred.seconds[1] * 1e3:.1f}ms")
+    sink.close()
+    check_some_succeeded(source, failures, seen)
+    _report(save_dir, times / max(seen, 1) * 1e3, size, save_txt, save_csv, nosave, follower, names)
+    return save_dir
+
+
+def load_predictor(weights: Any, device: Any, half: bool, imgsz: Any, script_task: str, **settings: Any
+                   ) -> tuple[DetectBackend, PredictStep, tuple[int, int]]:
+    """The model (any runnable format), how to run it, and the inference size made a multiple of its stride."""
     dev = select_device(device)
     if half and dev.type != "cuda":
         LOGGER.warning("WARNING: --half needs a CUDA device; running in float32")
         half = False
-    view_img = view_img and check_imshow()
-    model = DetectBackend(weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
+    model = weights if isinstance(weights, DetectBackend) else DetectBackend(
+        weights[0] if isinstance(weights, (list, tuple)) else weights, device=dev, fp16=half)
     check_script_task(get_task(script_task), model, "predict", model.weights)  # detect.py draws a segmentation model's masks too
-    stride, names = int(model.stride), list(model.names)
     size = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz) * (2 if len(imgsz) == 1 else 1)
-    size = tuple(check_img_size(list(size), stride))
-    source = str(source) if source is not None else default_source()
-    dataset = open_source(source, size, stride, bool(getattr(model, "pt", False)), vid_stride)  # before the run folder
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    size = tuple(check_img_size(list(size), int(model.stride)))
     batched_nms_kernel()  # imported before the timed loop, so the Speed line's NMS time is the kernel's, not an import
-    sink, seen, times = VideoSink(), 0, np.zeros(3)
-    opts = dict(save_txt=save_txt, save_format=save_format, save_csv=save_csv, save_conf=save_conf, save_crop=save_crop,
-                view_img=view_img, nosave=nosave, line_width=line_thickness, hide_labels=hide_labels, hide_conf=hide_conf)
-    step = dict(device=dev, half=half, augment=augment, retina_masks=retina_masks, save_dir=save_dir, names=names, opts=opts,
-                nms=dict(conf_thres=conf_thres, iou_thres=iou_thres, classes=classes, agnostic=agnostic_nms, max_det=max_det))
-    failures: list[str] = []
-    for path, im, im0s, desc in dataset:
-        if isinstance(path, str) and Path(path).suffix[1:].lower() in VID_FORMATS and (dataset.frame - 1) % max(vid_stride, 1):
-            continue
-        with skip_failed_image(item_name(path, dataset), failures):  # one bad image or frame never ends the run
-            took, n = _predict_item(model, im, im0s, path, desc, dataset, step, sink)
-            times, seen = times + took, seen + n
-    sink.close()
-    check_some_succeeded(source, failures, seen)
-    per_image = tuple(times / max(seen, 1) * 1e3)
+    return model, PredictStep(device=dev, half=half, **settings), (int(size[0]), int(size[1]))
+
+
+def _report(save_dir: Path, per_image: np.ndarray, size: tuple[int, int], save_txt: bool, save_csv: bool, nosave: bool,
+            follower: PredictionTracker | None, names: list[str]) -> None:
+    """detect.py's closing lines: speed per image, tracks per class, where the results went."""
     pre, inf, nms = per_image
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {inf:.1f}ms inference, {nms:.1f}ms NMS per image at shape (1, 3, {size[0]}, {size[1]})")
+    for where, counts in follower.counts() if follower is not None else []:
+        shown = ", ".join(f"{n} {names[c] if c < len(names) else c}" for c, n in sorted(counts.items())) or "none"
+        LOGGER.info(f"Tracks in {where}: {shown} (MOT rows in {save_dir / 'tracks'})")
     if save_csv:
         LOGGER.info(f"CSV saved to {save_dir / 'predictions.csv'}")
     if save_txt or not nosave:
         n_labels = len(list((save_dir / "labels").glob("*.txt"))) if save_txt else 0
         LOGGER.info(f"Results saved to {save_dir}" + (f", {n_labels} labels in {save_dir / 'labels'}" if save_txt else ""))
-    return save_dir
 
 
 def check_options(
@@ -314,6 +265,8 @@ def predict_parser(task: str = "detect") -> argparse.ArgumentParser:
     p.add_argument("--hide-conf", action="store_true")
     p.add_argument("--half", action="store_true")
     p.add_argument("--vid-stride", type=int, default=1)
+    p.add_argument("--track", action="store_true", help="follow objects across video frames: ids drawn, MOT rows in tracks/")
+    p.add_argument("--tracker", default="bytetrack", help="with --track: the tracker (bytetrack)")
     t.add_predict_args(p)
     p.set_defaults(script_task=t.name)  # the weights are checked against the script's task
     return p
