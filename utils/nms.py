@@ -79,7 +79,7 @@ def non_max_suppression(
     _check_args(conf_thres, iou_thres, max_det)
     prediction = _unwrap(prediction)
     if head == END2END:
-        return filter_final(prediction, conf_thres, classes, max_det)
+        return filter_final(prediction, conf_thres, classes, max_det, nm)
     layout = head_class(head or LEGACY_HEAD_KIND)
     # Work in float32: fp16 cannot represent the class offsets (cls * max_wh) exactly.
     boxes, scores, extras = layout.split_output(prediction.detach().float(), nm)
@@ -106,10 +106,14 @@ def non_max_suppression(
     return output
 
 
-def filter_final(prediction: torch.Tensor, conf_thres: float, classes: Sequence[int] | None, max_det: int) -> list[torch.Tensor]:
-    """(B, K, 6) already-suppressed rows (zero rows are padding) -> per image the rows above conf_thres, of `classes`."""
-    if prediction.shape[-1] != 6:
-        raise ValueError(f"non_max_suppression: an end-to-end output has 6 values per row, got shape {tuple(prediction.shape)}")
+def filter_final(
+    prediction: torch.Tensor, conf_thres: float, classes: Sequence[int] | None, max_det: int, nm: int = 0
+) -> list[torch.Tensor]:
+    """(B, K, 6 + nm) already-suppressed rows (zero rows are padding; nm mask coefficients last) -> per image the rows
+    above conf_thres, of `classes`."""
+    if prediction.shape[-1] != 6 + nm:
+        shape = tuple(prediction.shape)
+        raise ValueError(f"non_max_suppression: an end-to-end output with nm={nm} has {6 + nm} values per row, got shape {shape}")
     output = []
     for x in prediction.detach():
         keep = x[:, 4] > conf_thres

@@ -7,6 +7,13 @@ The input is an RGB ImageType scaled by 1/255 (so Core ML feeds the [0, 1] tenso
 'output0' is the head's decoded export layout; the metadata dict is stored in the model's user-defined metadata
 (strings; lists/dicts as JSON). Conversion works on Linux; predictions need the Core ML runtime (macOS only). Reading
 that metadata back and checking for the runtime are utils/runtime/coreml.py's.
+
+With NMS settings (export.py --nms) the package is a pipeline, the layout iOS Vision reads as
+VNRecognizedObjectObservation: (1) the detector, whose outputs are 'raw_confidence' (N, nc) class scores and
+'raw_coordinates' (N, 4) boxes as centre-x, centre-y, width, height relative to the input size, then (2) Core ML's
+NonMaximumSuppression model, whose outputs are 'confidence' (M, nc) and 'coordinates' (M, 4), M <= topk_all, with the
+thresholds as defaults (optional Double inputs 'iouThreshold' and 'confidenceThreshold' override them) and the class
+names as its labels. Only the spec and the PyTorch half are checked here: the pipeline's predictions need macOS.
 """
 
 from __future__ import annotations
@@ -14,15 +21,23 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
+from utils.export.end2end import NMSSettings
 from utils.export.formats import EXPORT_DESCRIPTION, INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path
 from utils.runtime import coreml as runtime_coreml
 from utils.runtime.coreml import coreml_metadata
+
+RAW_CONFIDENCE, RAW_COORDINATES = "raw_confidence", "raw_coordinates"  # the detector's outputs, the NMS model's inputs
+CONFIDENCE, COORDINATES = "confidence", "coordinates"  # the pipeline's outputs (the names Vision reads)
+IOU_INPUT, CONF_INPUT = "iouThreshold", "confidenceThreshold"  # optional Double inputs overriding the NMS thresholds
+NMS_SPEC_VERSION = 5  # Core ML 4 (iOS 14): the first whose NonMaximumSuppression takes FLOAT32 arrays, not only DOUBLE
 
 
 def import_coremltools() -> Any:
@@ -35,6 +50,36 @@ def _metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
+class NMSInputs(nn.Module):
+    """A detector's decoded output for one image as Core ML's NonMaximumSuppression reads it: (raw_confidence (N, nc)
+    class scores (anchor-based: objectness x class), raw_coordinates (N, 4) centre-x, centre-y, width, height divided
+    by the input width and height)."""
+
+    input_size: torch.Tensor  # (w, h, w, h) of the input, a buffer
+
+    def __init__(self, model: nn.Module, imgsz: tuple[int, int]) -> None:
+        super().__init__()
+        self.detector = ExportModel(model)
+        h, w = imgsz
+        self.register_buffer("input_size", torch.tensor([w, h, w, h], dtype=torch.float32), persistent=False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes, scores, _ = self.detector.head.split_output(self.detector(x))  # (1, N, 4) xyxy pixels, (1, N, nc)
+        xy = (boxes[0, :, :2] + boxes[0, :, 2:]) / 2
+        wh = boxes[0, :, 2:] - boxes[0, :, :2]
+        return scores[0], torch.cat((xy, wh), 1) / self.input_size
+
+
+def check_nms(settings: NMSSettings) -> None:
+    """Refuse, in one line, the --nms options Core ML's NonMaximumSuppression model cannot express."""
+    if settings.topk_per_class < settings.topk_all:
+        raise ExportError(
+            f"--topk-per-class {settings.topk_per_class} below --topk-all {settings.topk_all} is not available for "
+            "coreml: its NonMaximumSuppression model caps only the total; pass --topk-per-class >= --topk-all"
+        )
+
+
 def export_coreml(
     model: nn.Module,
     out: Union[str, Path],
@@ -42,31 +87,99 @@ def export_coreml(
     metadata: dict[str, Any],
     half: bool = False,
     int8: bool = False,
-    nms: bool = False,
+    nms: NMSSettings | None = None,
 ) -> Path:
-    """Write `out` (e.g. best.mlpackage): ML Program, RGB image input 'images' scaled 1/255, output 'output0', metadata."""
-    if nms:
-        raise ExportError("Core ML export with nms=True (model + NonMaximumSuppression pipeline) is not implemented yet")
+    """Write `out` (e.g. best.mlpackage): ML Program, RGB image input 'images' scaled 1/255, output 'output0', metadata;
+    with `nms`, the detector + NonMaximumSuppression pipeline (outputs 'confidence', 'coordinates') that Vision reads."""
+    if nms is not None and not isinstance(nms, NMSSettings):
+        raise ExportError(f"export_coreml: nms takes NMSSettings (the --nms thresholds and top-k), not {nms!r}")
     ct = import_coremltools()
     im = torch.zeros(1, 3, *imgsz, dtype=torch.float32)
-    wrapper = ExportModel(copy.deepcopy(model).float().cpu())  # coremltools converts a float32 CPU trace
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings, coremltools' untested-torch-version warning
-        program = torch.export.export(wrapper, (im,)).run_decompositions({})
-        image = ct.ImageType(name=INPUT_NAME, shape=tuple(im.shape), scale=1 / 255, bias=[0.0, 0.0, 0.0], color_layout=ct.colorlayout.RGB)
-        precision = ct.precision.FLOAT16 if half else ct.precision.FLOAT32
-        mlmodel = ct.convert(
-            program, inputs=[image], outputs=[ct.TensorType(name=OUTPUT_NAME)], convert_to="mlprogram",
-            compute_precision=precision, minimum_deployment_target=ct.target.iOS15,
-        )  # fmt: skip
-        if int8:
-            mlmodel = _int8_weights(ct, mlmodel)
+    net = copy.deepcopy(model).float().cpu()  # coremltools converts a float32 CPU program
+    if nms is None:
+        mlmodel = _convert(ct, ExportModel(net), im, [OUTPUT_NAME], half, int8)
+    else:
+        mlmodel = _nms_pipeline(ct, net, im, [str(n) for n in metadata.get("names", [])], nms, half, int8)
+        metadata = {**metadata, "nms": asdict(nms)}
     mlmodel.short_description = str(metadata.get("description", "mobile_yolo detector"))
     mlmodel.user_defined_metadata.update(_metadata_strings({**metadata, "half": half, "int8": int8}))
     out = Path(out)
     with atomic_path(out, is_ours=is_coreml_export) as tmp:
         mlmodel.save(str(tmp))
     return out
+
+
+def _convert(ct: Any, module: nn.Module, im: torch.Tensor, outputs: list[str], half: bool, int8: bool) -> Any:
+    """`module` (float32, CPU) as an ML Program (iOS 15) with the RGB ImageType input 'images' scaled 1/255 and `outputs`."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings, coremltools' untested-torch-version warning
+        program = torch.export.export(module, (im,)).run_decompositions({})
+        image = ct.ImageType(name=INPUT_NAME, shape=tuple(im.shape), scale=1 / 255, bias=[0.0, 0.0, 0.0], color_layout=ct.colorlayout.RGB)
+        precision = ct.precision.FLOAT16 if half else ct.precision.FLOAT32
+        mlmodel = ct.convert(
+            program, inputs=[image], outputs=[ct.TensorType(name=n) for n in outputs], convert_to="mlprogram",
+            compute_precision=precision, minimum_deployment_target=ct.target.iOS15,
+        )  # fmt: skip
+        return _int8_weights(ct, mlmodel) if int8 else mlmodel
+
+
+def _nms_pipeline(ct: Any, net: nn.Module, im: torch.Tensor, names: list[str], settings: NMSSettings, half: bool, int8: bool) -> Any:
+    """The pipeline detector (raw_confidence, raw_coordinates) -> NonMaximumSuppression (confidence, coordinates)."""
+    policy = getattr(getattr(net, "head", None), "policy", None)
+    if policy is not None and not policy.nms_export:  # NMS-free heads (end-to-end, RT-DETR): as exporter.py refuses
+        raise ExportError(f"--nms: {policy.nms_reason or 'not available for this head'}")
+    try:
+        settings.check()
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    check_nms(settings)
+    module = NMSInputs(net, (int(im.shape[2]), int(im.shape[3])))
+    with torch.no_grad():
+        shapes = {name: tuple(t.shape) for name, t in zip((RAW_CONFIDENCE, RAW_COORDINATES), module(im))}
+    if len(names) != shapes[RAW_CONFIDENCE][1]:
+        raise ExportError(
+            f"Core ML --nms needs one class name per class: the metadata has {len(names)} names for {shapes[RAW_CONFIDENCE][1]} classes"
+        )
+    detector = _convert(ct, module, im, list(shapes), half, int8)
+    raw = detector.get_spec().description.output
+    got = {f.name: tuple(f.type.multiArrayType.shape) for f in raw}
+    if got != shapes:  # the NMS inputs copy these types; Core ML's pipeline check matches names, types and shapes
+        raise ExportError(f"Core ML --nms: the converted detector's outputs are {got}, expected {shapes}")
+    nms_model = ct.models.MLModel(_nms_spec(ct, raw, names, settings))
+    pipeline = ct.utils.make_pipeline(detector, nms_model)
+    pipeline.input_description[INPUT_NAME] = "RGB image, 0-255"
+    pipeline.input_description[IOU_INPUT] = f"(optional) IoU threshold override (default {settings.iou_thres})"
+    pipeline.input_description[CONF_INPUT] = f"(optional) confidence threshold override (default {settings.conf_thres})"
+    pipeline.output_description[CONFIDENCE] = "boxes x class confidence (class names in the labels and metadata 'names')"
+    pipeline.output_description[COORDINATES] = "boxes x [centre-x, centre-y, width, height], relative to the image size"
+    return pipeline
+
+
+def _nms_spec(ct: Any, raw: Sequence[Any], names: list[str], settings: NMSSettings) -> Any:
+    """Core ML's NonMaximumSuppression model reading the detector's `raw` output features (copied, so the pipeline's
+    types match): PickTop per class (argmax label) unless agnostic, at most topk_all boxes out, the class names as labels."""
+    spec = ct.proto.Model_pb2.Model()
+    spec.specificationVersion = NMS_SPEC_VERSION
+    for feature in raw:
+        spec.description.input.add().CopyFrom(feature)
+    for name in (IOU_INPUT, CONF_INPUT):
+        threshold = spec.description.input.add(name=name)
+        threshold.type.doubleType.SetInParent()
+        threshold.type.isOptional = True
+    for name, width in ((CONFIDENCE, len(names)), (COORDINATES, 4)):
+        array = spec.description.output.add(name=name).type.multiArrayType
+        array.dataType = raw[0].type.multiArrayType.dataType  # FLOAT32: inputs and outputs must share one type
+        array.shapeRange.sizeRanges.add(lowerBound=0, upperBound=settings.topk_all)  # the upper bound caps the boxes
+        array.shapeRange.sizeRanges.add(lowerBound=width, upperBound=width)
+    nms = spec.nonMaximumSuppression
+    nms.confidenceInputFeatureName, nms.coordinatesInputFeatureName = RAW_CONFIDENCE, RAW_COORDINATES
+    nms.iouThresholdInputFeatureName, nms.confidenceThresholdInputFeatureName = IOU_INPUT, CONF_INPUT
+    nms.confidenceOutputFeatureName, nms.coordinatesOutputFeatureName = CONFIDENCE, COORDINATES
+    nms.iouThreshold, nms.confidenceThreshold = settings.iou_thres, settings.conf_thres
+    nms.pickTop.SetInParent()  # perClass False (agnostic) is proto3's default: mark the oneof as set explicitly
+    nms.pickTop.perClass = not settings.agnostic
+    nms.stringClassLabels.vector.extend(names)
+    return spec
 
 
 def _int8_weights(ct: Any, mlmodel: Any) -> Any:

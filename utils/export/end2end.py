@@ -1,15 +1,17 @@
 """End-to-end exports: NMS inside the graph (ONNX NonMaxSuppression), so a deployed file returns final boxes.
 
-The graph's output is (B, topk_all, 6) rows [x1, y1, x2, y2, confidence, class] per image, best first; rows past the
-image's last detection are all zeros (confidence 0), so a consumer keeps the rows with confidence > 0. Each box keeps
-its best class only (detect.py's NMS); val.py's multi-label NMS can keep one box under two classes, so its mAP on an
-end-to-end export can be a little lower than on the plain model.
+The graph's output is (B, topk_all, 6 + nm) rows [x1, y1, x2, y2, confidence, class, extras...] per image, best first;
+rows past the image's last detection are all zeros (confidence 0), so a consumer keeps the rows with confidence > 0.
+The nm extras are the head's per-box values after the class scores (a segmentation head's mask coefficients; none for
+a detector), and the model's further outputs (its mask prototypes) follow unchanged. Each box keeps its best class only
+(detect.py's NMS); val.py's multi-label NMS can keep one box under two classes, so its mAP on an end-to-end export can
+be a little lower than on the plain model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torchvision
@@ -68,8 +70,8 @@ class _NonMaxSuppression(torch.autograd.Function):
 
 
 def _top_per_image(rows: torch.Tensor, owner: torch.Tensor, batch: int, k: int) -> torch.Tensor:
-    """(K, 6) selected rows and their image index -> (B, k, 6), each image's k best rows, zero rows where it has fewer."""
-    pad = rows.new_zeros((k, 6))
+    """(K, 6 + nm) selected rows and their image index -> (B, k, 6 + nm), each image's k best rows, zero rows where it has fewer."""
+    pad = rows.new_zeros((k, rows.shape[1]))
     pad[:, 4] = -1.0  # padding ranks below every real row and belongs to every image
     rows = torch.cat((rows, pad))
     owner = torch.cat((owner, owner.new_full((k,), -1)))
@@ -88,16 +90,25 @@ class _AfterModel(nn.Module):
         super().__init__()
         settings.check()
         self.model, self.settings = model, settings
-        self.split_output = head_class(str(model.head_kind)).split_output
+        head = head_class(str(model.head_kind))
+        self.split_output, self.inference_outputs = head.split_output, head.inference_outputs
+        self.nm = int(getattr(cast(Any, model).head, "nm", 0))  # extra values per box after the class scores (mask coefficients)
         self.eval()
+
+    def decoded(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The head's (boxes (B, N, 4) xyxy, scores (B, N, nc), extras (B, N, nm)) and its further outputs (prototypes)."""
+        out = self.inference_outputs(self.model(x))
+        pred, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
+        return self.split_output(pred, self.nm), rest
 
 
 class End2End(_AfterModel):
-    """A detector's decoded output followed by NMS and top-k: (B, 3, H, W) -> (B, topk_all, 6) final detections."""
+    """A detector's decoded output followed by NMS and top-k: (B, 3, H, W) -> (B, topk_all, 6 + nm) final detections,
+    followed by the model's further outputs unchanged (a segmentation model's prototypes)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         s = self.settings
-        boxes, scores, _ = self.split_output(self.model(x)[0])  # (B, N, 4) xyxy, (B, N, nc)
+        (boxes, scores, extras), rest = self.decoded(x)
         best, cls = scores.max(2)  # one class per box, as detect.py's NMS (multi_label off)
         if s.agnostic:
             per_class = best[:, None]  # (B, 1, N): one NMS over all classes
@@ -108,8 +119,12 @@ class End2End(_AfterModel):
         sel = _NonMaxSuppression.apply(*args) if torch.onnx.is_in_onnx_export() else reference_nms(*args)
         b, c, i = sel[:, 0], sel[:, 1], sel[:, 2]
         label = cls[b, i] if s.agnostic else c
-        rows = torch.cat((boxes[b, i], per_class[b, c, i][:, None], label[:, None].to(boxes.dtype)), 1)
-        return _top_per_image(rows, b, x.shape[0], s.topk_all)
+        columns = [boxes[b, i], per_class[b, c, i][:, None], label[:, None].to(boxes.dtype)]
+        if self.nm:  # a zero-width gather would break the ONNX exporter's shape arithmetic (division by zero)
+            columns.append(extras[b, i])
+        rows = torch.cat(columns, 1)
+        final = _top_per_image(rows, b, x.shape[0], s.topk_all)
+        return (final, *rest) if rest else final
 
 
 class DetectionOutputInputs(_AfterModel):
@@ -122,7 +137,7 @@ class DetectionOutputInputs(_AfterModel):
     """
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        boxes, scores, _ = self.split_output(self.model(x)[0])  # (B, N, 4) xyxy, (B, N, nc)
+        (boxes, scores, _), _ = self.decoded(x)  # (B, N, 4) xyxy, (B, N, nc)
         best = scores.amax(2, keepdim=True)
         # 1 where a score is its box's maximum, else 0, with ops ncnn has (no comparisons): ceil(d) >= 1 for any d > 0
         only_best = scores * (1 - torch.clamp(torch.ceil(best - scores), max=1.0))

@@ -32,7 +32,7 @@ from utils.tasks import task_of
 
 LOGGER = logging.getLogger("mobile_yolo")
 FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")
-NMS_FORMATS = ("onnx", "torchscript", "openvino", "ncnn")  # formats whose graph can hold NMS (export.py --nms)
+NMS_FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "coreml")  # formats whose graph can hold NMS (export.py --nms)
 NMS_REFUSALS = {  # format -> the op that blocks --nms there (tried, README)
     "tflite": "onnx2tf converts ONNX NonMaxSuppression to TF's NMS, whose zero-padded selected indices are not masked "
               "(every unused row becomes box 0: 100 rows where ONNX Runtime returns none); run NMS after the model",
@@ -155,7 +155,7 @@ def _export_coreml(model: DetectionModel, base: Path, opt: dict[str, Any], meta:
     from utils.export.coreml import export_coreml
 
     out = output_path(base, "coreml", opt["int8"], opt["output"])
-    return export_coreml(model, out, opt["imgsz"], meta, half=opt["half"], int8=opt["int8"])
+    return export_coreml(model, out, opt["imgsz"], meta, half=opt["half"], int8=opt["int8"], nms=opt["nms"])
 
 
 SINGLE_EXPORTERS = {"torchscript": _export_torchscript, "ncnn": _export_ncnn, "tflite": _export_tflite, "coreml": _export_coreml}
@@ -174,6 +174,10 @@ def _check_head(model: DetectionModel, fmts: list[str], nms: bool, int8: bool, d
         raise ExportError(f"{what} export to {', '.join(able)} only, not {', '.join(unable)}")
     if nms and not policy.nms_export:
         raise ExportError(f"--nms: {policy.nms_reason or f'not available for {what}'}")
+    if nms and "ncnn" in fmts:
+        from utils.export.ncnn import check_nms_model
+
+        check_nms_model(model)  # before any format is written
     if int8 and not policy.int8_export:
         raise ExportError(f"--int8 is not available for {what} yet")
     if dynamic and not policy.dynamic_export:
@@ -198,6 +202,10 @@ def _check_format_flags(fmts: list[str], settings: NMSSettings | None, int8: boo
         from utils.export.ncnn import check_nms
 
         check_nms(settings)  # NCNN's NMS layer takes fewer options
+    if settings is not None and "coreml" in fmts:
+        from utils.export.coreml import check_nms as check_coreml_nms
+
+        check_coreml_nms(settings)  # Core ML's NonMaximumSuppression model caps only the total
 
 
 def export_model(
@@ -226,7 +234,7 @@ def export_model(
     """Export the model to every format in `include`; returns the written paths in that order.
 
     With `nms` the exported graph ends in NMS (conf_thres, iou_thres, topk_per_class, topk_all, agnostic_nms) and
-    returns (B, topk_all, 6) final detections.
+    returns (B, topk_all, 6 + nm) final detections (nm mask coefficients and then the prototypes for a segmentation model).
     """
     check_int("--batch-size", batch_size)
     check_int("--n-calib", n_calib)

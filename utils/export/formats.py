@@ -49,7 +49,8 @@ class ExportModel(nn.Module):
 
 
 def export_wrapper(model: nn.Module, nms: NMSSettings | None = None) -> nn.Module:
-    """What gets traced: the head's decoded output, or with `nms` the final (B, topk_all, 6) detections."""
+    """What gets traced: the head's decoded output, or with `nms` the final (B, topk_all, 6 + nm) detections (and a
+    segmentation model's prototypes after them)."""
     return End2End(model, nms) if nms is not None else ExportModel(model)
 
 
@@ -143,13 +144,16 @@ def export_onnx_model(
 ) -> Path:
     """Trace an eval (fused) DetectionModel to ONNX (input 'images', output 'output0'), add metadata, check it.
 
-    With `nms` the graph ends in NonMaxSuppression and top-k: output0 is (B, topk_all, 6) final detections.
+    With `nms` the graph ends in NonMaxSuppression and top-k: output0 is (B, topk_all, 6 + nm) final detections (nm mask
+    coefficients for a segmentation model, whose prototypes stay output1).
     """
     import onnx
 
     wrapper = export_wrapper(model, nms)
     im = _dummy_input(model, imgsz, batch_size)
-    per_output = [{0: "batch"}] if nms else list(model.head.output_axes())  # type: ignore[union-attr, operator]
+    per_output = list(model.head.output_axes())  # type: ignore[union-attr, operator]
+    if nms:
+        per_output[0] = {0: "batch"}  # final rows: topk_all per image whatever the input size
     outputs = [f"output{i}" for i in range(len(per_output))]  # output0 (= OUTPUT_NAME), output1 (prototypes) ...
     axes: dict[str, dict[int, str]] | None = None
     if dynamic:

@@ -71,6 +71,17 @@ def check_nms(settings: NMSSettings) -> None:
                           "ncnn: its DetectionOutput layer caps only the total; pass --topk-per-class >= --topk-all")
 
 
+def check_nms_model(model: nn.Module) -> None:
+    """Refuse, in one line, --nms for a model whose rows carry extra values (a segmentation model's mask coefficients):
+    ncnn's DetectionOutput layer writes 6 values per row, so the masks could not be built from its output."""
+    head = getattr(model, "head", None)
+    nm = int(getattr(head, "nm", 0))
+    if nm:
+        title = getattr(getattr(head, "policy", None), "title", type(head).__name__)
+        raise ExportError(f"--nms is not available for ncnn with {title} models: its in-graph NMS (the DetectionOutput layer) "
+                          f"keeps 6 values per row and drops the {nm} mask coefficients; export ncnn without --nms")
+
+
 def _append_nms(param: Path, settings: NMSSettings, n_boxes: int, n_classes: int) -> None:
     """Append ncnn's DetectionOutput layer (per-class NMS over all n_boxes, the topk_all best rows) to the .param."""
     _, _, outputs = read_param(param)
@@ -132,6 +143,7 @@ def export_ncnn(
         raise ExportError(f"NCNN export needs a positive image size and batch size, got imgsz={tuple(imgsz)} batch={batch_size}")
     if nms is not None:
         check_nms(nms)
+        check_nms_model(model)
     exe = pnnx_executable()
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="ncnn_export_") as scratch:  # PNNX writes 8 side files: keep them out of sight
