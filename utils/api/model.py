@@ -185,7 +185,7 @@ class YOLO:
         """Check the options and open the source now (a bad one fails at the call, not at the first frame), then
         run detect.py's prediction path lazily."""
         check_options(imgsz, conf, iou, max_det, vid_stride, int(save_options.get("line_width") or 0))
-        if half and not self.backend.fp16 and self.weights is not None:  # CUDA only: load_predictor warns on a CPU
+        if half and not self.backend.fp16 and self.weights is not None and self.backend.device.type == "cuda":
             self._backend = DetectBackend(self.weights, device=self.device, fp16=True)
         model, step, size = load_predictor(self.backend, self.device, half, imgsz, PREDICTS, augment=augment,
                                            retina_masks=retina_masks, conf_thres=conf, iou_thres=iou, classes=classes,

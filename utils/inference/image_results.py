@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -17,6 +16,7 @@ import torch
 
 from utils.boxes import xyxy2xywh
 from utils.files import resolve_path, safe_component
+from utils.inference.predict import no_display_reason
 from utils.plots import Names, draw_detections, draw_masks, names_dict
 from utils.predictions import describe, save_crops, write_labels, write_polygon_labels
 from utils.segmentation import mask_to_polygon
@@ -165,13 +165,6 @@ class Masks(_Data):
         return [p / gain for p in self.xy]
 
 
-def _display_problem() -> str:
-    """Why no OpenCV window can open here ('' when one can): no display on Linux, or a headless OpenCV build."""
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        return "no display (DISPLAY is not set)"  # a GUI build would abort the process in imshow
-    return ""
-
-
 class Results:
     """One image's predictions (boxes, optional masks), its image, path, class names and per-stage speed in ms."""
 
@@ -256,7 +249,7 @@ class Results:
 
     def show(self, window: str | None = None) -> None:
         """Show plot() in an OpenCV window when this machine can, else log one warning line."""
-        reason = _display_problem()
+        reason = no_display_reason()
         if not reason:
             try:
                 cv2.imshow(window or self.path, self.plot())

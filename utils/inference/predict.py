@@ -44,15 +44,21 @@ def default_source() -> str:
     return str(val[0] if isinstance(val, list) else val)
 
 
+def no_display_reason() -> str:
+    """Why no window can open here ('' when one may): on Linux no DISPLAY / WAYLAND_DISPLAY, where a GUI build of OpenCV
+    would abort the process in imshow rather than raise."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display (DISPLAY is not set)"
+    return ""
+
+
 def check_imshow(warn: bool = True) -> bool:
     """Whether OpenCV can show a window here (tried once, as YOLOv5 does); when not, one warning line saying why.
 
     Headless OpenCV raises cv2.error in imshow; a GUI build without a display would abort the process, so on Linux
     no DISPLAY / WAYLAND_DISPLAY counts as no display before imshow is tried."""
-    reason = ""
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        reason = "no display (DISPLAY is not set)"
-    else:
+    reason = no_display_reason()
+    if not reason:
         try:
             cv2.imshow("check_imshow", np.zeros((8, 8, 3), np.uint8))
             cv2.waitKey(1)

@@ -131,8 +131,9 @@ def _infer(model: Any, im: np.ndarray, im0s: Any, path: Any, desc: str, dataset:
         im0 = frames[i]
         masks = None if protos is None else instance_masks(det, protos[i], hw, im0.shape[:2], step.retina_masks)
         det[:, :4] = scale_boxes(hw, det[:, :4], im0.shape[:2]).round()
-        frame = 0 if is_image_item(path, dataset) else int(getattr(dataset, "frame", 0))
-        out_items.append(Prediction(Path(path[i] if isinstance(path, list) else path), frame, frame == 0, im0,
+        image = is_image_item(path, dataset)
+        frame = 0 if image else int(getattr(dataset, "frame", 0))
+        out_items.append(Prediction(Path(path[i] if isinstance(path, list) else path), frame, image, im0,
                                     det[:, :6].float().cpu(), masks, hw, (0.0, 0.0, 0.0), desc))
     n = max(len(dets), 1)
     seconds = ((t1 - t0) / n, (t2 - t1) / n, (time.perf_counter() - t2) / n)

@@ -12,7 +12,7 @@ import torch
 from utils.files import safe_component
 from utils.inference.predictor import Prediction
 from utils.tracking.byte_tracker import ByteTracker
-from utils.tracking.mot import mot_lines
+from utils.tracking.mot import mot_lines, write_mot
 
 TRACKERS = ("bytetrack",)
 
@@ -72,9 +72,9 @@ class PredictionTracker:
     def save_mot(self, save_dir: Path, pred: Prediction) -> Path:
         """Append a tracked prediction's MOT rows to tracks/<video stem>.txt (tracks/images.txt for still images)."""
         file = save_dir / "tracks" / f"{safe_component(pred.path.stem) if not pred.is_image else 'images'}.txt"
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with file.open("a" if file in self.written else "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in self.mot_rows(pred))
+        if file not in self.written and file.is_file():
+            file.unlink()  # left by an earlier run into the same folder (--exist-ok): this run's rows replace it
+        write_mot(file, self.mot_rows(pred))
         self.written.add(file)
         return file
 
