@@ -129,6 +129,13 @@ class _Sealed:
     def __setstate__(self, state: Any) -> None:
         raise UnsafeCheckpointError(f"refuses state for {type(self).__name__.lstrip('_')} (it is built by the reader only)")
 
+    def _called(self) -> str:
+        """What a refused call (pickle's REDUCE) names."""
+        return f"an instance of {type(self).__name__.lstrip('_')}"
+
+    def __call__(self, *args: Any) -> None:
+        raise UnsafeCheckpointError(f"refuses REDUCE on {self._called()}")
+
 
 class TensorRef(_Sealed):
     """A tensor read from the file, held in an object pickle cannot call or give state to."""
@@ -139,8 +146,8 @@ class TensorRef(_Sealed):
         self.tensor = tensor
         self.parameter = parameter
 
-    def __call__(self, *args: Any) -> None:
-        raise UnsafeCheckpointError("refuses REDUCE on a tensor")
+    def _called(self) -> str:
+        return "a tensor"
 
 
 class _StorageType(_Sealed):
@@ -151,8 +158,8 @@ class _StorageType(_Sealed):
     def __init__(self, name: str, dtype: torch.dtype) -> None:
         self.name, self.dtype = name, dtype
 
-    def __call__(self, *args: Any) -> None:
-        raise UnsafeCheckpointError(f"refuses REDUCE on torch.{self.name}")
+    def _called(self) -> str:
+        return f"torch.{self.name}"
 
 
 class _Storage(_Sealed):
@@ -163,8 +170,8 @@ class _Storage(_Sealed):
     def __init__(self, key: str, flat: torch.Tensor) -> None:
         self.key, self.flat = key, flat
 
-    def __call__(self, *args: Any) -> None:
-        raise UnsafeCheckpointError(f"refuses REDUCE on storage {self.key}")
+    def _called(self) -> str:
+        return f"storage {self.key}"
 
 
 def _is_int(x: Any, low: int = 0) -> bool:
