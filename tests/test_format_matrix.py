@@ -2,8 +2,9 @@
 
 The full matrix (every MobileNetV4 / MobileOne config) is slow, minutes per config on 2 cores:
 `python -m pytest -m slow tests/test_format_matrix.py -rP` (-rP prints each config's max difference and tolerance per
-format). The default suite runs one small config per head kind through the same check. The README's format table
-lists what the slow run gives per config and format.
+format; `-k tflite` runs one format). A format is skipped where its converter or runtime is not installed. The default
+suite runs one small config per head kind through the same check. docs/export.md lists what the slow run gives per
+config and format.
 
 Every output is compared on its own scale, which is what rounding_tol bounds: boxes relative to the largest box
 coordinate, scores ([0, 1]) absolutely, segmentation mask coefficients and prototypes relative to their largest value.
@@ -27,7 +28,13 @@ from utils.export.exporter import export_model
 from utils.runtime.backend import DetectBackend
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-PACKAGES = {"onnx": "onnxruntime", "torchscript": "torch", "openvino": "openvino", "ncnn": "ncnn"}
+PACKAGES = {  # format -> what its converter and runtime need (find_spec only: importing TensorFlow here would crash triton)
+    "onnx": ("onnxruntime",),
+    "torchscript": ("torch",),
+    "openvino": ("openvino",),
+    "ncnn": ("ncnn", "pnnx"),
+    "tflite": ("ai_edge_litert", "tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "onnxslim"),
+}
 SIZE = (64, 96)  # RT-DETR: 126 encoder positions <= its 300 queries, so every position is a query and rounding cannot change the set
 NAMES = ["a", "b", "c"]
 SMALL_PER_HEAD = {  # the default suite's configs, one per head kind
@@ -47,8 +54,7 @@ def mobile_configs() -> list[str]:
 
 def installed_formats() -> list[str]:
     """The formats whose runtime (and converter) is importable here."""
-    ok = [f for f, pkg in PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
-    return [f for f in ok if f != "ncnn" or importlib.util.find_spec("pnnx") is not None]
+    return [f for f, pkgs in PACKAGES.items() if all(importlib.util.find_spec(p) is not None for p in pkgs)]
 
 
 def head_formats(model: DetectionModel) -> list[str]:
@@ -115,9 +121,12 @@ def export_each(weights: Path, formats: list[str]) -> dict[str, Path | str]:
         return out
 
 
-def format_parity(cfg: str, tmp_path: Path) -> dict[str, str]:
-    """Export `cfg` to its formats; returns per format 'ok'/'FAIL' with the worst difference and the tolerance, or the error."""
+def format_parity(cfg: str, tmp_path: Path, only: str | None = None) -> dict[str, str]:
+    """Export `cfg` to its formats (or `only` that one); per format 'ok'/'FAIL' with the worst difference and tolerance, or the error."""
     model = trained_like(cfg)
+    formats = [f for f in head_formats(model) if only in (None, f)]
+    if not formats:
+        pytest.skip(f"{cfg}: {only} is not installed here or not a format its head exports to")
     weights = save_checkpoint(tmp_path / "best.pt", model, names=NAMES)
     reference = DetectBackend(weights)
     kind, x = model.head.kind, random_images((1, 3, *SIZE), normalise=False)
@@ -126,7 +135,7 @@ def format_parity(cfg: str, tmp_path: Path) -> dict[str, str]:
     tol = rounding_tol(reference.model)  # the fused model: one conv per re-parameterised unit
     assert score_spread(ref, kind, len(NAMES)) > 10 * tol, "scores do not vary: parity would prove nothing"
     report = {}
-    for fmt, path in export_each(weights, head_formats(model)).items():
+    for fmt, path in export_each(weights, formats).items():
         try:
             if isinstance(path, str):
                 raise RuntimeError(path)
@@ -149,7 +158,8 @@ def test_one_config_per_head_in_every_format(kind: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(PACKAGES))
 @pytest.mark.parametrize("cfg", mobile_configs())
-def test_config_runs_in_every_format(cfg: str, tmp_path: Path) -> None:
-    report = format_parity(cfg, tmp_path)
+def test_config_runs_in_every_format(cfg: str, fmt: str, tmp_path: Path) -> None:
+    report = format_parity(cfg, tmp_path, only=fmt)
     assert all(v.startswith("ok") for v in report.values()), report
