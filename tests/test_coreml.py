@@ -132,3 +132,99 @@ def test_reexport_replaces_our_package_but_never_a_users_folder(tmp_path: Path, 
     with pytest.raises(ExportError, match="did not create; refusing to replace it"):
         export_model(weights=ckpt, include=["coreml"], imgsz=64, output=user)
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+def _calibrated(cfg: str) -> torch.nn.Module:
+    """A 3-class model from `cfg`: fixed seed, BN calibrated on [0, 1] images of the test size, fused, eval."""
+    from models.model import DetectionModel
+    from tests.conftest import calibrate_bn
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = DetectionModel(cfg, nc=3)
+    model.names = ["a", "b", "c"]
+    calibrate_bn(model, (6, 3, *IMGSZ), steps=1, normalise=False)
+    return model.fuse()
+
+
+def _program_matches_model(model: torch.nn.Module, seeds: tuple[int, ...] = (1, 2)) -> torch.export.ExportedProgram:
+    """The torch.export program that coremltools converts gives the model's first output on calibrated inputs."""
+    from tests.conftest import random_images
+    from utils.export.formats import ExportModel
+
+    program = coreml.export_program(ExportModel(model), torch.zeros(1, 3, *IMGSZ))
+    assert not [n for n in program.graph.nodes if n.target is torch.ops.aten.__and__.Tensor]  # rewritten for coremltools
+    for seed in seeds:
+        x = random_images((1, 3, *IMGSZ), seed=seed, normalise=False)
+        with torch.no_grad():
+            got, ref = program.module()(x), model(x)[0]
+        assert torch.equal(got, ref)  # the same ATen ops on the same values (measured: bit-identical)
+    return program
+
+
+@pytest.fixture(scope="module")
+def rtdetr(tmp_path_factory: pytest.TempPathFactory, ct: object) -> dict:
+    """rtdetr_csp_small exported by export_coreml (float32) at 64x96."""
+    model = _calibrated("rtdetr_csp_small.yaml")
+    meta = export_metadata(model, IMGSZ, 1, False, False)
+    path = coreml.export_coreml(model, tmp_path_factory.mktemp("coreml_rtdetr") / "rtdetr.mlpackage", IMGSZ, meta)
+    return {"path": path, "model": model, "spec": ct.utils.load_spec(str(path))}  # type: ignore[attr-defined]
+
+
+def _const_values(ops: list) -> dict[str, object]:
+    """Name -> value of the ML Program's scalar constants (bools, strings, numbers)."""
+    values: dict[str, object] = {}
+    for op in ops:
+        if op.type == "const" and "val" in op.attributes:
+            tensor = op.attributes["val"].immediateValue.tensor
+            kind = tensor.WhichOneof("value")
+            if kind is not None and len(getattr(tensor, kind).values) == 1:
+                values[op.outputs[0].name] = getattr(tensor, kind).values[0]
+    return values
+
+
+def test_rtdetr_spec_has_its_queries_and_metadata(rtdetr: dict, ct: object) -> None:
+    """RT-DETR converts (query selection by topk + gather, deformable attention by resample): output0 is
+    (1, queries, 4 + nc) float32, and the metadata names the head."""
+    spec, model = rtdetr["spec"], rtdetr["model"]
+    with torch.no_grad():
+        ref = model(torch.zeros(1, 3, *IMGSZ))[0]
+    (out,) = spec.description.output
+    assert out.name == "output0" and tuple(out.type.multiArrayType.shape) == tuple(ref.shape) == (1, ref.shape[1], 4 + 3)
+    assert out.type.multiArrayType.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32  # type: ignore[attr-defined]
+    meta = coreml_metadata(rtdetr["path"])
+    assert meta["head"] == "rtdetr" and meta["names"] == ["a", "b", "c"] and meta["imgsz"] == list(IMGSZ)
+
+
+def test_rtdetr_grid_sample_becomes_resample_with_its_settings(rtdetr: dict) -> None:
+    """Each decoder layer samples every level once: resample with grid_sample's settings (bilinear, zero padding,
+    coordinates in [-1, 1] with align_corners False); the query selection is one topk."""
+    (block,) = rtdetr["spec"].mlProgram.functions["main"].block_specializations.values()
+    ops = list(block.operations)
+    consts = _const_values(ops)
+    head = rtdetr["model"].head
+    resample = [op for op in ops if op.type == "resample"]
+    assert len(resample) == head.nl * head.ndl and sum(op.type == "topk" for op in ops) == 1
+    settings = {"sampling_mode": "bilinear", "padding_mode": "constant", "padding_value": 0.0,
+                "coordinates_mode": "normalized_minus_one_to_one", "align_corners": False}  # fmt: skip
+    for op in resample:
+        assert {k: consts[op.inputs[k].arguments[0].name] for k in settings} == settings
+
+
+def test_rtdetr_converted_program_gives_the_models_queries(rtdetr: dict) -> None:
+    """Including the anchor-validity `&` that export_program rewrites to bitwise_and for coremltools."""
+    program = _program_matches_model(rtdetr["model"], seeds=(1,))
+    assert [n for n in program.graph.nodes if n.target is torch.ops.aten.bitwise_and.Tensor]
+
+
+def test_end2end_converts_to_final_rows(tmp_path: Path, ct: object) -> None:
+    """The end-to-end head (its policy lists coreml): output0 is its (1, k, 6) final rows, the program gives the model's rows."""
+    model = _calibrated("yolo26n_mobilenetv4_conv_small_lite.yaml")
+    meta = export_metadata(model, IMGSZ, 1, False, False)
+    path = coreml.export_coreml(model, tmp_path / "e2e.mlpackage", IMGSZ, meta)
+    with torch.no_grad():
+        ref = model(torch.zeros(1, 3, *IMGSZ))[0]
+    (out,) = ct.utils.load_spec(str(path)).description.output  # type: ignore[attr-defined]
+    assert out.name == "output0" and tuple(out.type.multiArrayType.shape) == tuple(ref.shape) and ref.shape[2] == 6
+    assert coreml_metadata(path)["head"] == model.head_kind == "end2end"
+    _program_matches_model(model, seeds=(1,))

@@ -78,20 +78,21 @@ def deformable_attention(
 ) -> torch.Tensor:
     """Multi-scale deformable attention by bilinear sampling (grid_sample, so it exports to ONNX opset >= 16).
 
-    value (B, S, heads, dh) with S = sum of h * w over `shapes`; locations (B, Q, heads, levels, points, 2) as x, y in
-    [0, 1]; weights (B, Q, heads, levels, points) -> (B, Q, heads * dh).
+    value (B, S, heads, dh) with S = sum of h * w over `shapes`; locations (B, Q, heads, levels * points, 2) as x, y in
+    [0, 1], level-major; weights (B, Q, heads, levels * points) -> (B, Q, heads * dh). No tensor has more than 5 axes
+    (Core ML's limit).
     """
     b, _, nh, dh = value.shape
-    q, nl, npoint = locations.shape[1], locations.shape[3], locations.shape[4]
+    q, npoint = locations.shape[1], locations.shape[3] // len(shapes)
     grids = 2 * locations - 1  # grid_sample's [-1, 1] with align_corners=False
     sampled = []
     for level, v in enumerate(value.split([h * w for h, w in shapes], dim=1)):
         h, w = shapes[level]
         v = v.flatten(2).transpose(1, 2).reshape(b * nh, dh, h, w)
-        g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B * heads, Q, points, 2)
+        g = grids[:, :, :, level * npoint : (level + 1) * npoint].transpose(1, 2).flatten(0, 1)  # (B * heads, Q, points, 2)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    stacked = torch.stack(sampled, -2).flatten(-2)  # (B * heads, dh, Q, levels * points)
-    attn = weights.transpose(1, 2).reshape(b * nh, 1, q, nl * npoint)
+    stacked = torch.cat(sampled, -1)  # (B * heads, dh, Q, levels * points)
+    attn = weights.transpose(1, 2).reshape(b * nh, 1, q, -1)
     return (stacked * attn).sum(-1).view(b, nh * dh, q).transpose(1, 2)
 
 
@@ -131,9 +132,9 @@ class MSDeformAttn(nn.Module):
         b, q, _ = query.shape
         nh, nl, npoint = self.n_heads, self.n_levels, self.n_points
         v = self.value_proj(value).view(b, value.shape[1], nh, -1)
-        offsets = self.sampling_offsets(query).view(b, q, nh, nl, npoint, 2)
-        weights = self.attention_weights(query).view(b, q, nh, nl * npoint).softmax(-1).view(b, q, nh, nl, npoint)
-        ref = ref_boxes[:, :, None, None, None, :]
+        offsets = self.sampling_offsets(query).view(b, q, nh, nl * npoint, 2)  # levels * points, level-major
+        weights = self.attention_weights(query).view(b, q, nh, nl * npoint).softmax(-1)
+        ref = ref_boxes[:, :, None, None, :]
         locations = ref[..., :2] + offsets / npoint * ref[..., 2:] * 0.5  # offsets scale with the box size
         return self.output_proj(deformable_attention(v, shapes, locations, weights))
 

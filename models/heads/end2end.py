@@ -61,9 +61,7 @@ class End2EndDetect(AnchorFreeDetect):
     kind: ClassVar[str] = "end2end"  # also the name of the final-rows layout (utils.nms.END2END) its output has
     policy: ClassVar[HeadPolicy] = HeadPolicy(
         task="detect", title="end-to-end", hyp_file="hyp.scratch-af.yaml", evolve_table="anchor_free", dynamic_export=False,
-        export_formats=("onnx", "torchscript", "openvino", "ncnn", "coreml"),
-        export_refusals=(("tflite", "onnx2tf 1.28.8 stops at its top-k (TopK): it calls int() on ONNX's 1-element K, which NumPy 2 "
-                                    "refuses; it needs that converter fixed, or the top-k run outside the graph"),),
+        export_formats=("onnx", "torchscript", "openvino", "ncnn", "coreml", "tflite"),
         nms_export=False, nms_reason="the end-to-end head's output is already final (one box per object, no NMS); export without --nms",
         tta_reason="its one-to-one output ranks one box per object and has no NMS to merge augmented passes with",
     )

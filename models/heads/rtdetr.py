@@ -31,18 +31,20 @@ class RTDETRDecoder(Head):
     """
 
     kind: ClassVar[str] = "rtdetr"
-    # Deformable attention needs grid_sample (ONNX opset 16; CoreML's converter lacks it; TFLite stops earlier, at TopK; PNNX converts it to
+    # Deformable attention needs grid_sample (ONNX opset 16; Core ML converts it to resample; TFLite stops before it; PNNX converts it to
     # ncnn's GridSample, but NCNN is blocked by the query selection, see export_refusals), the graph has its feature-map
     # sizes built in, and one query predicts one object, so there is nothing for NMS to do.
     policy: ClassVar[HeadPolicy] = HeadPolicy(
         task="detect", title="RT-DETR", hyp_file="hyp.rtdetr.yaml", optimizer="AdamW", close_mosaic_share=0.15,
-        export_formats=("onnx", "torchscript", "openvino"), min_opset=16, dynamic_export=False, nms_export=False, int8_export=False,
+        export_formats=("onnx", "torchscript", "openvino", "coreml"), min_opset=16, dynamic_export=False, nms_export=False,
+        int8_export=False,
         export_refusals=(("ncnn", "its query selection (torch.topk, then indexing by the top-k indices) has no ncnn layer, ncnn "
                                   "having no TopK or Gather (grid_sample does convert, to GridSample); it needs those layers in ncnn "
                                   "or the selection run outside the graph"),
-                         ("tflite", "onnx2tf 1.28.8 stops at its query selection's TopK: it calls int() on ONNX's 1-element K, "
-                                    "which NumPy 2 refuses, and with K made a scalar it loses the indices' dtype (tf.cast to None); "
-                                    "grid_sample is not reached")),
+                         ("tflite", "onnx2tf 1.28.8 gets past its query selection's TopK with K fed as a tensor "
+                                    "(utils/export/onnx2tf_fixes.py), then mislays the gathered queries' (1, queries, hidden) layout: "
+                                    "the decoder's first LayerNormalization gets hidden and queries swapped (grid_sample is not "
+                                    "reached); it needs that converter to keep the layout, or the decoder written on 2-D rows")),
         nms_reason="RT-DETR predicts one box per object and needs no NMS; export without --nms",
     )
     export_layout: ClassVar[str] = "(batch, queries, 4 + nc)"

@@ -41,7 +41,7 @@ class Segment(Detect):
     # Two outputs (detections with mask coefficients, prototypes): the formats whose runtime returns both.
     policy: ClassVar[HeadPolicy] = HeadPolicy(
         task="segment", title="segmentation", hyp_file="hyp.scratch-low.yaml",
-        export_formats=("onnx", "torchscript", "openvino", "ncnn", "tflite"),
+        export_formats=("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml"),
         int8_export=False,
         tta_reason="merged boxes would lose the prototypes their mask coefficients refer to",
     )

@@ -4,9 +4,11 @@ torch.export, not torch.jit.trace: coremltools 9.0 fails on the traced aten::Int
 MobileNetV4 attention blocks under NumPy 2 ("only 0-dimensional arrays can be converted to Python scalars").
 
 The input is an RGB ImageType scaled by 1/255 (so Core ML feeds the [0, 1] tensor our models take); the output
-'output0' is the head's decoded export layout; the metadata dict is stored in the model's user-defined metadata
-(strings; lists/dicts as JSON). Conversion works on Linux; predictions need the Core ML runtime (macOS only). Reading
-that metadata back and checking for the runtime are utils/runtime/coreml.py's.
+'output0' is the head's decoded export layout, followed by 'output1', ... for a head with more outputs (a segmentation
+model's mask prototypes); the metadata dict is stored in the model's user-defined metadata (strings; lists/dicts as
+JSON). Conversion works on Linux; predictions need the Core ML runtime (macOS only). Reading that metadata back and
+checking for the runtime are utils/runtime/coreml.py's. A segmentation model exports without --nms only: Core ML's
+NonMaximumSuppression model does not say which rows it kept, so mask coefficients could not follow their boxes.
 
 With NMS settings (export.py --nms) the package is a pipeline, the layout iOS Vision reads as
 VNRecognizedObjectObservation: (1) the detector, whose outputs are 'raw_confidence' (N, nc) class scores and
@@ -24,13 +26,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
 
 from utils.export.end2end import NMSSettings
-from utils.export.formats import EXPORT_DESCRIPTION, INPUT_NAME, OUTPUT_NAME, ExportError, ExportModel, atomic_path
+from utils.export.formats import EXPORT_DESCRIPTION, INPUT_NAME, ExportError, ExportModel, atomic_path
 from utils.runtime import coreml as runtime_coreml
 from utils.runtime.coreml import coreml_metadata
 
@@ -71,6 +73,29 @@ class NMSInputs(nn.Module):
         return scores[0], torch.cat((xy, wh), 1) / self.input_size
 
 
+def check_nms_model(model: nn.Module) -> None:
+    """Refuse, in one line, --nms for a model whose rows carry extra values (a segmentation model's mask coefficients)."""
+    head = getattr(model, "head", None)
+    nm = int(getattr(head, "nm", 0))
+    if nm:
+        title = getattr(getattr(head, "policy", None), "title", type(head).__name__)
+        raise ExportError(
+            f"--nms is not available for coreml with {title} models: Core ML's NonMaximumSuppression model returns only "
+            f"the kept boxes and class confidences, not which rows it kept, so the {nm} mask coefficients cannot follow "
+            "their boxes; export coreml without --nms"
+        )
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """The plain export's output names: 'output0' (the head's decoded layout), then 'output1' (segmentation prototypes) ..."""
+    return [f"output{i}" for i in range(len(_head_class(model).output_axes()))]
+
+
+def _head_class(model: nn.Module) -> Any:
+    """The class of a DetectionModel's head (its output axes and export layout)."""
+    return type(cast(Any, model).head)
+
+
 def check_nms(settings: NMSSettings) -> None:
     """Refuse, in one line, the --nms options Core ML's NonMaximumSuppression model cannot express."""
     if settings.topk_per_class < settings.topk_all:
@@ -89,15 +114,21 @@ def export_coreml(
     int8: bool = False,
     nms: NMSSettings | None = None,
 ) -> Path:
-    """Write `out` (e.g. best.mlpackage): ML Program, RGB image input 'images' scaled 1/255, output 'output0', metadata;
-    with `nms`, the detector + NonMaximumSuppression pipeline (outputs 'confidence', 'coordinates') that Vision reads."""
+    """Write `out` (e.g. best.mlpackage): ML Program, RGB image input 'images' scaled 1/255, outputs 'output0' (and
+    'output1', the prototypes, for segmentation), metadata; with `nms`, the detector + NonMaximumSuppression pipeline
+    (outputs 'confidence', 'coordinates') that Vision reads."""
     if nms is not None and not isinstance(nms, NMSSettings):
         raise ExportError(f"export_coreml: nms takes NMSSettings (the --nms thresholds and top-k), not {nms!r}")
+    if nms is not None:
+        check_nms_model(model)
     ct = import_coremltools()
     im = torch.zeros(1, 3, *imgsz, dtype=torch.float32)
     net = copy.deepcopy(model).float().cpu()  # coremltools converts a float32 CPU program
     if nms is None:
-        mlmodel = _convert(ct, ExportModel(net), im, [OUTPUT_NAME], half, int8)
+        names = output_names(net)
+        mlmodel = _convert(ct, ExportModel(net), im, names, half, int8)
+        for name, axes in zip(names, _head_class(net).output_axes()):
+            mlmodel.output_description[name] = _output_text(net, name, axes)
     else:
         mlmodel = _nms_pipeline(ct, net, im, [str(n) for n in metadata.get("names", [])], nms, half, int8)
         metadata = {**metadata, "nms": asdict(nms)}
@@ -109,11 +140,45 @@ def export_coreml(
     return out
 
 
+def _output_text(model: nn.Module, name: str, axes: dict[int, str]) -> str:
+    """The description Xcode shows for a plain export's output: the head's layout, or the named axes of a further output."""
+    if name == "output0":
+        return f"{_head_class(model).export_layout}, decoded, in input pixels"
+    return "mask prototypes (batch, nm, H/4, W/4)" if "mask_height" in axes.values() else f"axes {axes}"
+
+
+def export_program(module: nn.Module, im: torch.Tensor) -> torch.export.ExportedProgram:
+    """`module` on `im` as the ATen program coremltools converts (torch.export, decomposed), ops its frontend lacks rewritten."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings
+        program = torch.export.export(module, (im,)).run_decompositions({})
+    _bool_and_as_bitwise_and(program)
+    return program
+
+
+def _bool_and_as_bitwise_and(program: torch.export.ExportedProgram) -> None:
+    """aten.__and__ of two bool tensors (RT-DETR's anchor validity) as aten.bitwise_and: the same values, and coremltools
+    9.0 converts bitwise_and (to logical_and) but stops at __and__ ("Unsupported fx node and_1, kind __and__")."""
+    changed = False
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.__and__.Tensor and all(_is_bool(a) for a in node.args):
+            node.target = torch.ops.aten.bitwise_and.Tensor
+            changed = True
+    if changed:
+        program.graph_module.recompile()
+
+
+def _is_bool(arg: Any) -> bool:
+    """Whether an FX argument is a node whose traced value is a bool tensor."""
+    value = getattr(arg, "meta", {}).get("val")
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
+
+
 def _convert(ct: Any, module: nn.Module, im: torch.Tensor, outputs: list[str], half: bool, int8: bool) -> Any:
     """`module` (float32, CPU) as an ML Program (iOS 15) with the RGB ImageType input 'images' scaled 1/255 and `outputs`."""
+    program = export_program(module, im)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings, coremltools' untested-torch-version warning
-        program = torch.export.export(module, (im,)).run_decompositions({})
+        warnings.simplefilter("ignore")  # coremltools' untested-torch-version warning
         image = ct.ImageType(name=INPUT_NAME, shape=tuple(im.shape), scale=1 / 255, bias=[0.0, 0.0, 0.0], color_layout=ct.colorlayout.RGB)
         precision = ct.precision.FLOAT16 if half else ct.precision.FLOAT32
         mlmodel = ct.convert(

@@ -32,11 +32,8 @@ from utils.tasks import task_of
 
 LOGGER = logging.getLogger("mobile_yolo")
 FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")
-NMS_FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "coreml")  # formats whose graph can hold NMS (export.py --nms)
-NMS_REFUSALS = {  # format -> the op that blocks --nms there (tried, README)
-    "tflite": "onnx2tf converts ONNX NonMaxSuppression to TF's NMS, whose zero-padded selected indices are not masked "
-              "(every unused row becomes box 0: 100 rows where ONNX Runtime returns none); run NMS after the model",
-}
+NMS_FORMATS = ("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml")  # formats whose graph can hold NMS (--nms)
+NMS_REFUSALS: dict[str, str] = {}  # format -> the op that blocks --nms there (tried, docs/export.md "Known limits")
 INT8_FORMATS = ("onnx", "openvino", "tflite", "coreml")
 CPU_HALF_FORMATS = ("tflite", "coreml")  # fp16 weights written from the fp32 model, no CUDA needed
 
@@ -148,7 +145,7 @@ def _export_tflite(model: DetectionModel, base: Path, opt: dict[str, Any], meta:
         calib = letterboxed_images(files, opt["imgsz"])
     out = output_path(base, "tflite", False, opt["output"])
     out = out.with_name(tflite_filename(out.stem, quant)) if opt["output"] is None else out
-    return export_tflite(model, out, opt["imgsz"], meta, quant=quant, calibration=calib)
+    return export_tflite(model, out, opt["imgsz"], meta, quant=quant, calibration=calib, nms=opt["nms"])
 
 
 def _export_coreml(model: DetectionModel, base: Path, opt: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -178,6 +175,10 @@ def _check_head(model: DetectionModel, fmts: list[str], nms: bool, int8: bool, d
         from utils.export.ncnn import check_nms_model
 
         check_nms_model(model)  # before any format is written
+    if nms and "coreml" in fmts:
+        from utils.export.coreml import check_nms_model as check_coreml_nms_model
+
+        check_coreml_nms_model(model)
     if int8 and not policy.int8_export:
         raise ExportError(f"--int8 is not available for {what} yet")
     if dynamic and not policy.dynamic_export:
@@ -206,6 +207,10 @@ def _check_format_flags(fmts: list[str], settings: NMSSettings | None, int8: boo
         from utils.export.coreml import check_nms as check_coreml_nms
 
         check_coreml_nms(settings)  # Core ML's NonMaximumSuppression model caps only the total
+    if settings is not None and "tflite" in fmts:
+        from utils.export.tflite import check_nms as check_tflite_nms
+
+        check_tflite_nms(settings)  # one NMS over class-shifted boxes caps only the total
 
 
 def export_model(

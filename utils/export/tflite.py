@@ -21,14 +21,18 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from torch import nn
 
 from utils.export.formats import ExportError, atomic_path, export_onnx_model
 from utils.runtime.tflite import METADATA_KEY, box_channel_axis
+
+if TYPE_CHECKING:
+    from utils.export.end2end import NMSSettings
 
 QUANT_SUFFIX = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 INSTALL_HINT = "pip install tensorflow==2.21.0 tf-keras==2.21.0 onnx2tf==1.28.8 onnx-graphsurgeon sng4onnx sne4onnx psutil onnxslim"
@@ -40,6 +44,15 @@ def tflite_filename(stem: str, quant: str) -> str:
     if quant not in QUANT_SUFFIX:
         raise ExportError(f"TFLite quant must be one of {sorted(QUANT_SUFFIX)}, got {quant!r}")
     return f"{stem}_{QUANT_SUFFIX[quant]}.tflite"
+
+
+def check_nms(settings: NMSSettings) -> None:
+    """Refuse, in one line, the --nms options the in-graph NMS cannot express: it is one NonMaxSuppressionV5 over
+    class-shifted boxes, which caps the total rows only."""
+    if settings.topk_per_class < settings.topk_all:
+        raise ExportError(f"--topk-per-class {settings.topk_per_class} below --topk-all {settings.topk_all} is not available for "
+                          "tflite: its in-graph NMS (one NonMaxSuppressionV5 over class-shifted boxes) caps only the total; "
+                          "pass --topk-per-class >= --topk-all")
 
 
 def check_tflite_export_packages() -> None:
@@ -155,11 +168,10 @@ def _run_onnx2tf(onnx_path: Path, saved_model: Path, workdir: Path) -> None:
         raise ExportError(f"onnx2tf could not convert {onnx_path.name}: {lines[-1] if lines else f'exit code {r.returncode}'}")
 
 
-def _convert_saved_model(saved_model: Path, quant: str, images: list[np.ndarray]) -> bytes:
-    """TFLite flatbuffer of a SavedModel: float32, float16 weights, or INT8 (int8 input, float head and output)."""
+def _convert_saved_model(converter: Any, quant: str, images: list[np.ndarray]) -> bytes:
+    """TFLite flatbuffer from a TFLiteConverter: float32, float16 weights, or INT8 (int8 input, float head and output)."""
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     if quant == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -245,9 +257,17 @@ def export_tflite(
     metadata: dict[str, Any],
     quant: str = "fp32",
     calibration: Iterable[np.ndarray] | None = None,
+    nms: NMSSettings | None = None,
 ) -> Path:
-    """Write one .tflite file (`out`, e.g. best_float32.tflite) from a fused model or its static ONNX; metadata inside."""
+    """Write one .tflite file (`out`, e.g. best_float32.tflite) from a fused model or its static ONNX; metadata inside.
+
+    With `nms` the graph ends in NMS (utils/export/tflite_nms.py) and returns (B, topk_all, 6 + nm) final rows.
+    """
     tflite_filename("best", quant)  # validates quant
+    if nms is not None:
+        check_nms(nms)
+        if quant == "int8":
+            raise ExportError("--nms cannot be combined with --int8 yet: quantise the plain model and run NMS outside it")
     images = _nhwc_batches(calibration, imgsz)
     if quant == "int8" and not images:
         raise ExportError("TFLite INT8 export needs calibration images (representative data); pass some images")
@@ -260,16 +280,27 @@ def export_tflite(
         if src is None:
             src = export_onnx_model(onnx_or_model, work / "model.onnx", imgsz, metadata=metadata)  # type: ignore[arg-type]
         shapes = _normalize_boxes_onnx(src, work / "normalized.onnx", imgsz, axis)
+        from utils.export.onnx2tf_fixes import prepare_for_onnx2tf  # TopK heads: rewrites only the copy onnx2tf reads
+        prepare_for_onnx2tf(work / "normalized.onnx")
         _write_onnx2tf_sample(work, images)
         _run_onnx2tf(work / "normalized.onnx", work / "saved_model", work)
         meta = {**metadata, "format": "tflite", "quant": quant, "output_shape": shapes[0], "output_shapes": shapes,
                 "box_scale": [imgsz[1], imgsz[0]]}  # fmt: skip
-        _run_tflite_converter(work, quant, images, meta, tmp)
+        _run_tflite_converter(work, quant, images, meta, tmp, nms)
     return out
 
 
-def _run_tflite_converter(work: Path, quant: str, images: list[np.ndarray], meta: dict[str, Any], dst: Path) -> None:
-    """Run TFLiteConverter + metadata in a subprocess: TensorFlow in this process would crash a later triton import (LLVM)."""
+def _run_tflite_converter(
+    work: Path, quant: str, images: list[np.ndarray], meta: dict[str, Any], dst: Path, nms: NMSSettings | None = None
+) -> None:
+    """Run TFLiteConverter + metadata in a subprocess: TensorFlow in this process would crash a later triton import (LLVM).
+
+    With `nms` the metadata's "nms" entry holds its settings, which makes the subprocess append NMS to the graph;
+    without it any "nms" entry of `meta` is dropped, so the file never claims an NMS it lacks.
+    """
+    meta = {k: v for k, v in meta.items() if k != "nms"}
+    if nms is not None:
+        meta["nms"] = asdict(nms)
     np.save(work / "calibration.npy", np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8))
     (work / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")
     root = str(Path(__file__).resolve().parents[2])
@@ -287,7 +318,16 @@ def _converter_main(argv: list[str]) -> None:
     work, quant, dst = Path(argv[0]), argv[1], Path(argv[2])
     images = list(np.load(work / "calibration.npy")[:, None])
     meta = json.loads((work / "metadata.json").read_text(encoding="utf-8"))
-    dst.write_bytes(add_tflite_metadata(_convert_saved_model(work / "saved_model", quant, images), meta))
+    if meta.get("nms"):  # NMS in TF builtin ops after the converted model; the outputs become the final rows
+        from utils.export.tflite_nms import nms_converter
+
+        converter, shapes = nms_converter(work / "saved_model", meta)
+        meta = {**meta, "output_shape": shapes[0], "output_shapes": shapes}
+    else:
+        import tensorflow as tf
+
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(work / "saved_model"))
+    dst.write_bytes(add_tflite_metadata(_convert_saved_model(converter, quant, images), meta))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 export.py (utils/export/tflite.py) divides the box channels by the input width/height before conversion, so boxes and
 scores share one [0, 1] range, and stores its metadata JSON in the flatbuffer as the Model.metadata entry "mobile_yolo".
 The runner reads that entry with the flatbuffers package only, (de)quantises INT8 tensors, restores the PyTorch output
-layout and multiplies the boxes back to pixels.
+layout and multiplies the boxes back to pixels. A file exported with --nms (metadata "nms") returns the end-to-end
+rows (B, topk_all, 6 + nm) [x1, y1, x2, y2, confidence, class, ...], zero rows as padding; their box columns likewise.
 """
 
 from __future__ import annotations
@@ -162,9 +163,9 @@ class TfliteRunner:
         return y
 
     def _boxes_to_pixels(self, y: np.ndarray) -> np.ndarray:
-        """The head output with its box channels multiplied back from [0, 1] to pixels."""
+        """The head output with its box channels multiplied back from [0, 1] to pixels (--nms rows: their first 4 columns)."""
         w, h = self.metadata.get("box_scale", (1, 1))
-        axis = box_channel_axis(self.metadata)
+        axis = 2 if self.metadata.get("nms") else box_channel_axis(self.metadata)
         scale_v = np.ones(y.shape[axis], dtype=np.float32)
         scale_v[:4] = [w, h, w, h]
         return y * (scale_v[None, None, :] if axis == 2 else scale_v[None, :, None])
