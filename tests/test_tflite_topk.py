@@ -121,3 +121,35 @@ def test_detect_on_end2end_tflite_writes_the_pt_labels(end2end_tflite: dict, tmp
     got, ref = (r[np.lexsort(r.T[::-1])] for r in rows)
     assert len(ref) and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-4)  # normalised xywh and conf, printed to 6 digits; classes equal
+
+
+def _same_class_ious(row: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """IoU of one final row's box with each of `rows` of the same class (0 for the others)."""
+    lo, hi = np.maximum(row[:2], rows[:, :2]), np.minimum(row[2:4], rows[:, 2:4])
+    inter = np.clip(hi - lo, 0, None).prod(1)
+    iou = inter / ((row[2:4] - row[:2]).prod() + (rows[:, 2:4] - rows[:, :2]).prod(1) - inter)
+    return np.where(rows[:, 5] == row[5], iou, 0.0)
+
+
+@needs_tflite
+def test_end2end_int8_keeps_final_rows(end2end_tflite: dict, tmp_path: Path) -> None:
+    """--int8: int8 input, float32 final rows (valid classes, scores ranked, boxes ordered), and the float file's top 10
+    rows found again among the INT8 file's top 20 (same class, mean IoU > 0.5; 0.74 measured on this random-weight
+    model). Accuracy is measured on trained models instead: docs/export.md, INT8 on the trained study models."""
+    import cv2
+
+    from utils.runtime.tflite import TfliteRunner
+
+    for i in range(16):  # calibration images: the same kind of random images the model's BN statistics came from
+        image = random_images((3, *SIZE), seed=50 + i, normalise=False).numpy().transpose(1, 2, 0)
+        cv2.imwrite(str(tmp_path / f"{i}.png"), (image * 255).astype(np.uint8))
+    (path,) = export_model(weights=end2end_tflite["weights"], include=["tflite"], imgsz=list(SIZE), int8=True, data=str(tmp_path))
+    runner = TfliteRunner(path)
+    assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.float32
+    with torch.no_grad():
+        y = np.asarray(DetectBackend(path)(end2end_tflite["x"]))[0]
+        ref = np.asarray(DetectBackend(end2end_tflite["files"]["fp32"])(end2end_tflite["x"]))[0]
+    assert y.shape == ref.shape and set(y[:, 5].tolist()) <= set(range(len(NAMES)))
+    assert (np.diff(y[:, 4]) <= 0).all() and (y[:, 2:4] >= y[:, :2]).all()
+    found = [_same_class_ious(row, y[:20]).max() for row in ref[:10]]
+    assert np.mean(found) > 0.5, found
