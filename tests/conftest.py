@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -96,6 +97,18 @@ ROUNDING_K = 16.0  # safety factor of rounding_tol, see there
 def _seed_torch() -> None:
     """Every test starts from the same global torch RNG state, whatever ran before it and however it is selected."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def ct() -> Any:
+    """coremltools for the Core ML tests, or a skip naming the pip command (it is in requirements-mobile.txt only)."""
+    from utils.export.coreml import import_coremltools
+    from utils.export.formats import ExportError
+
+    try:
+        return import_coremltools()
+    except ExportError as e:
+        pytest.skip(str(e))
 
 
 def random_images(shape: tuple[int, ...], seed: int = 0, normalise: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -18,13 +18,6 @@ coreml = pytest.importorskip("utils.export.coreml")
 IMGSZ = (64, 96)
 
 
-@pytest.fixture(scope="module")
-def ct() -> object:
-    try:
-        return coreml.import_coremltools()
-    except ExportError as e:
-        pytest.skip(str(e))
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, ct: object) -> dict:

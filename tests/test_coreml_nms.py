@@ -36,13 +36,6 @@ EPS = float(torch.finfo(torch.float32).eps)
 CASES = {"yolov5n.yaml": NMSSettings(0.001, 0.45, 60, 40, False), "yolov8n.yaml": NMSSettings(0.001, 0.6, 30, 30, True)}
 
 
-@pytest.fixture(scope="module")
-def ct() -> Any:
-    try:
-        return coreml.import_coremltools()
-    except ExportError as e:
-        pytest.skip(str(e))
-
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, ct: Any) -> dict:

@@ -27,13 +27,6 @@ SIZE = (64, 96)  # (h, w): not square, so swapped prototype axes show
 NM = 32  # yolov5n-seg's mask coefficients (= prototype maps)
 
 
-@pytest.fixture(scope="module")
-def ct() -> Any:
-    try:
-        return coreml.import_coremltools()
-    except ExportError as e:
-        pytest.skip(str(e))
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, ct: Any) -> dict:

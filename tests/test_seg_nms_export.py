@@ -66,6 +66,22 @@ def assert_same_protos(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None
     assert float((got.double() - ref.double()).abs().max()) <= tol * float(ref.abs().max())
 
 
+def assert_seg_nms_file(path: Path, weights: Path) -> None:
+    """An --nms segmentation export run through DetectBackend gives the .pt's rows, coefficients and prototypes."""
+    backend = DetectBackend(path)
+    assert backend.head_kind == END2END and backend.task == "segment" and backend.metadata["nms"]
+    x = images(2)  # exported at batch 1: the backend runs image by image
+    with torch.no_grad():
+        rows, protos = backend(x)
+    assert rows.shape == (2, 300, 6 + NM)
+    ref, ref_protos = reference(weights, x)
+    tol = checkpoint_tol(weights)
+    for got, want in zip(non_max_suppression(rows, CONF, IOU, head=END2END, nm=NM), ref):
+        assert_same_seg_rows(got, want, tol)
+    assert_same_protos(protos, ref_protos, tol)
+    assert (rows[rows[..., 4] == 0] == 0).all()  # padding rows are zero, coefficients included
+
+
 @pytest.mark.parametrize("agnostic", [False, True])
 def test_pytorch_end2end_carries_mask_coefficients(weights: Path, agnostic: bool) -> None:
     x = images(2)
@@ -98,17 +114,7 @@ def test_export_equals_pt_through_the_backend(weights: Path, fmt: str, tmp_path:
     if fmt == "onnx":
         graph = onnx.load(str(path)).graph
         assert any(n.op_type == "NonMaxSuppression" for n in graph.node) and [o.name for o in graph.output] == ["output0", "output1"]
-    backend = DetectBackend(path)
-    assert backend.head_kind == END2END and backend.task == "segment" and backend.metadata["nms"]
-    x = images(2)  # exported at batch 1: the backend runs image by image
-    with torch.no_grad():
-        rows, protos = backend(x)
-    assert rows.shape == (2, 300, 6 + NM)
-    ref, ref_protos = reference(weights, x)
-    tol = checkpoint_tol(weights)
-    for got, want in zip(non_max_suppression(rows, CONF, IOU, head=END2END, nm=NM), ref):
-        assert_same_seg_rows(got, want, tol)
-    assert_same_protos(protos, ref_protos, tol)
+    assert_seg_nms_file(path, weights)
 
 
 def test_dynamic_agnostic_onnx_equals_pt(weights: Path, tmp_path: Path) -> None:

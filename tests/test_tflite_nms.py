@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_end2end import CONF, IOU, assert_same_rows, python_nms
 from test_export import checkpoint_tol, make_checkpoint
-from test_seg_nms_export import NM, assert_same_protos, assert_same_seg_rows, images, reference
+from test_seg_nms_export import assert_seg_nms_file, images
 
 import detect
 from utils.checkpoint import load_model, save_checkpoint
@@ -116,17 +116,7 @@ def test_segmentation_rows_carry_mask_coefficients(tmp_path: Path) -> None:
     """yolov5n-seg: (1, 300, 6 + 32) rows with each kept box's mask coefficients, then the prototypes unchanged."""
     weights = make_checkpoint(tmp_path / "seg.pt", "yolov5n-seg.yaml")
     (path,) = export_model(weights=weights, include=["tflite"], imgsz=list(SIZE), **ALL)
-    backend = DetectBackend(path)
-    assert backend.head_kind == END2END and backend.task == "segment"
-    x = images(2)
-    rows, protos = backend(x)
-    assert rows.shape == (2, 300, 6 + NM)
-    ref, ref_protos = reference(weights, x)
-    tol = checkpoint_tol(weights)
-    for got, want in zip(non_max_suppression(rows, CONF, IOU, head=END2END, nm=NM), ref):
-        assert_same_seg_rows(got, want, tol)
-    assert_same_protos(protos, ref_protos, tol)
-    assert (rows[rows[..., 4] == 0] == 0).all()  # padding rows are zero, coefficients included
+    assert_seg_nms_file(path, weights)
 
 
 @pytest.mark.slow  # one more conversion and a validation, ~60 s on 2 cores
