@@ -1,6 +1,6 @@
 """Shipped detector, segmentation and RT-DETR configs export to every installed format their head lists and run there like the .pt.
 
-The full matrix (every MobileNetV4 / MobileOne config) is slow, minutes per config on 2 cores:
+The full matrix (every shipped detection, segmentation and RT-DETR config) is slow, minutes per config on 2 cores:
 `python -m pytest -m slow tests/test_format_matrix.py -rP` (-rP prints each config's max difference and tolerance per
 format; `-k tflite` runs one format). A format is skipped where its converter or runtime is not installed. The default
 suite runs one small config per head kind through the same check. docs/export.md lists what the slow run gives per
@@ -46,10 +46,9 @@ SMALL_PER_HEAD = {  # the default suite's configs, one per head kind
 }
 
 
-def mobile_configs() -> list[str]:
-    """Shipped configs on a MobileNetV4 or MobileOne backbone: detection (both heads), segmentation and RT-DETR."""
-    mobile = (p for p in MODELS.glob("*.yaml") if "mobilenetv4" in p.stem or "mobileone" in p.stem)
-    return sorted(p.name for p in mobile if not p.stem.endswith("-cls"))
+def shipped_configs() -> list[str]:
+    """Every shipped detection (all heads), segmentation and RT-DETR config; classifiers have their own export tests."""
+    return sorted(p.name for p in MODELS.glob("*.yaml") if not p.stem.endswith("-cls"))
 
 
 def installed_formats() -> list[str]:
@@ -159,7 +158,7 @@ def test_one_config_per_head_in_every_format(kind: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(PACKAGES))
-@pytest.mark.parametrize("cfg", mobile_configs())
+@pytest.mark.parametrize("cfg", shipped_configs())
 def test_config_runs_in_every_format(cfg: str, fmt: str, tmp_path: Path) -> None:
     report = format_parity(cfg, tmp_path, only=fmt)
     assert all(v.startswith("ok") for v in report.values()), report
