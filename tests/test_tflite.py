@@ -218,3 +218,15 @@ def test_export_py_int8_calibrates_on_data_images(tflite_setup: dict, tmp_path: 
     out = backend(torch.from_numpy(tflite_setup["x"])).numpy()
     assert out.shape == tflite_setup["ref"].shape and (out[..., 2:4] > 0).all()
     assert _top_box_ious(out, tflite_setup["ref"]).mean() > 0.3
+
+
+def test_converter_failure_names_the_converter_error() -> None:
+    """A failed TFLiteConverter run is reported by MLIR's error line (the op it stopped at), not its last output line."""
+    from utils.export.tflite import _converter_error
+
+    output = ("I0000 loader.cc:220] Running initialization op\n"
+              "loc(callsite(fused[\"Erf:\", \"model/tf.math.erf/Erf\"])): error: 'tf.Erf' op is neither a custom op nor a flex op\n"
+              "}) {tf.entry_function = {control_outputs = \"\"}}\n")  # fmt: skip
+    assert _converter_error(output, 1) == "'tf.Erf' op is neither a custom op nor a flex op"
+    assert _converter_error("first\nlast line\n", 1) == "last line"
+    assert _converter_error("", 3) == "exit code 3"

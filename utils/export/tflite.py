@@ -160,7 +160,9 @@ def _write_onnx2tf_sample(folder: Path, images: list[np.ndarray]) -> None:
 
 def _run_onnx2tf(onnx_path: Path, saved_model: Path, workdir: Path) -> None:
     """Convert ONNX to an NHWC TF SavedModel with onnx2tf in a subprocess (it sets process-wide TF/Keras state)."""
-    cmd = [sys.executable, "-m", "onnx2tf", "-i", str(onnx_path), "-o", str(saved_model), "-osd", "-nuo", "-v", "error"]
+    # -rtpo Erf: an Erf that onnx2tf does not fold into a GELU becomes its polynomial erf (Abramowitz-Stegun 7.1.26,
+    # error <= 1.5e-7), as TFLite has no builtin Erf and tf.math.erf would need Flex ops (MobileNetV4 hybrid-large's GELU)
+    cmd = [sys.executable, "-m", "onnx2tf", "-i", str(onnx_path), "-o", str(saved_model), "-osd", "-nuo", "-v", "error", "-rtpo", "Erf"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}
     r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if r.returncode != 0 or not (saved_model / "saved_model.pb").is_file():
@@ -309,8 +311,14 @@ def _run_tflite_converter(
     cmd = [sys.executable, "-m", "utils.export.tflite", str(work.resolve()), quant, str(dst.resolve())]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if r.returncode != 0 or not dst.is_file():
-        lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
-        raise ExportError(f"TFLiteConverter failed ({quant}): {lines[-1] if lines else f'exit code {r.returncode}'}")
+        raise ExportError(f"TFLiteConverter failed ({quant}): {_converter_error(r.stdout + r.stderr, r.returncode)}")
+
+
+def _converter_error(output: str, returncode: int) -> str:
+    """The converter's own error (MLIR prints "loc(...): error: <what>", e.g. an op TFLite has no kernel for), else its last line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln.split(": error: ", 1)[1] for ln in lines if ": error: " in ln]
+    return errors[0][:300] if errors else (lines[-1][:300] if lines else f"exit code {returncode}")
 
 
 def _converter_main(argv: list[str]) -> None:
