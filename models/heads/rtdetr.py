@@ -133,7 +133,7 @@ class RTDETRDecoder(Head):
             centres = (torch.stack((gx, gy), -1).view(-1, 2) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
             anchors.append(torch.cat((centres, torch.full_like(centres, ANCHOR_SIZE * 2.0**level)), -1))
         boxes = torch.cat(anchors, 0)
-        valid = ((boxes > ANCHOR_EPS) & (boxes < 1 - ANCHOR_EPS)).all(-1, keepdim=True)
+        valid = torch.logical_and(boxes > ANCHOR_EPS, boxes < 1 - ANCHOR_EPS).all(-1, keepdim=True)  # Core ML lacks aten.__and__
         logits = torch.log(boxes / (1 - boxes)).masked_fill(~valid, float("inf"))
         return logits.to(dtype), valid
 

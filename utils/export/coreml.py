@@ -148,30 +148,10 @@ def _output_text(model: nn.Module, name: str, axes: dict[int, str]) -> str:
 
 
 def export_program(module: nn.Module, im: torch.Tensor) -> torch.export.ExportedProgram:
-    """`module` on `im` as the ATen program coremltools converts (torch.export, decomposed), ops its frontend lacks rewritten."""
+    """`module` on `im` as the ATen program coremltools converts (torch.export, decomposed)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings
-        program = torch.export.export(module, (im,)).run_decompositions({})
-    _bool_and_as_bitwise_and(program)
-    return program
-
-
-def _bool_and_as_bitwise_and(program: torch.export.ExportedProgram) -> None:
-    """aten.__and__ of two bool tensors (RT-DETR's anchor validity) as aten.bitwise_and: the same values, and coremltools
-    9.0 converts bitwise_and (to logical_and) but stops at __and__ ("Unsupported fx node and_1, kind __and__")."""
-    changed = False
-    for node in program.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.__and__.Tensor and all(_is_bool(a) for a in node.args):
-            node.target = torch.ops.aten.bitwise_and.Tensor
-            changed = True
-    if changed:
-        program.graph_module.recompile()
-
-
-def _is_bool(arg: Any) -> bool:
-    """Whether an FX argument is a node whose traced value is a bool tensor."""
-    value = getattr(arg, "meta", {}).get("val")
-    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
+        return torch.export.export(module, (im,)).run_decompositions({})
 
 
 def _convert(ct: Any, module: nn.Module, im: torch.Tensor, outputs: list[str], half: bool, int8: bool) -> Any:
