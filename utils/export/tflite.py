@@ -29,6 +29,7 @@ import numpy as np
 from torch import nn
 
 from utils.export.formats import ExportError, atomic_path, export_onnx_model
+from utils.export.onnx2tf_fixes import prepare_for_onnx2tf
 from utils.runtime.tflite import METADATA_KEY, box_channel_axis
 
 if TYPE_CHECKING:
@@ -282,8 +283,7 @@ def export_tflite(
         if src is None:
             src = export_onnx_model(onnx_or_model, work / "model.onnx", imgsz, metadata=metadata)  # type: ignore[arg-type]
         shapes = _normalize_boxes_onnx(src, work / "normalized.onnx", imgsz, axis)
-        from utils.export.onnx2tf_fixes import prepare_for_onnx2tf  # TopK heads: rewrites only the copy onnx2tf reads
-        prepare_for_onnx2tf(work / "normalized.onnx")
+        prepare_for_onnx2tf(work / "normalized.onnx")  # top-k heads: rewrites only the copy onnx2tf reads
         _write_onnx2tf_sample(work, images)
         _run_onnx2tf(work / "normalized.onnx", work / "saved_model", work)
         meta = {**metadata, "format": "tflite", "quant": quant, "output_shape": shapes[0], "output_shapes": shapes,
