@@ -1,7 +1,8 @@
-"""INT8 vs float ONNX latency of every shipped detection config, one interleaved run (ONNX Runtime CPU, markdown table).
+"""INT8 vs float ONNX latency of every shipped detection and segmentation config, one interleaved run (ONNX Runtime CPU,
+markdown table).
 
 python -m scripts.int8_table --imgsz 320 --threads 1 2 --rounds 7 --per-round 3 --wait-load 1.5
-Every config whose head allows --int8 (HeadPolicy.int8_export; -cls and -seg configs are not detectors) is built with
+Every config whose head allows --int8 to ONNX (HeadPolicy.allows_int8; -cls configs are classifiers) is built with
 random weights, its BatchNorm statistics estimated on random images (so activations have realistic ranges), fused,
 exported to float ONNX and quantised with the exporter's defaults (utils/export/quantize.py), calibrated on
 --n-calib images of --data. Latency: for each config, every round runs float and INT8 at each thread count in turn
@@ -27,11 +28,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def detection_configs(names: list[str] | None) -> list[Path]:
-    """models/*.yaml minus classifiers and segmenters (or the given names), sorted."""
+def shipped_configs(names: list[str] | None) -> list[Path]:
+    """models/*.yaml minus classifiers (or the given names), sorted."""
     if names:
         return [Path(n) if Path(n).exists() else ROOT / "models" / n for n in names]
-    return sorted(p for p in (ROOT / "models").glob("*.yaml") if not p.stem.endswith(("-cls", "-seg")))
+    return sorted(p for p in (ROOT / "models").glob("*.yaml") if not p.stem.endswith("-cls"))
 
 
 def calibrate_bn(model: nn.Module, shape: tuple[int, ...], steps: int = 3, seed: int = 0) -> nn.Module:
@@ -60,8 +61,8 @@ def export_pair(cfg: Path, imgsz: int, images: list[Path], out: Path, n_calib: i
 
     torch.manual_seed(0)
     model = DetectionModel(str(cfg), nc=80)
-    if model.head.policy.task != "detect" or not model.head.policy.int8_export:
-        print(f"{cfg.stem}: skipped ({model.head.policy.title} heads have no INT8 export)", flush=True)
+    if model.head.policy.task not in ("detect", "segment") or not model.head.policy.allows_int8("onnx"):
+        print(f"{cfg.stem}: skipped ({model.head.policy.title} models have no ONNX INT8 export)", flush=True)
         return None
     calibrate_bn(model, (4, 3, imgsz, imgsz))
     model.fuse()
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         out = opt.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         images = calibration_images(opt.data, limit=opt.n_calib)
-        pairs = {cfg: pair for cfg in detection_configs(opt.cfg) if (pair := export_pair(cfg, opt.imgsz, images, out, opt.n_calib))}
+        pairs = {cfg: pair for cfg in shipped_configs(opt.cfg) if (pair := export_pair(cfg, opt.imgsz, images, out, opt.n_calib))}
         if opt.profile:
             print_profiles(pairs, opt.threads)
             return []

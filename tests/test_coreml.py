@@ -4,6 +4,7 @@ predictions only on macOS."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -222,3 +223,33 @@ def test_end2end_converts_to_final_rows(tmp_path: Path, ct: object) -> None:
     assert out.name == "output0" and tuple(out.type.multiArrayType.shape) == tuple(ref.shape) and ref.shape[2] == 6
     assert coreml_metadata(path)["head"] == model.head_kind == "end2end"
     _program_matches_model(model, seeds=(1,))
+
+
+def test_rtdetr_int8_quantises_conv_and_linear_weights_only(tmp_path: Path, ct: Any) -> None:
+    """export.py --int8 for RT-DETR to Core ML (the one INT8 format its policy allows): weights only, so exactly the conv
+    and linear weights above coremltools' 2048-value threshold are stored as int8 and dequantised at load (most of
+    them), and the queries' output stays float32 (ONNX/OpenVINO INT8 is refused: tests/test_rtdetr.py)."""
+    from models.model import DetectionModel
+    from tests.conftest import calibrate_bn
+    from tests.test_coreml_seg import _main_ops
+    from utils.checkpoint import save_checkpoint
+    from utils.export.exporter import export_model
+
+    model = calibrate_bn(DetectionModel("rtdetr_csp_small.yaml", nc=3), (6, 3, *IMGSZ), steps=1, normalise=False)
+    weights = save_checkpoint(tmp_path / "best.pt", model, names=["a", "b", "c"])
+    (path,) = export_model(weights=weights, include=["coreml"], imgsz=list(IMGSZ), int8=True)
+    assert path.name == "best.mlpackage"  # as the detection int8 export: Core ML names carry no precision
+    meta = coreml_metadata(path)
+    assert (meta["int8"], meta["head"]) == (True, "rtdetr")
+    spec = ct.utils.load_spec(str(path))  # type: ignore[attr-defined]
+    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32  # type: ignore[attr-defined]
+    assert [f.type.multiArrayType.dataType for f in spec.description.output] == [float32]
+    ops = _main_ops(spec)
+    int8 = ct.proto.MIL_pb2.DataType.Value("INT8")  # type: ignore[attr-defined]
+    quantised = {o.outputs[0].name for o in ops
+                 if o.type == "constexpr_affine_dequantize" and o.attributes["quantized_data"].type.tensorType.dataType == int8}
+    size = {o.outputs[0].name: int(np.prod([d.constant.size for d in o.outputs[0].type.tensorType.dimensions]))
+            for o in ops if o.outputs}  # fmt: skip
+    layer_weights = [o.inputs["weight"].arguments[0].name for o in ops if o.type in ("conv", "linear")]
+    assert all((name in quantised) == (size[name] > 2048) for name in layer_weights)
+    assert sum(name in quantised for name in layer_weights) > len(layer_weights) // 2

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from models.heads.anchor_free import AnchorFreeDetect
-from models.heads.base import Head, HeadPolicy, head_class, known_heads, register_head
+from models.heads.base import Head, HeadPolicy, head_class, head_policy, known_heads, register_head
 from models.heads.detect import Detect
 from models.model import DetectionModel
 from models.parse import ModelConfigError
@@ -119,3 +119,13 @@ def test_last_layer_must_be_a_head() -> None:
     cfg["head"][-1] = [21, 1, "Conv", [64, 1, 1]]
     with pytest.raises(ModelConfigError, match="last layer must be a detection head"):
         DetectionModel(cfg)
+
+
+@pytest.mark.parametrize("kind", known_heads())
+def test_int8_policy_lists_formats_the_head_exports_to_and_says_why_not_others(kind: str) -> None:
+    from utils.export.exporter import INT8_FORMATS
+
+    policy = head_policy(kind)
+    if policy.int8_formats is not None:
+        assert set(policy.int8_formats) <= set(INT8_FORMATS) & set(policy.export_formats or INT8_FORMATS)
+        assert policy.int8_reason, f"{kind}: a head that refuses --int8 for a format says why in one line"

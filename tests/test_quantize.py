@@ -266,3 +266,70 @@ def test_calibration_reader_is_lazy_strided_and_skips_unreadable(
     assert [_strided_chunk(n) for n in (1, 5, 30, 61, 64, 300)] == [1, 5, 15, 1, 16, 15]
     with pytest.raises(QuantizeError, match="at least 2 readable"):
         _calibration_reader("images", [bad, shapes[0][0]], (32, 32), batch=2)
+
+
+SEG = "yolov5n-seg.yaml"
+
+
+@pytest.fixture(scope="module")
+def seg_pair(tmp_path_factory: pytest.TempPathFactory, shapes: tuple[list[Path], list[Path]]) -> tuple[Path, Path]:
+    """(fp32 ONNX, default INT8 ONNX) of a BN-calibrated 3-class segmentation model at IMGSZ (fixed seed)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("seg")
+    torch.manual_seed(0)
+    model = DetectionModel(SEG, nc=3)
+    calibrate_bn(model, (8, 3, IMGSZ, IMGSZ), normalise=False)
+    model.fuse()
+    fp32 = export_onnx_model(model, out / "seg.onnx", (IMGSZ, IMGSZ))
+    return Path(fp32), quantize_onnx(fp32, out / "seg_int8.onnx", shapes[0], IMGSZ)
+
+
+def _run_all(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    """Every output of an ONNX model, one image at a time, concatenated over the batch."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    runs = [session.run(None, {name: x[i : i + 1]}) for i in range(len(x))]
+    return [np.concatenate(outs) for outs in zip(*runs)]
+
+
+def _output_input_std(proto: onnx.ModelProto, x: np.ndarray, index: int) -> float:
+    """Std, over the images `x`, of the first input of the SiLU's Conv that produces graph output `index` (its z)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    mul = producer[proto.graph.output[index].name]
+    z = next(i for i in mul.input if producer[i].op_type == "Conv")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(z))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return float(np.concatenate([session.run([z], {name: x[i : i + 1]})[0] for i in range(len(x))]).std())
+
+
+def test_segmentation_int8_keeps_prototypes_and_coefficients_float_and_tracks_float(
+    seg_pair: tuple[Path, Path], shapes: tuple[list[Path], list[Path]]
+) -> None:
+    """The prototype branch's last conv joins the detect convs in the float tail, so boxes, score logits, mask coefficients
+    and prototypes all come out of float convs fed by the int8 body, each within the rounding bound derived in
+    test_int8_predictions_track_float (in stds of that output). The prototypes are SiLU(z) of their last conv's output z:
+    SiLU's slope is at most 1.1, so their error is at most 1.1 times z's, which the bound gives in stds of z."""
+    fp32, int8 = seg_pair
+    proto = onnx.load(str(fp32))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    tail = set(float_tail_nodes(proto))
+    tail_convs = [n.name for n in proto.graph.node if n.op_type == "Conv" and n.name in tail]
+    assert len(tail_convs) == 4 and any("proto" in name for name in tail_convs)  # 3 detect levels + the prototypes' last conv
+    assert producer[proto.graph.output[1].name].name in tail
+    x = _batch(shapes[1])
+    (ref, ref_protos), (got, got_protos) = _run_all(fp32, x), _run_all(int8, x)
+    assert got.shape == ref.shape and got_protos.shape == ref_protos.shape == (len(x), 32, IMGSZ // 4, IMGSZ // 4)
+    tol = _rounding_bound(int8)
+    nc = 3
+    scores = slice(4, 5 + nc)
+    errors = {
+        "boxes": np.sqrt(((got[..., :4] - ref[..., :4]) ** 2).mean()) / ref[..., :4].std(),
+        "score logits": np.sqrt(((_logit(got[..., scores]) - _logit(ref[..., scores])) ** 2).mean()) / _logit(ref[..., scores]).std(),
+        "mask coefficients": np.sqrt(((got[..., 5 + nc :] - ref[..., 5 + nc :]) ** 2).mean()) / ref[..., 5 + nc :].std(),
+        "prototypes": np.sqrt(((got_protos - ref_protos) ** 2).mean()) / (1.1 * _output_input_std(proto, x, 1)),
+    }
+    assert all(e < tol for e in errors.values()), (errors, tol)

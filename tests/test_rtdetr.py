@@ -303,10 +303,14 @@ def test_export_options_that_cannot_work_are_refused(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump(TINY))
     cases = [({"include": ["tflite"]}, "RT-DETR models cannot export to tflite: onnx2tf .* TopK"),
              ({"include": ["ncnn"]}, "RT-DETR models cannot export to ncnn: .*TopK"),
-             ({"nms": True}, "needs no NMS"), ({"opset": 13}, "opset >= 16"), ({"dynamic": True}, "fixed --imgsz")]
+             ({"nms": True}, "needs no NMS"), ({"opset": 13}, "opset >= 16"), ({"dynamic": True}, "fixed --imgsz"),
+             ({"include": ["onnx", "openvino"], "int8": True, "data": "data/shapes.yaml"},
+              "--int8 is not available for RT-DETR models in onnx, openvino: post-training INT8 .* quantisation-aware")]
     for kwargs, message in cases:
-        with pytest.raises(ExportError, match=message):
+        with pytest.raises(ExportError, match=message) as e:
             export_model(cfg=str(cfg), imgsz=64, output=str(tmp_path / "m"), **kwargs)
+        assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rtdetr_tiny.yaml"]  # refused before anything was written
 
 
 def test_tta_is_refused() -> None:

@@ -108,6 +108,30 @@ def test_export_has_two_outputs_matching_pytorch(trained: Path, fmt: str) -> Non
     _close(got_protos, protos, tol)
 
 
+def test_int8_export_runs_through_segment_val(trained: Path, seg_data: Path, tmp_path: Path) -> None:
+    """export.py --int8 --data calibrates on the dataset's images: best_int8.onnx (and OpenVINO from it) give both outputs
+    in float32 with the .pt's shapes, the body runs quantised, and segment/val.py validates the file like the .pt."""
+    from segment import val as seg_val
+    from utils.export.quantize import optimized_graph
+
+    fmts = ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") is not None else [])
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(trained.read_bytes())
+    paths = export_model(weights=weights, include=fmts, imgsz=[64, 64], int8=True, data=seg_data)
+    assert [p.name for p in paths] == ["best_int8.onnx", "best_int8_openvino_model"][: len(fmts)]
+    assert {n.op_type for n in optimized_graph(paths[0]).graph.node} >= {"QLinearConv", "Conv"}  # int8 body, float tail
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        det, protos = DetectBackend(weights)(x)
+    for path in paths:
+        with torch.no_grad():
+            got_det, got_protos = DetectBackend(path)(x)
+        assert got_det.shape == det.shape and got_protos.shape == protos.shape and got_det.dtype == got_protos.dtype == torch.float32
+        row, _, _ = seg_val.run(weights=str(path), data=str(seg_data), imgsz=64, batch_size=1, workers=0, device="cpu",
+                                project=str(tmp_path / "val"))
+        assert len(row) == 12 and all(0.0 <= v <= 1.0 for v in row[:8])
+
+
 def test_export_refuses_what_segmentation_cannot_do(trained: Path) -> None:
     with pytest.raises(ExportError, match="--nms is not available for coreml with segmentation models"):
         export_model(weights=trained, include=["onnx", "coreml"], imgsz=[64, 64], nms=True)

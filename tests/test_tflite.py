@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import random_images
+from tests.conftest import random_images, tiny_shapes_yaml
 from tests.test_export import assert_close_predictions, assert_segmentation_parity, checkpoint_tol, make_checkpoint
 from utils.checkpoint import load_model
 from utils.export.formats import ExportError, export_metadata
@@ -195,20 +195,65 @@ def test_segmentation_float32_matches_pt(tmp_path: Path) -> None:
     assert_segmentation_parity(backend, weights, IMGSZ)
 
 
+def _image_folder(folder: Path, n: int) -> Path:
+    """`n` noise images (PNG, 48x80) in `folder`, as calibration images for --data."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        arr = (random_images((3, 48, 80), seed=200 + i, normalise=False).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr.transpose(1, 2, 0)).save(folder / f"{i}.png")
+    return folder
+
+
+@needs_converter
+def test_segmentation_int8_keeps_both_outputs_float(tmp_path: Path) -> None:
+    """--int8 on a segmentation model: int8 input; the detect convs and the prototypes' last conv stay float, so both
+    outputs are float32. On held-out shapes images, the mask coefficients and the prototypes' pre-activation z stay within
+    the rounding bound of the ONNX Runtime INT8 file of the same model (tests/test_quantize.py): TFLite rounds the same
+    tensors (each body op's output once; weights per channel at 8 bits, finer than ORT's 7). Prototypes are SiLU(z), and
+    SiLU's slope is at most 1.1. Scores as in test_int8_runner_quantises_input_and_scores_agree."""
+    from tests.test_quantize import _rounding_bound
+    from utils.export.exporter import export_model
+    from utils.export.quantize import letterboxed_images
+    from utils.runtime.backend import DetectBackend
+
+    weights = make_checkpoint(tmp_path / "best.pt", "yolov5n-seg.yaml")
+    data = tiny_shapes_yaml(tmp_path, n_train=16, n_val=4, seed=0)
+    tfl, ort_int8 = export_model(weights=weights, include=["tflite", "onnx"], imgsz=list(IMGSZ), int8=True, data=data)
+    runner = TfliteRunner(tfl)
+    assert tfl.name == "best_int8.tflite" and runner.input["dtype"] == np.int8
+    assert [o["dtype"] for o, _ in runner.outputs] == [np.float32, np.float32]
+    model = load_model(weights).fuse()
+    z: list[torch.Tensor] = []
+    model.model[-1].proto.cv3.conv.register_forward_hook(lambda m, i, o: z.append(o))
+    x = torch.from_numpy(np.stack(list(letterboxed_images(sorted((tmp_path / "shapes/images/val").glob("*.jpg")), IMGSZ))))
+    with torch.no_grad():
+        ref, ref_protos = (t.numpy() for t in DetectBackend(weights)(x))
+        model(x)
+        got, got_protos = (t.numpy() for t in DetectBackend(tfl)(x))
+    assert got.shape == ref.shape and got_protos.shape == ref_protos.shape
+    tol = _rounding_bound(ort_int8)
+    scores, coefficients = slice(4, 8), slice(8, None)  # obj + 3 classes, then the 32 mask coefficients
+    def rms(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.sqrt(((a - b) ** 2).mean()))
+
+    errors = {
+        "scores": rms(got[..., scores], ref[..., scores]) / _int8_bound(model, ref[..., scores]),
+        "coefficients": rms(got[..., coefficients], ref[..., coefficients]) / float(ref[..., coefficients].std()) / tol,
+        "prototypes": rms(got_protos, ref_protos) / float(torch.cat(z).std()) / (1.1 * tol),
+    }
+    assert all(e < 1 for e in errors.values()), errors
+
+
 @pytest.mark.slow  # one more INT8 conversion, ~25 s on 2 cores
 @needs_converter
 def test_export_py_int8_calibrates_on_data_images(tflite_setup: dict, tmp_path: Path) -> None:
     """export.py --include tflite --int8 --data <images> writes best_int8.tflite; DetectBackend runs it with float boxes."""
-    from PIL import Image
-
     from utils.export.exporter import export_model
     from utils.runtime.backend import DetectBackend
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(4):
-        arr = (random_images((3, 48, 80), seed=200 + i, normalise=False).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(arr.transpose(1, 2, 0)).save(folder / f"{i}.png")
+    folder = _image_folder(tmp_path / "images", 4)
     ckpt = Path(tflite_setup["ckpt"])
     weights = tmp_path / "best.pt"
     weights.write_bytes(ckpt.read_bytes())

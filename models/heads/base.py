@@ -33,10 +33,15 @@ class HeadPolicy:
     min_opset: int = 0  # lowest ONNX opset its graph exports with
     dynamic_export: bool = True  # whether --dynamic shapes export (False: sizes are built into the graph)
     nms_export: bool = True  # whether --nms can put NMS in the graph (False: NMS-free, or outputs NMS cannot take)
-    int8_export: bool = True  # whether --int8 quantisation is supported
+    int8_formats: tuple[str, ...] | None = None  # formats whose --int8 file keeps its outputs usable; None: every one it exports to
+    int8_reason: str = ""  # the one-line reason given when --int8 is refused for a format outside int8_formats
     evolve_table: str | None = None  # name of evolve's mutation table for its loss gains; None: --evolve is refused
     nms_reason: str = ""  # the one-line reason given when --nms is refused
     tta_reason: str = ""  # why --augment (TTA) cannot merge its passes; empty: TTA is supported
+
+    def allows_int8(self, fmt: str) -> bool:
+        """Whether `export.py --int8` may write format `fmt` for this head."""
+        return self.int8_formats is None or fmt in self.int8_formats
 
 
 class Head(nn.Module):

@@ -42,7 +42,6 @@ class Segment(Detect):
     policy: ClassVar[HeadPolicy] = HeadPolicy(
         task="segment", title="segmentation", hyp_file="hyp.scratch-low.yaml",
         export_formats=("onnx", "torchscript", "openvino", "ncnn", "tflite", "coreml"),
-        int8_export=False,
         tta_reason="merged boxes would lose the prototypes their mask coefficients refer to",
     )
     export_layout: ClassVar[str] = "(batch, anchors, 5 + nc + nm)"

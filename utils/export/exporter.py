@@ -179,8 +179,9 @@ def _check_head(model: DetectionModel, fmts: list[str], nms: bool, int8: bool, d
         from utils.export.coreml import check_nms_model as check_coreml_nms_model
 
         check_coreml_nms_model(model)
-    if int8 and not policy.int8_export:
-        raise ExportError(f"--int8 is not available for {what} yet")
+    no_int8 = [f for f in fmts if int8 and not policy.allows_int8(f)]
+    if no_int8:
+        raise ExportError(f"--int8 is not available for {what} in {', '.join(no_int8)}: {policy.int8_reason}")
     if dynamic and not policy.dynamic_export:
         raise ExportError(f"--dynamic: the exported graph of {what} has its feature-map sizes built in; export one fixed --imgsz")
     if "onnx" in fmts and opset < policy.min_opset:
