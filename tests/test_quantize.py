@@ -63,14 +63,20 @@ def _batch(paths: list[Path]) -> np.ndarray:
     return np.stack([a for a in arrays if a is not None])
 
 
-def _run(path: Path, x: np.ndarray, config: dict[str, str] | None = None) -> np.ndarray:
-    """Predictions (images, anchors, 4 box + scores) of an ONNX model, one image at a time (static batch 1)."""
+def _run_all(path: Path, x: np.ndarray, config: dict[str, str] | None = None) -> list[np.ndarray]:
+    """Every output of an ONNX model, one image at a time (static batch 1), concatenated over the batch."""
     options = ort.SessionOptions()
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    y = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+    runs = [session.run(None, {name: x[i : i + 1]}) for i in range(len(x))]
+    return [np.concatenate(outs) for outs in zip(*runs)]
+
+
+def _run(path: Path, x: np.ndarray, config: dict[str, str] | None = None) -> np.ndarray:
+    """Predictions (images, anchors, 4 box + scores) of an ONNX model, one image at a time (static batch 1)."""
+    y = _run_all(path, x, config)[0]
     return y if y.shape[1] > y.shape[2] else y.transpose(0, 2, 1)  # the anchor-free head is channels-first
 
 
@@ -268,29 +274,21 @@ def test_calibration_reader_is_lazy_strided_and_skips_unreadable(
         _calibration_reader("images", [bad, shapes[0][0]], (32, 32), batch=2)
 
 
-SEG = "yolov5n-seg.yaml"
-
-
-@pytest.fixture(scope="module")
-def seg_pair(tmp_path_factory: pytest.TempPathFactory, shapes: tuple[list[Path], list[Path]]) -> tuple[Path, Path]:
-    """(fp32 ONNX, default INT8 ONNX) of a BN-calibrated 3-class segmentation model at IMGSZ (fixed seed)."""
+@pytest.fixture(scope="module", params=["yolov5n-seg.yaml", "yolov5n_mobileone_s0-seg.yaml", "yolov5_mobilenetv4-seg.yaml"])
+def seg_pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, shapes: tuple[list[Path], list[Path]]
+) -> tuple[Path, Path]:
+    """(fp32 ONNX, default INT8 ONNX) of a BN-calibrated 3-class segmentation model at IMGSZ (fixed seed): CSP, MobileOne
+    and MobileNetV4 bodies."""
     import torch
 
     out = tmp_path_factory.mktemp("seg")
     torch.manual_seed(0)
-    model = DetectionModel(SEG, nc=3)
+    model = DetectionModel(request.param, nc=3)
     calibrate_bn(model, (8, 3, IMGSZ, IMGSZ), normalise=False)
     model.fuse()
     fp32 = export_onnx_model(model, out / "seg.onnx", (IMGSZ, IMGSZ))
     return Path(fp32), quantize_onnx(fp32, out / "seg_int8.onnx", shapes[0], IMGSZ)
-
-
-def _run_all(path: Path, x: np.ndarray) -> list[np.ndarray]:
-    """Every output of an ONNX model, one image at a time, concatenated over the batch."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    runs = [session.run(None, {name: x[i : i + 1]}) for i in range(len(x))]
-    return [np.concatenate(outs) for outs in zip(*runs)]
 
 
 def _output_input_std(proto: onnx.ModelProto, x: np.ndarray, index: int) -> float:
@@ -306,20 +304,33 @@ def _output_input_std(proto: onnx.ModelProto, x: np.ndarray, index: int) -> floa
     return float(np.concatenate([session.run([z], {name: x[i : i + 1]})[0] for i in range(len(x))]).std())
 
 
-def test_segmentation_int8_keeps_prototypes_and_coefficients_float_and_tracks_float(
-    seg_pair: tuple[Path, Path], shapes: tuple[list[Path], list[Path]]
-) -> None:
-    """The prototype branch's last conv joins the detect convs in the float tail, so boxes, score logits, mask coefficients
-    and prototypes all come out of float convs fed by the int8 body, each within the rounding bound derived in
-    test_int8_predictions_track_float (in stds of that output). The prototypes are SiLU(z) of their last conv's output z:
-    SiLU's slope is at most 1.1, so their error is at most 1.1 times z's, which the bound gives in stds of z."""
+def test_segmentation_int8_keeps_prototypes_and_coefficients_float(seg_pair: tuple[Path, Path]) -> None:
+    """The prototype branch's last conv joins the 3 detect convs in the float tail, on every body family: ONNX Runtime runs
+    those 4 convs in float, every other conv quantised, and both outputs (detections with mask coefficients,
+    prototypes) are float32."""
     fp32, int8 = seg_pair
     proto = onnx.load(str(fp32))
     producer = {o: n for n in proto.graph.node for o in n.output}
     tail = set(float_tail_nodes(proto))
-    tail_convs = [n.name for n in proto.graph.node if n.op_type == "Conv" and n.name in tail]
-    assert len(tail_convs) == 4 and any("proto" in name for name in tail_convs)  # 3 detect levels + the prototypes' last conv
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    tail_convs = [n.name for n in convs if n.name in tail]
+    assert len(tail_convs) == 4 and any("proto" in name for name in tail_convs)
     assert producer[proto.graph.output[1].name].name in tail
+    ops = Counter(n.op_type for n in optimized_graph(int8).graph.node)
+    assert ops["QLinearConv"] == len(convs) - 4 and ops["Conv"] + ops["FusedConv"] == 4
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
+
+
+@pytest.mark.parametrize("seg_pair", ["yolov5n-seg.yaml"], indirect=True)
+def test_segmentation_int8_tracks_float(seg_pair: tuple[Path, Path], shapes: tuple[list[Path], list[Path]]) -> None:
+    """Boxes, score logits, mask coefficients and prototypes all come out of float convs fed by the int8 body, each within
+    the rounding bound derived in test_int8_predictions_track_float (in stds of that output). The prototypes are SiLU(z)
+    of their last conv's output z: SiLU's slope is at most 1.1, so their error is at most 1.1 times z's, which the bound
+    gives in stds of z. The bound assumes MinMax ranges of at most ~14 std, which this CSP model meets (1 of its 63 conv
+    outputs reaches 15.6); random-weight MobileOne-S0 and MobileNetV4 bodies do not (median 22 and 12, up to 50 and 20
+    std), so they are checked for structure above and by trained models in docs/export.md."""
+    fp32, int8 = seg_pair
     x = _batch(shapes[1])
     (ref, ref_protos), (got, got_protos) = _run_all(fp32, x), _run_all(int8, x)
     assert got.shape == ref.shape and got_protos.shape == ref_protos.shape == (len(x), 32, IMGSZ // 4, IMGSZ // 4)
@@ -330,6 +341,6 @@ def test_segmentation_int8_keeps_prototypes_and_coefficients_float_and_tracks_fl
         "boxes": np.sqrt(((got[..., :4] - ref[..., :4]) ** 2).mean()) / ref[..., :4].std(),
         "score logits": np.sqrt(((_logit(got[..., scores]) - _logit(ref[..., scores])) ** 2).mean()) / _logit(ref[..., scores]).std(),
         "mask coefficients": np.sqrt(((got[..., 5 + nc :] - ref[..., 5 + nc :]) ** 2).mean()) / ref[..., 5 + nc :].std(),
-        "prototypes": np.sqrt(((got_protos - ref_protos) ** 2).mean()) / (1.1 * _output_input_std(proto, x, 1)),
+        "prototypes": np.sqrt(((got_protos - ref_protos) ** 2).mean()) / (1.1 * _output_input_std(onnx.load(str(fp32)), x, 1)),
     }
     assert all(e < tol for e in errors.values()), (errors, tol)
